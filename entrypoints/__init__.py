@@ -1,0 +1,1 @@
+"""Thin click commands, one per stage: parse, open the run, call the library, log."""

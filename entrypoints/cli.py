@@ -1,0 +1,42 @@
+"""The ``maskdm`` console script: one subcommand per MLproject entry point."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+#: Subcommand -> module in this package whose ``command`` implements it. Loaded lazily so that
+#: ``maskdm --help`` and each stage import only what they use.
+COMMANDS = {
+    "pretrain": "pretrain",
+    "prune": "prune",
+    "extract_masks": "extract_masks",
+    "baseline_loss": "baseline_loss",
+    "train_masks": "train_masks",
+    "finetune": "finetune",
+    "sample": "sample",
+    "fid": "fid",
+    "main": "main",
+    "report": "report",
+    "promote": "promote",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if importlib.util.find_spec(f"entrypoints.{COMMANDS[name]}")]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not importlib.util.find_spec(f"entrypoints.{COMMANDS[name]}"):
+            return None
+        return importlib.import_module(f"entrypoints.{COMMANDS[name]}").command
+
+
+@click.group(cls=LazyGroup, help="MaskDM: prune, mask-learn, finetune, sample and score DDPMs, tracked in MLflow.")
+def cli():
+    pass
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,61 @@
+"""What every stage command shares: logging setup and the user-error boundary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import click
+import torch
+
+from maskdm.errors import MaskDMError
+from maskdm.tracking import StageRun, stage_run
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # MLflow and diffusers are chatty at INFO; their warnings still show.
+    for noisy in ("mlflow", "diffusers", "urllib3", "httpx", "alembic", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str) -> None:
+    """Print the one-line user error and exit non-zero."""
+    click.echo(f"maskdm: error: {' '.join(str(message).split())}", err=True)
+    sys.exit(1)
+
+
+@contextmanager
+def stage(name: str, params: Mapping[str, object]):
+    """Run a stage body inside its MLflow run; a :class:`MaskDMError` becomes one line and a FAILED run."""
+    configure_logging()
+    try:
+        with stage_run(name, params) as run:
+            yield run
+    except MaskDMError as exc:
+        fail(str(exc))
+
+
+def optional(value: str | None) -> str | None:
+    """MLproject parameters cannot be absent, so ``""`` (and ``none``) stand for "not given"."""
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    return str(value).strip()
+
+
+
+
+def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: int = 0) -> None:
+    """A fixed-seed DDIM sample grid: the quick look at a model that every model stage logs."""
+    from maskdm.sampling import sample_images, save_grid
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = sample_images(
+        ddpm.unet, ddpm.scheduler.config, range(num_images), steps=ddim_steps, seed=seed, batch_size=num_images, device=device
+    )
+    save_grid(images, path)
+
+
+__all__ = ["StageRun", "configure_logging", "fail", "optional", "save_preview", "stage"]

@@ -1,0 +1,68 @@
+"""pretrain: train a DDPM from scratch; its defaults are the embedded demo model's configuration."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from entrypoints.common import save_preview, stage
+from maskdm.data import load_dataset
+from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
+from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
+from maskdm.training import TrainConfig, train_ddpm
+
+#: The demo configuration: a 0.7M-parameter UNet on the embedded shapes, a few minutes on 2 CPU cores.
+#: ``model=demo`` resolves to the newest FINISHED pretrain run made with exactly these values.
+DEMO = dict(
+    dataset="shapes",
+    arch="tiny",
+    resolution=32,
+    num_iters=1500,
+    train_batch_size=32,
+    learning_rate=2e-3,
+    lr_warmup_steps=100,
+    ema_max_decay=0.995,
+    gradient_accumulation_steps=1,
+    save_model_steps=500,
+    mixed_precision="auto",
+    seed=0,
+)
+
+
+@click.command("pretrain", help="Train a DDPM from scratch (defaults: the embedded demo model).")
+@click.option("--dataset", default=DEMO["dataset"], show_default=True, help="shapes, cifar10 or imagefolder:<path>.")
+@click.option("--arch", default=DEMO["arch"], show_default=True, help="UNet preset: tiny or ddpm-cifar10.")
+@click.option("--resolution", type=int, default=DEMO["resolution"], show_default=True)
+@click.option("--num_iters", type=int, default=DEMO["num_iters"], show_default=True, help="Optimizer steps.")
+@click.option("--train_batch_size", type=int, default=DEMO["train_batch_size"], show_default=True)
+@click.option("--learning_rate", type=float, default=DEMO["learning_rate"], show_default=True)
+@click.option("--lr_warmup_steps", type=int, default=DEMO["lr_warmup_steps"], show_default=True)
+@click.option("--ema_max_decay", type=float, default=DEMO["ema_max_decay"], show_default=True)
+@click.option("--gradient_accumulation_steps", type=int, default=DEMO["gradient_accumulation_steps"], show_default=True)
+@click.option("--save_model_steps", type=int, default=DEMO["save_model_steps"], show_default=True)
+@click.option("--mixed_precision", default=DEMO["mixed_precision"], show_default=True, help="auto, no, bf16 or fp16.")
+@click.option("--seed", type=int, default=DEMO["seed"], show_default=True)
+def command(**params) -> None:
+    with stage("pretrain", params) as run:
+        is_demo = params == DEMO
+        run.log_params({"model": "demo" if is_demo else f"runs:/{run.run_id}/model", "pruning_ratio": 0, "pruner": "none", "pattern": "dense"})
+        run.set_tags({DEMO_TAG: str(is_demo).lower(), MODEL_URI_TAG: f"runs:/{run.run_id}/model"})
+
+        dataset = load_dataset(params["dataset"], params["resolution"], split="train")
+        ddpm = DDPM(build_unet(params["arch"], params["resolution"]), default_scheduler())
+        run.log_params({"params_total": count_parameters(ddpm.unet)})
+        config = TrainConfig(**{k: params[k] for k in TrainConfig.__dataclass_fields__ if k in params})
+
+        def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
+            run.log_artifact_now(path, f"checkpoints/{path.name}")
+
+        with tempfile.TemporaryDirectory() as checkpoints:
+            result = train_ddpm(
+                ddpm, dataset, config, checkpoint_dir=Path(checkpoints),
+                on_log=run.log_metrics, on_checkpoint=on_checkpoint,
+            )
+        run.log_metrics({"train_steps_per_s": result.steps_per_s})
+        run.log_model(result.ddpm, params["dataset"])
+        save_preview(result.ddpm, run.out / "preview.png")

@@ -1,0 +1,166 @@
+"""Datasets: the embedded ``shapes`` set, CIFAR-10 (torchvision), and image folders.
+
+Every dataset yields ``(image, label)`` with ``image`` a float CHW tensor in [-1, 1]. The
+``train`` split applies a random horizontal flip; the ``eval`` split is deterministic, so losses
+measured on it are reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from maskdm.errors import MaskDMError
+
+DATASET_NAMES = ("shapes", "cifar10", "imagefolder:<path>")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MASKDM_DATA_DIR", Path.home() / ".cache" / "maskdm" / "data"))
+
+
+# --- the embedded shapes dataset ------------------------------------------------------------------
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "ring", "cross")
+
+#: Sizes of the embedded splits. Generating them is cheap (thousands of images per second).
+SHAPES_TRAIN_SIZE = 20000
+SHAPES_EVAL_SIZE = 2000
+_SHAPES_SPLIT_SEED = {"train": 0, "eval": 1}
+
+
+def render_shapes(n: int, seed: int, resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images (uint8 NHWC) and labels, generated deterministically from ``seed``.
+
+    Each image is one shape of a random class, colour, size and position on a two-colour vertical
+    gradient background. Vectorised over the batch with numpy, so no per-image Python loop.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPE_CLASSES), n)
+    # Background: a gradient between two muted colours; foreground: a saturated colour far from both.
+    bg_top = rng.uniform(0.0, 0.6, (n, 1, 1, 3))
+    bg_bottom = rng.uniform(0.0, 0.6, (n, 1, 1, 3))
+    fg = rng.uniform(0.0, 1.0, (n, 3))
+    fg[np.arange(n), rng.integers(0, 3, n)] = 1.0  # at least one full channel: stands out
+    centre = rng.uniform(0.3, 0.7, (n, 2))
+    radius = rng.uniform(0.15, 0.3, n)
+
+    coords = (np.arange(resolution) + 0.5) / resolution
+    y = coords[None, :, None]
+    x = coords[None, None, :]
+    dy = y - centre[:, 0, None, None]
+    dx = x - centre[:, 1, None, None]
+    r = radius[:, None, None]
+    regions = {
+        "circle": dx**2 + dy**2 <= r**2,
+        "square": (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r),
+        "triangle": (dy <= 0.8 * r) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6),
+        "diamond": np.abs(dx) + np.abs(dy) <= r,
+        "ring": (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (0.55 * r) ** 2),
+        "cross": ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r)) | ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r)),
+    }
+    inside = np.zeros((n, resolution, resolution), dtype=bool)
+    for k, name in enumerate(SHAPE_CLASSES):
+        pick = labels == k
+        inside[pick] = regions[name][pick]
+
+    t = np.linspace(0.0, 1.0, resolution)[None, :, None, None]
+    background = bg_top * (1 - t) + bg_bottom * t  # (n, H, 1, 3)
+    images = np.broadcast_to(background, (n, resolution, resolution, 3)).copy()
+    images[inside] = np.repeat(fg, inside.reshape(n, -1).sum(1), axis=0)
+    return (images * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
+class ArrayImageDataset(Dataset):
+    """uint8 NHWC images in memory, with labels, served as [-1, 1] CHW tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool, classes=()):
+        self.images = images
+        self.labels = labels
+        self.train = train
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, int(self.labels[i])
+
+
+def shapes_dataset(split: str, resolution: int = 32, size: int | None = None) -> ArrayImageDataset:
+    size = size or (SHAPES_TRAIN_SIZE if split == "train" else SHAPES_EVAL_SIZE)
+    images, labels = render_shapes(size, _SHAPES_SPLIT_SEED[split], resolution)
+    return ArrayImageDataset(images, labels, train=split == "train", classes=SHAPE_CLASSES)
+
+
+# --- torchvision / folder datasets ----------------------------------------------------------------
+
+
+def _transform(resolution: int, train: bool):
+    from torchvision import transforms
+
+    steps = [transforms.Resize(resolution), transforms.CenterCrop(resolution)]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    return transforms.Compose(steps)
+
+
+def cifar10_dataset(split: str, resolution: int, cache_dir: Path) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    root = cache_dir / "cifar10"
+    try:
+        return CIFAR10(root, train=split == "train", transform=_transform(resolution, split == "train"), download=True)
+    except Exception as exc:
+        raise MaskDMError(
+            f"cannot download CIFAR-10 into {root} ({type(exc).__name__}); offline, put the extracted "
+            f"cifar-10-batches-py folder there, or pass dataset=shapes or dataset=imagefolder:<path>"
+        ) from None
+
+
+class ImageFolderDataset(Dataset):
+    """Every png/jpg/jpeg/webp under a folder (recursively), sorted by path; label = parent folder index."""
+
+    def __init__(self, root: Path, resolution: int, train: bool):
+        if not root.is_dir():
+            raise MaskDMError(f"image folder '{root}' does not exist")
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.paths:
+            raise MaskDMError(f"image folder '{root}' holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
+        self.classes = sorted({p.parent.name for p in self.paths})
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+        self.transform = _transform(resolution, train)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, self._class_index[self.paths[i].parent.name]
+
+
+def load_dataset(name: str, resolution: int = 32, split: str = "train", cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """A dataset by name: ``shapes``, ``cifar10`` or ``imagefolder:<path>``; split ``train`` or ``eval``."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name == "shapes":
+        return shapes_dataset(split, resolution)
+    if name == "cifar10":
+        return cifar10_dataset(split, resolution, cache)
+    if name.startswith("imagefolder:"):
+        # An image folder has no held-out split of its own: eval is the same images, unflipped.
+        return ImageFolderDataset(Path(os.path.expanduser(name.split(":", 1)[1])), resolution, split == "train")
+    raise MaskDMError(f"unknown dataset '{name}': use one of {', '.join(DATASET_NAMES)}")

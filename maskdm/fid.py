@@ -1,0 +1,293 @@
+"""Fréchet Inception Distance, computed in memory exactly as ``python -m pytorch_fid`` computes it.
+
+pytorch-fid reads PNG files, converts them to RGB, turns them into [0, 1] tensors with
+``ToTensor`` and lets its ``InceptionV3`` resize them to 299x299 and scale them to [-1, 1]. A PNG
+holds uint8 pixels losslessly, so the same numbers come straight from a uint8 NHWC array: divide
+by 255 and hand the tensor to the same network. The network (``pytorch_fid.inception.InceptionV3``)
+and the distance (``pytorch_fid.fid_score.calculate_frechet_distance``) are pytorch-fid's own.
+
+It is faster than pytorch-fid's CLI because it skips PNG decoding and DataLoader workers, and
+folds each batch norm into its convolution and runs in channels-last layout (about 1.7x less CPU
+time per image; the features move by about 1e-6, far below the 1e-3 tolerance on the FID).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from pytorch_fid import inception as pf_inception
+from pytorch_fid.fid_score import calculate_frechet_distance
+from pytorch_fid.inception import InceptionV3
+from torch import nn
+from torch.nn.functional import adaptive_avg_pool2d
+from tqdm.auto import tqdm
+
+from maskdm.errors import MaskDMError
+
+log = logging.getLogger(__name__)
+
+FID_WEIGHTS_URL = pf_inception.FID_WEIGHTS_URL
+#: Feature sizes pytorch-fid offers: pool3 (2048, the FID), and three earlier layers.
+INCEPTION_DIMS = tuple(sorted(InceptionV3.BLOCK_INDEX_BY_DIM))
+DEFAULT_DIMS = 2048
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+def default_weights_path() -> Path:
+    """Where pytorch-fid looks for its weights: ``$TORCH_HOME/hub/checkpoints/<file name of the URL>``."""
+    file_name = os.path.basename(urllib.parse.urlparse(FID_WEIGHTS_URL).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def resolve_weights(weights: str | os.PathLike | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """The weights file to use: ``weights`` if given, else pytorch-fid's cached file, downloaded if missing."""
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise MaskDMError(f"Inception weights file '{path}' does not exist")
+        return path
+    path = default_weights_path()
+    if not path.is_file():
+        _download_weights(path, timeout_s)
+    return path
+
+
+def _download_weights(target: Path, timeout_s: float) -> None:
+    log.info("downloading pytorch-fid's Inception weights from %s to %s", FID_WEIGHTS_URL, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # torch.hub opens the URL without a timeout; a stalled network would otherwise hang forever.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(target), progress=False)
+    except OSError as exc:  # URLError, timeouts and refused connections are all OSErrors
+        reason = getattr(exc, "reason", None) or exc
+        raise MaskDMError(
+            f"cannot download the Inception weights ({reason}): download {FID_WEIGHTS_URL} "
+            f"to {target}, or pass weights=<path to that file>"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def weights_digest(path: str | os.PathLike, length: int = 16) -> str:
+    """A short sha256 of a weights file: names the weights in cache keys without trusting file names."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()[:length]
+
+
+def check_dims(dims: int) -> None:
+    if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+        raise MaskDMError(f"dims={dims} is not an Inception feature size: use one of {', '.join(map(str, INCEPTION_DIMS))}")
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MaskDMError(f"cannot read Inception weights '{path}' as a state dict ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise MaskDMError(f"Inception weights '{path}' hold a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_inception(
+    dims: int = DEFAULT_DIMS,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    fuse: bool = True,
+) -> nn.Module:
+    """pytorch-fid's ``InceptionV3`` returning ``dims`` features, in eval mode on ``device``.
+
+    Weights come from ``weights`` if given, else from where pytorch-fid finds them (torch hub's
+    checkpoint cache, downloaded there when missing). They are read with ``weights_only=True`` and
+    handed to pytorch-fid's own constructor. ``fuse`` folds batch norms into convolutions and
+    switches to channels-last, for speed only (see :func:`fuse_for_inference`).
+    """
+    check_dims(dims)
+    path = resolve_weights(weights)
+    state = _load_state_dict(path)
+    # InceptionV3 fetches its weights with a module-level loader; swapping that loader for the
+    # dict read above is the one way to build pytorch-fid's exact network from a chosen file.
+    with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
+        try:
+            model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
+        except RuntimeError as exc:
+            first_line = str(exc).splitlines()[0]
+            raise MaskDMError(f"Inception weights '{path}' do not fit pytorch-fid's InceptionV3: {first_line}") from None
+    model = model.eval().to(device)
+    return fuse_for_inference(model) if fuse else model
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """The same network with batch norms folded into convolutions, in channels-last layout.
+
+    Uses torch.fx's conv/bn fusion; outputs agree with the unfused network to about 1e-6.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model.eval()).to(memory_format=torch.channels_last)
+
+
+# --- features -----------------------------------------------------------------------------------
+
+
+def check_samples(images: np.ndarray) -> None:
+    """FID needs images as uint8 NHWC with 1, 3 or 4 channels, and at least two for a covariance."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        shape = getattr(images, "shape", None)
+        raise MaskDMError(f"samples must be an array of images shaped (N, H, W, 1|3|4), not {shape}")
+    if images.dtype != np.uint8:
+        raise MaskDMError(f"samples must be uint8 images, not {images.dtype}")
+    if len(images) < 2:
+        raise MaskDMError(f"FID needs at least 2 images to estimate a covariance, got {len(images)}")
+
+
+def _as_rgb_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1], as PIL's ``convert('RGB')`` then ``ToTensor`` give it."""
+    batch = torch.from_numpy(np.ascontiguousarray(images))
+    if batch.shape[-1] == 1:
+        batch = batch.expand(*batch.shape[:-1], 3)  # grey -> RGB repeats the channel
+    elif batch.shape[-1] == 4:
+        batch = batch[..., :3]  # RGBA -> RGB drops alpha
+    return batch.permute(0, 3, 1, 2).float().div(255)
+
+
+def inception_features(
+    images: np.ndarray,
+    model: nn.Module,
+    batch_size: int = 200,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Features (N, dims) float32 of uint8 NHWC ``images``, equal to pytorch-fid's for their PNGs."""
+    check_samples(images)
+    if batch_size < 1:
+        raise MaskDMError(f"batch_size must be at least 1, not {batch_size}")
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    with torch.inference_mode():
+        for start in tqdm(starts, desc="inception features", disable=not progress, leave=False):
+            batch = _as_rgb_unit(images[start : start + batch_size]).to(device)
+            pred = model(batch.contiguous(memory_format=torch.channels_last))[0]
+            # As pytorch-fid: blocks before pool3 give maps, averaged to one vector per image.
+            if pred.shape[2] != 1 or pred.shape[3] != 1:
+                pred = adaptive_avg_pool2d(pred, output_size=(1, 1))
+            chunks.append(pred.flatten(1).float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+# --- statistics and distance --------------------------------------------------------------------
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance in float64, as pytorch-fid computes them."""
+    if len(features) < 2:
+        raise MaskDMError(f"FID needs at least 2 images to estimate a covariance, got {len(features)}")
+    act = np.asarray(features, dtype=np.float64)
+    if len(act) < act.shape[1]:
+        log.warning(
+            "%d images for %d-dimensional features: the covariance is singular and the FID biased; "
+            "FID is meant for thousands of images (50,000 by convention)",
+            len(act),
+            act.shape[1],
+        )
+    return np.mean(act, axis=0), np.cov(act, rowvar=False)
+
+
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """pytorch-fid's Fréchet distance between two Gaussians."""
+    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
+        raise MaskDMError(f"statistics of {np.shape(mu1)[0]} and {np.shape(mu2)[0]} dimensions cannot be compared")
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):  # pytorch-fid prints its singularity notice
+            value = calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
+    except ValueError as exc:
+        raise MaskDMError(f"the Fréchet distance is not real ({exc}): use more images than feature dimensions") from None
+    if printed.getvalue().strip():
+        log.warning("pytorch-fid: %s", printed.getvalue().strip())
+    return float(value)
+
+
+def fid_of_features(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    return fid_from_stats(*statistics(features), *reference)
+
+
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    """Statistics in pytorch-fid's ``--save-stats`` format: a compressed .npz with ``mu`` and ``sigma``."""
+    path = Path(path)
+    np.savez_compressed(path, mu=mu, sigma=sigma)
+    return path
+
+
+def load_reference_stats(path: str | os.PathLike, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (dims,) and ``sigma`` (dims, dims) from a pytorch-fid style .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskDMError(f"reference statistics file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [key for key in ("mu", "sigma") if key not in f.files]
+            if missing:
+                raise MaskDMError(
+                    f"reference statistics '{path}' lack {' and '.join(missing)}: expected a pytorch-fid "
+                    f"--save-stats .npz with arrays mu and sigma (it holds {', '.join(f.files) or 'nothing'})"
+                )
+            mu, sigma = f["mu"], f["sigma"]
+    except MaskDMError:
+        raise
+    except Exception as exc:
+        raise MaskDMError(f"cannot read reference statistics '{path}' as .npz ({type(exc).__name__})") from None
+    if mu.shape != (dims,) or sigma.shape != (dims, dims):
+        raise MaskDMError(
+            f"reference statistics '{path}' are {mu.shape[0] if mu.ndim == 1 else mu.shape}-dimensional "
+            f"(mu {mu.shape}, sigma {sigma.shape}); dims={dims} needs mu ({dims},) and sigma ({dims}, {dims})"
+        )
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+# --- reference statistics of a dataset ----------------------------------------------------------
+
+
+def reference_key(dataset: str, resolution: int, dims: int, weights_digest: str, features: str = "inception") -> str:
+    """What identifies a dataset's reference statistics: reuse them only when all of this matches."""
+    return f"dataset={dataset};resolution={resolution};features={features};dims={dims};weights={weights_digest}"
+
+
+def dataset_images_uint8(dataset: torch.utils.data.Dataset, limit: int | None = None, batch_size: int = 500) -> np.ndarray:
+    """The images of a maskdm dataset ((image in [-1, 1] CHW, label) items) as uint8 NHWC.
+
+    Rounded as samples are (:func:`maskdm.sampling.to_uint8`), which gives back a dataset's
+    original uint8 pixels exactly.
+    """
+    from maskdm.sampling import to_uint8
+
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(count)) if count < len(dataset) else dataset
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
+    if count == 0:
+        raise MaskDMError("the reference dataset holds no images")
+    return np.concatenate([to_uint8(images) for images, _ in loader])
+
+
+def inception_stats_of(images: np.ndarray, model: nn.Module, batch_size: int = 200, device: str = "cpu", progress: bool = False):
+    """(mu, sigma) of ``images`` under ``model``: what the fid stage stores as sample or reference stats."""
+    return statistics(inception_features(images, model, batch_size, device, progress))
+

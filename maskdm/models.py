@@ -1,0 +1,159 @@
+"""DDPM models: architecture presets, loading from a hub id or local folder, saving as a pipeline.
+
+Models move between stages only as diffusers pipeline folders (``model_index.json``, ``unet/``,
+``scheduler/``) that ``DDPMPipeline.from_pretrained`` opens. Run IDs and ``demo`` are resolved to
+such folders by :mod:`maskdm.tracking`; this module only sees paths and hub ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from maskdm.errors import MaskDMError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_MODEL = "google/ddpm-cifar10-32"
+
+#: UNet architectures for ``pretrain``. ``ddpm-cifar10`` is the configuration of
+#: google/ddpm-cifar10-32 (35.7M parameters); ``tiny`` (0.7M) trains on a CPU in minutes.
+ARCHS: dict[str, dict] = {
+    # Attention only at 8x8, where it is cheap: the 32x32 level dominates the cost on a CPU.
+    "tiny": dict(
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=None,
+    ),
+    "ddpm-cifar10": dict(
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=None,
+        norm_num_groups=32,
+        dropout=0.1,
+        resnet_time_scale_shift="default",
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
+}
+
+
+def build_unet(arch: str, resolution: int = 32, in_channels: int = 3) -> UNet2DModel:
+    if arch not in ARCHS:
+        raise MaskDMError(f"unknown arch '{arch}': choose one of {', '.join(ARCHS)}")
+    return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
+
+
+def default_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
+    # The linear-beta schedule of Ho et al. (2020), which google/ddpm-cifar10-32 uses.
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear")
+
+
+@dataclass
+class DDPM:
+    """A UNet and the noise scheduler it was trained with."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+
+def is_local_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.path.exists(ref)
+
+
+def load_ddpm(ref: str, cache_dir: str | None = None) -> DDPM:
+    """Load a DDPM from a local pipeline folder, a local UNet folder, or a diffusers hub id."""
+    path = Path(os.path.expanduser(ref))
+    if is_local_path(ref):
+        if not path.exists():
+            raise MaskDMError(f"model path '{ref}' does not exist")
+        return _load_local(path)
+    return _load_hub(ref, cache_dir)
+
+
+def _load_local(path: Path) -> DDPM:
+    if (path / "model_index.json").exists():
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+        scheduler = _load_scheduler(path / "scheduler")
+    elif (path / "config.json").exists() and _is_unet_config(path / "config.json"):
+        # A bare UNet folder: pair it with the scheduler folder beside it, else the DDPM default.
+        unet = UNet2DModel.from_pretrained(path)
+        scheduler = _load_scheduler(path.parent / "scheduler")
+    elif (path / "unet" / "config.json").exists():
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+        scheduler = _load_scheduler(path / "scheduler")
+    else:
+        raise MaskDMError(
+            f"model path '{path}' is neither a diffusers pipeline folder (model_index.json) nor a UNet folder (config.json)"
+        )
+    return DDPM(unet, scheduler)
+
+
+def _is_unet_config(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError):
+        return False
+
+
+def _load_scheduler(folder: Path) -> DDPMScheduler:
+    if (folder / "scheduler_config.json").exists():
+        return DDPMScheduler.from_pretrained(folder)
+    return default_scheduler()
+
+
+def _load_hub(hub_id: str, cache_dir: str | None) -> DDPM:
+    try:
+        try:
+            unet = UNet2DModel.from_pretrained(hub_id, subfolder="unet", cache_dir=cache_dir)
+        except EnvironmentError as exc:
+            if _is_network_error(exc):
+                raise
+            # Some hub repos hold a bare UNet at their root rather than a pipeline.
+            unet = UNet2DModel.from_pretrained(hub_id, cache_dir=cache_dir)
+    except Exception as exc:
+        raise MaskDMError(
+            f"cannot fetch model '{hub_id}' from the Hugging Face hub ({type(exc).__name__}); "
+            "offline, pass model=demo, a local pipeline or UNet folder, or an MLflow run ID / runs:/<id>/model"
+        ) from None
+    try:
+        scheduler = DDPMScheduler.from_pretrained(hub_id, subfolder="scheduler", cache_dir=cache_dir)
+    except Exception:
+        log.warning("no scheduler found for %s; using the linear DDPM schedule", hub_id)
+        scheduler = default_scheduler()
+    return DDPM(unet, scheduler)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("connect", "offline", "resolve", "timed out", "network"))
+
+
+def save_ddpm(ddpm: DDPM, folder: str | os.PathLike) -> Path:
+    """Save as a pipeline folder that ``DDPMPipeline.from_pretrained`` opens (safetensors weights)."""
+    folder = Path(folder)
+    DDPMPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

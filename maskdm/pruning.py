@@ -1,0 +1,460 @@
+"""Weight pruning: which weights of a DDPM's Conv2d/Linear layers to zero, and what that saves.
+
+Pruning is split into three steps so that each can be checked on its own:
+
+* :func:`compute_masks` decides (``magnitude`` or ``random``, ``unstructured`` or ``N:M``, per
+  ``layer`` or ``global``) and returns bool masks, True = kept, keyed by exact module name;
+* :func:`apply_pruning` zeroes the masked-out weights in place and touches nothing else;
+* :func:`pruning_stats` describes the result as a JSON-serialisable dict, including the measured
+  size of a compact sparse checkpoint (:func:`compact_state_dict`) against the dense one.
+
+Rules where a choice had to be made (``docs/parts/prune.md`` has the full text):
+
+* Count: a layer (or, with ``scope="global"``, the pool of all prunable weights) of ``n`` weights
+  loses exactly ``k = floor(ratio * n)`` of them, ``ratio * n`` evaluated exactly on the decimal
+  value of ``ratio`` (float arithmetic would give ``0.29 * 100 = 28.999...`` and prune 28).
+* Ties: weights are ranked by ``|w|`` and, among equal ``|w|``, by position (flat index within a
+  layer, then layer order for ``global``); the earlier one is pruned first. So exactly ``k`` go
+  even when many weights are equal, and the result never depends on the sort implementation.
+* ``random`` draws from one ``torch.Generator`` seeded with ``seed``, layers in ``named_modules``
+  order, on the CPU: the same seed gives the same masks on any machine.
+* ``N:M`` keeps exactly N of every M consecutive weights of each row of the weight viewed as
+  ``(out_features, in_features * kh * kw)``. It fixes the ratio at ``1 - N/M``; ``ratio`` must
+  state that value (so the lineage parameter ``pruning_ratio`` is true) and ``scope`` must be
+  ``layer``. Layers whose row length is not a multiple of M stay dense and are reported.
+
+We do not use ``torch.nn.utils.prune``: it rounds the count to nearest, breaks ties through
+``topk`` (unspecified order), draws ``random`` from the global RNG and installs forward hooks
+that would fight the parametrization in :mod:`maskdm.masks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from maskdm.errors import MaskDMError
+from maskdm.masks import DEFAULT_PROTECT, check_masks_fit, maskable_modules, parse_protect, prunable_modules
+
+log = logging.getLogger(__name__)
+
+PRUNERS: tuple[str, ...] = ("magnitude", "random")
+SCOPES: tuple[str, ...] = ("layer", "global")
+UNSTRUCTURED = "unstructured"
+
+#: How far ``ratio`` may sit from ``1 - N/M`` and still count as stating it (so 0.667 names 1:3).
+NM_RATIO_TOLERANCE = 1e-3
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+# Key suffixes of a compact checkpoint's entries for one masked weight.
+_VALUES = ".values"
+_BITS = ".mask_bits"
+_SHAPE = ".shape"
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"2:4"`` -> ``(2, 4)``. Needs integers ``1 <= N < M``."""
+    text = str(pattern).strip()
+    if text.lower() == UNSTRUCTURED:
+        return None
+    match = _NM_RE.match(text)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if 1 <= n < m:
+            return n, m
+    raise MaskDMError(
+        f"pattern '{pattern}' is not valid: use 'unstructured' or 'N:M' with integers 1 <= N < M "
+        "(N weights kept of every M, e.g. '2:4')"
+    )
+
+
+def pattern_ratio(pattern: str) -> float | None:
+    """The pruning ratio an ``N:M`` pattern implies (``1 - N/M``); None for ``unstructured``."""
+    nm = parse_pattern(pattern)
+    return None if nm is None else 1.0 - nm[0] / nm[1]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune. Validated on construction, so an invalid config never exists.
+
+    ratio:   share of weights to prune, in [0, 1). With an ``N:M`` pattern it must equal ``1 - N/M``
+             (within :data:`NM_RATIO_TOLERANCE`): the pattern decides, the ratio records it.
+    pruner:  ``magnitude`` (drop the smallest ``|w|``) or ``random`` (seeded uniform choice).
+    pattern: ``unstructured`` or ``N:M`` (N kept of every M consecutive input weights).
+    scope:   ``layer`` (every layer loses ``ratio`` of its weights) or ``global`` (one ranking over
+             all prunable weights; layers end up with different sparsities). ``N:M`` needs ``layer``.
+    protect: module-name substrings of layers left dense (``"a,b"`` strings are accepted).
+    seed:    seed of the ``random`` pruner (ignored by ``magnitude``, which has no randomness).
+    """
+
+    ratio: float
+    pruner: str = "magnitude"
+    pattern: str = UNSTRUCTURED
+    scope: str = "layer"
+    protect: tuple[str, ...] = DEFAULT_PROTECT
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # frozen: normalise the fields once, here
+        set_field(self, "ratio", _as_ratio(self.ratio))
+        set_field(self, "pruner", str(self.pruner).strip().lower())
+        set_field(self, "scope", str(self.scope).strip().lower())
+        set_field(self, "pattern", _canonical_pattern(self.pattern))
+        set_field(self, "protect", parse_protect(self.protect))
+        set_field(self, "seed", _as_seed(self.seed))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.pruner not in PRUNERS:
+            raise MaskDMError(f"pruner '{self.pruner}' is not known: use one of {', '.join(PRUNERS)}")
+        if self.scope not in SCOPES:
+            raise MaskDMError(f"scope '{self.scope}' is not known: use one of {', '.join(SCOPES)}")
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            return
+        if self.scope != "layer":
+            raise MaskDMError(
+                f"scope '{self.scope}' does not apply to pattern '{self.pattern}': N:M keeps N of every M weights "
+                "inside each layer; use scope=layer"
+            )
+        implied = 1.0 - nm[0] / nm[1]
+        if abs(self.ratio - implied) > NM_RATIO_TOLERANCE:
+            raise MaskDMError(
+                f"pattern '{self.pattern}' prunes {implied:.4g} of the weights but pruning_ratio is {self.ratio:g}: "
+                f"pass pruning_ratio={implied:.4g} with this pattern"
+            )
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "protect": list(self.protect)}
+
+
+def _canonical_pattern(pattern: object) -> str:
+    nm = parse_pattern(str(pattern))
+    return UNSTRUCTURED if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+def _as_ratio(ratio: object) -> float:
+    try:
+        value = float(ratio)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise MaskDMError(f"pruning_ratio '{ratio}' is not a number: use a value in [0, 1), e.g. 0.3") from None
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise MaskDMError(f"pruning_ratio {ratio} is out of range: use a value in [0, 1), e.g. 0.3")
+    return value
+
+
+def _as_seed(seed: object) -> int:
+    try:
+        return int(seed)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise MaskDMError(f"seed '{seed}' is not an integer") from None
+
+
+@dataclass
+class PruneResult:
+    """Masks (True = kept) for every prunable layer, N:M layers left dense, and the config used."""
+
+    masks: dict[str, torch.Tensor]
+    dense_layers: list[str] = field(default_factory=list)
+    config: PruneConfig | None = None
+
+
+def prune_count(ratio: float, n: int) -> int:
+    """How many of ``n`` weights ``ratio`` prunes: ``floor(ratio * n)`` on the ratio's decimal value."""
+    exact = Fraction(repr(float(ratio)))  # repr is the shortest decimal that round-trips: 0.29, not 0.28999...
+    return int(exact.numerator * n // exact.denominator)
+
+
+def compute_masks(model: nn.Module, config: PruneConfig) -> PruneResult:
+    """Decide which weights of ``model``'s prunable layers to keep. Does not modify ``model``."""
+    modules = prunable_modules(model, config.protect)
+    if not modules:
+        raise MaskDMError(
+            f"nothing to prune: protect '{','.join(config.protect)}' covers every Conv2d/Linear layer of the model"
+        )
+    weights = {name: _plain_weight(name, module).detach().cpu() for name, module in modules.items()}
+    generator = torch.Generator().manual_seed(config.seed)
+    nm = config.nm
+    if nm is not None:
+        masks, dense = _nm_masks(weights, nm, config.pruner, generator)
+        if dense:
+            log.warning("%d layer(s) left dense: their input size is not a multiple of %d (%s)", len(dense), nm[1], ", ".join(dense))
+        return PruneResult(masks=masks, dense_layers=dense, config=config)
+    if config.scope == "global":
+        masks = _global_masks(weights, config.ratio, config.pruner, generator)
+    else:
+        masks = {name: _unstructured_mask(w, config.ratio, config.pruner, generator) for name, w in weights.items()}
+    return PruneResult(masks=masks, dense_layers=[], config=config)
+
+
+def _plain_weight(name: str, module: nn.Module) -> torch.Tensor:
+    # A registered mask would make ``weight`` a computed tensor that in-place pruning cannot write to.
+    if parametrize.is_parametrized(module, "weight"):
+        raise MaskDMError(f"layer '{name}' carries a mask parametrization: bake the masks before pruning")
+    return module.weight
+
+
+def _unstructured_mask(weight: torch.Tensor, ratio: float, pruner: str, generator: torch.Generator) -> torch.Tensor:
+    k = prune_count(ratio, weight.numel())
+    if pruner == "magnitude":
+        pruned = _smallest_k(weight.abs().flatten(), k)
+    else:
+        pruned = _random_k(weight.numel(), k, generator)
+    return (~pruned).reshape(weight.shape)
+
+
+def _global_masks(
+    weights: Mapping[str, torch.Tensor], ratio: float, pruner: str, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    sizes = [w.numel() for w in weights.values()]
+    k = prune_count(ratio, sum(sizes))
+    if pruner == "magnitude":
+        # torch.cat promotes mixed dtypes, so |w| of a float64 layer is not rounded before ranking.
+        pruned = _smallest_k(torch.cat([w.abs().flatten() for w in weights.values()]), k)
+    else:
+        pruned = _random_k(sum(sizes), k, generator)
+    keeps = (~pruned).split(sizes)
+    return {name: keep.reshape(w.shape) for (name, w), keep in zip(weights.items(), keeps)}
+
+
+def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` smallest ``scores``; among equal scores the lower index is chosen first.
+
+    The same set as a stable ascending argsort's first ``k``, in linear time (kthvalue + one pass),
+    which matters for the global ranking over tens of millions of weights.
+    """
+    if k == 0:
+        return torch.zeros(scores.numel(), dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k).values
+    chosen = scores <= threshold
+    surplus = int(torch.count_nonzero(chosen)) - k
+    if surplus:
+        # Ties at the threshold: release the last ``surplus`` of them, keeping the earlier ones pruned.
+        tie_index = torch.nonzero(scores == threshold).flatten()
+        chosen[tie_index[tie_index.numel() - surplus :]] = False
+    return chosen
+
+
+def _random_k(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.randperm(n, generator=generator)[:k]] = True
+    return chosen
+
+
+def _nm_masks(
+    weights: Mapping[str, torch.Tensor], nm: tuple[int, int], pruner: str, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    n_keep, group = nm
+    masks: dict[str, torch.Tensor] = {}
+    dense: list[str] = []
+    for name, weight in weights.items():
+        row_length = weight[0].numel()  # in_features, or in_channels * kh * kw for a convolution
+        if row_length % group:
+            masks[name] = torch.ones_like(weight, dtype=torch.bool)
+            dense.append(name)
+            continue
+        groups = weight.reshape(weight.shape[0], row_length // group, group)
+        if pruner == "magnitude":
+            scores = groups.abs()
+        else:
+            scores = torch.rand(groups.shape, generator=generator)
+        # Stable ascending order within each group: the first M-N go, ties pruned lower index first.
+        order = torch.argsort(scores, dim=-1, stable=True)
+        keep = torch.ones_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, order[..., : group - n_keep], False)
+        masks[name] = keep.reshape(weight.shape)
+    return masks, dense
+
+
+def apply_pruning(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Set the masked-out weights to +0.0 in place; every other value stays bit-identical."""
+    check_masks_fit(model, masks)
+    modules = maskable_modules(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = _plain_weight(name, modules[name])
+            # masked_fill rather than ``weight * mask``: a product leaves -0.0 where w < 0.
+            weight.masked_fill_(~mask.to(device=weight.device, dtype=torch.bool), 0.0)
+    return model
+
+
+def prune(model: nn.Module, config: PruneConfig) -> PruneResult:
+    """:func:`compute_masks` then :func:`apply_pruning`, in place; returns the masks."""
+    result = compute_masks(model, config)
+    apply_pruning(model, result.masks)
+    return result
+
+
+# --- compact checkpoint ---------------------------------------------------------------------------
+
+
+def compact_state_dict(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each masked weight stored as its kept values plus a bitmask.
+
+    For a masked layer ``L`` the entry ``L.weight`` is replaced by ``L.weight.values`` (the kept
+    entries, row-major), ``L.weight.mask_bits`` (uint8, ``numpy.packbits`` of the flattened mask,
+    big-endian bit order) and ``L.weight.shape`` (int64). Everything else is stored as it is.
+    Pruned entries are dropped, so they come back as 0 whatever they held.
+    """
+    check_masks_fit(model, masks)
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    compact: dict[str, torch.Tensor] = {}
+    weight_keys = {f"{name}.weight": name for name in masks}
+    for key, value in state.items():
+        name = weight_keys.get(key)
+        if name is None:
+            compact[key] = value.contiguous()
+            continue
+        mask = masks[name].to(torch.bool).cpu()
+        compact[key + _VALUES] = value[mask].contiguous()
+        compact[key + _BITS] = torch.from_numpy(np.packbits(mask.flatten().numpy()))
+        compact[key + _SHAPE] = torch.tensor(tuple(mask.shape), dtype=torch.int64)
+    return compact
+
+
+def expand_compact_state_dict(
+    compact: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inverse of :func:`compact_state_dict`: the dense state dict and the masks, by module name."""
+    state: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for key, value in compact.items():
+        if key.endswith(_VALUES) or key.endswith(_SHAPE):
+            continue
+        if not key.endswith(_BITS):
+            state[key] = value
+            continue
+        weight_key = key[: -len(_BITS)]
+        missing = [weight_key + s for s in (_VALUES, _SHAPE) if weight_key + s not in compact]
+        if missing:
+            raise MaskDMError(f"compact checkpoint is incomplete: '{missing[0]}' is missing")
+        shape = tuple(int(d) for d in compact[weight_key + _SHAPE].tolist())
+        values = compact[weight_key + _VALUES]
+        mask = _unpack_mask(value, shape)
+        kept = int(torch.count_nonzero(mask))
+        if kept != values.numel():
+            raise MaskDMError(f"compact checkpoint entry '{weight_key}' holds {values.numel()} values for {kept} kept weights")
+        weight = torch.zeros(shape, dtype=values.dtype)
+        weight[mask] = values
+        state[weight_key] = weight
+        masks[weight_key.removesuffix(".weight")] = mask
+    return state, masks
+
+
+def _unpack_mask(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    count = math.prod(shape)
+    flat = np.unpackbits(bits.numpy(), count=count).astype(bool)
+    return torch.from_numpy(flat).reshape(shape)
+
+
+def save_compact_checkpoint(model: nn.Module, masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    save_file(compact_state_dict(model, masks), str(path), metadata={"format": "maskdm-compact-v1"})
+
+
+def load_compact_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The dense state dict and masks of a file written by :func:`save_compact_checkpoint`."""
+    try:
+        compact = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a corrupt or foreign file
+        raise MaskDMError(f"cannot read compact checkpoint {path}: {exc}") from None
+    return expand_compact_state_dict(compact)
+
+
+def checkpoint_sizes(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes on disk of the dense and the compact safetensors checkpoint, measured by writing both."""
+    with tempfile.TemporaryDirectory(prefix="maskdm-ckpt-") as tmp:
+        dense_path, compact_path = Path(tmp) / "dense.safetensors", Path(tmp) / "compact.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(dense_path))
+        save_compact_checkpoint(model, masks, compact_path)
+        return {"dense_checkpoint_bytes": dense_path.stat().st_size, "compact_checkpoint_bytes": compact_path.stat().st_size}
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def pruning_stats(model: nn.Module, result: PruneResult) -> dict:
+    """A JSON-serialisable description of ``model`` pruned with ``result`` (fields in docs/parts/prune.md).
+
+    Sparsities are shares of weights masked out (by ``result.masks``); ``params_nonzero`` counts the
+    model's actual nonzero parameter values, so the two agree only once the pruning is applied.
+    """
+    masks = result.masks
+    check_masks_fit(model, masks)
+    modules = maskable_modules(model)
+    layers = {name: _layer_stats(modules[name].weight.detach(), mask) for name, mask in masks.items()}
+    protected = [name for name in modules if name not in masks]
+
+    prunable_total = sum(s["numel"] for s in layers.values())
+    prunable_kept = sum(s["kept"] for s in layers.values())
+    all_weights_total = sum(m.weight.numel() for m in modules.values())
+    params_total = sum(p.numel() for p in model.parameters())
+    params_nonzero = sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+    stats = {
+        "config": result.config.to_dict() if result.config is not None else None,
+        "sparsity": _share(prunable_total - prunable_kept, prunable_total),
+        "sparsity_all_weights": _share(prunable_total - prunable_kept, all_weights_total),
+        "sparsity_all_params": _share(params_total - params_nonzero, params_total),
+        "prunable_weights": prunable_total,
+        "prunable_weights_kept": prunable_kept,
+        "all_weights": all_weights_total,
+        "params_total": params_total,
+        "params_nonzero": params_nonzero,
+        "compression_ratio": params_total / params_nonzero if params_nonzero else None,
+        "protected_layers": protected,
+        "dense_layers": list(result.dense_layers),
+        "layers": layers,
+    }
+    sizes = checkpoint_sizes(model, masks)
+    stats.update(sizes)
+    stats["checkpoint_size_ratio"] = sizes["compact_checkpoint_bytes"] / sizes["dense_checkpoint_bytes"]
+    return stats
+
+
+def _layer_stats(weight: torch.Tensor, mask: torch.Tensor) -> dict:
+    numel = mask.numel()
+    kept = int(torch.count_nonzero(mask))
+    return {
+        "numel": numel,
+        "kept": kept,
+        "sparsity": _share(numel - kept, numel),
+        "nonzero": int(torch.count_nonzero(weight)),
+    }
+
+
+def _share(part: int, whole: int) -> float:
+    return 0.0 if whole == 0 else part / whole
+
+
+def write_stats(stats: Mapping, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def summarize(stats: Mapping) -> str:
+    """One line for a log: overall sparsity, parameters kept and checkpoint sizes."""
+    return (
+        f"sparsity {stats['sparsity']:.4f} over {len(stats['layers'])} prunable layers "
+        f"({len(stats['protected_layers'])} protected, {len(stats['dense_layers'])} left dense); "
+        f"{stats['params_nonzero']:,} of {stats['params_total']:,} parameters nonzero; "
+        f"checkpoint {stats['compact_checkpoint_bytes']:,} B compact vs {stats['dense_checkpoint_bytes']:,} B dense"
+    )

@@ -1,0 +1,307 @@
+"""MLflow lineage: the one module that opens stage runs and resolves upstream runs.
+
+A stage run carries the tag ``maskdm.stage``, the tags ``maskdm.upstream.<stage>`` = run ID for
+every ancestor, and the lineage params (:data:`LINEAGE_PARAMS`) copied from upstream, so runs of
+one stage can be charted against ``pruning_ratio`` in the MLflow UI without joins.
+
+Artifacts a stage produces go to :attr:`StageRun.out` and are logged only when the stage succeeds,
+so a failed run holds no half-written outputs. Checkpoints, which must survive a kill, are logged
+as they are written (:meth:`StageRun.log_artifact_now`).
+
+No other module talks to the MLflow client for lineage or upstream lookups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from maskdm.errors import MaskDMError
+
+log = logging.getLogger(__name__)
+
+STAGE_TAG = "maskdm.stage"
+UPSTREAM_TAG_PREFIX = "maskdm.upstream."
+#: The original dense model every run descends from, as something :func:`load_model_ref` opens.
+MODEL_URI_TAG = "maskdm.model_uri"
+CODE_VERSION_TAG = "maskdm.code_version"
+#: Marks a ``pretrain`` run made with the demo configuration, which ``model=demo`` resolves to.
+DEMO_TAG = "maskdm.demo"
+LINEAGE_PARAMS = ("model", "dataset", "pruning_ratio", "pruner", "pattern")
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def code_version() -> str:
+    """A digest of the library and entry-point sources: what a cached run must have been made by."""
+    digest = hashlib.sha256()
+    for root in (_PACKAGE_ROOT, _PACKAGE_ROOT.parent / "entrypoints"):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def parse_run_ref(ref: str) -> tuple[str, str | None]:
+    """``<id>`` -> (id, None); ``runs:/<id>/<path>`` -> (id, path)."""
+    if ref.startswith("runs:/"):
+        run_id, _, path = ref[len("runs:/"):].partition("/")
+        return run_id, path or None
+    return ref, None
+
+
+def is_run_ref(ref: str) -> bool:
+    return ref.startswith("runs:/") or bool(_RUN_ID.match(ref))
+
+
+@dataclass
+class Upstream:
+    """A FINISHED upstream run that passed the contract's checks."""
+
+    run_id: str
+    stage: str
+    params: dict[str, str]
+    tags: dict[str, str]
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """``{stage: run_id}`` for this run and every ancestor."""
+        found = {k[len(UPSTREAM_TAG_PREFIX):]: v for k, v in self.tags.items() if k.startswith(UPSTREAM_TAG_PREFIX)}
+        found[self.stage] = self.run_id
+        return found
+
+    def download(self, artifact_path: str, dst: str | os.PathLike | None = None) -> Path:
+        dst = dst or tempfile.mkdtemp(prefix=f"maskdm-{self.stage}-")
+        return Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=artifact_path, dst_path=str(dst)))
+
+    def has_artifact(self, artifact_path: str) -> bool:
+        return has_artifact(self.run_id, artifact_path)
+
+
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    parent, _, _ = artifact_path.rstrip("/").rpartition("/")
+    listed = client().list_artifacts(run_id, parent or None)
+    return any(f.path.rstrip("/") == artifact_path.rstrip("/") for f in listed)
+
+
+def get_upstream(
+    run_ref: str, accepted_stages: Iterable[str], artifacts: str | Iterable[str] | None, what: str
+) -> Upstream:
+    """Check that ``run_ref`` names an existing FINISHED run of an accepted stage holding ``artifacts``.
+
+    ``what`` names the parameter in error messages (``prune_run_id``). Every failure is one line.
+    """
+    accepted = tuple(accepted_stages)
+    run_id, _ = parse_run_ref(str(run_ref).strip())
+    if not run_id:
+        raise MaskDMError(f"{what} is required: pass the MLflow run ID of a {' or '.join(accepted)} run")
+    try:
+        run = client().get_run(run_id)
+    except MlflowException:
+        raise MaskDMError(
+            f"{what}: run '{run_id}' does not exist in the tracking store {mlflow.get_tracking_uri()}"
+        ) from None
+    stage = run.data.tags.get(STAGE_TAG, "")
+    if stage not in accepted:
+        raise MaskDMError(
+            f"{what}: run {run_id} is a '{stage or 'non-MaskDM'}' run; expected a {' or '.join(accepted)} run"
+        )
+    if run.info.status != "FINISHED":
+        raise MaskDMError(f"{what}: run {run_id} ({stage}) is {run.info.status}, not FINISHED")
+    for artifact in [artifacts] if isinstance(artifacts, str) else artifacts or ():
+        if not has_artifact(run_id, artifact):
+            raise MaskDMError(f"{what}: run {run_id} ({stage}) has no '{artifact}' artifact")
+    return Upstream(run_id, stage, dict(run.data.params), dict(run.data.tags))
+
+
+def find_runs(stage: str, tags: Mapping[str, str] | None = None, status: str = "FINISHED", experiment_ids=None) -> list:
+    """Runs of ``stage`` with the given tags and status, newest first, across the given (default: all) experiments."""
+    clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", f"attributes.status = '{status}'"]
+    clauses += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client().search_experiments()]
+    return client().search_runs(
+        experiment_ids, " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=50
+    )
+
+
+def _experiment_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.experiment_id if run else None
+
+
+class StageRun:
+    """The MLflow run of one stage invocation; see the module docstring."""
+
+    def __init__(self, stage: str, run: mlflow.ActiveRun):
+        self.stage = stage
+        self.run = run
+        self.run_id = run.info.run_id
+        self.out = Path(tempfile.mkdtemp(prefix=f"maskdm-{stage}-out-"))
+        self._params = dict(client().get_run(self.run_id).data.params)
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Log params not yet on the run. ``mlflow run`` logs the -P values itself, as typed."""
+        fresh = {k: _param_str(v) for k, v in params.items() if k not in self._params}
+        if fresh:
+            mlflow.log_params(fresh)
+            self._params.update(fresh)
+
+    def param(self, key: str) -> str | None:
+        return self._params.get(key)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact_now(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Log immediately (checkpoints): for what must survive if the run is killed later."""
+        local_path = Path(local_path)
+        if local_path.is_dir():
+            mlflow.log_artifacts(str(local_path), artifact_path)
+        else:
+            mlflow.log_artifact(str(local_path), artifact_path)
+
+    # -- lineage ---------------------------------------------------------------------------------
+    def upstream(
+        self, run_ref: str, accepted_stages: Iterable[str], artifacts: str | Iterable[str] | None, what: str
+    ) -> Upstream:
+        """Resolve and check an upstream run, then take on its lineage."""
+        up = get_upstream(run_ref, accepted_stages, artifacts, what)
+        self.adopt_lineage(up)
+        return up
+
+    def adopt_lineage(self, up: Upstream) -> None:
+        tags = {f"{UPSTREAM_TAG_PREFIX}{stage}": run_id for stage, run_id in up.lineage.items()}
+        if MODEL_URI_TAG in up.tags:
+            tags[MODEL_URI_TAG] = up.tags[MODEL_URI_TAG]
+        self.set_tags(tags)
+        self.log_params({k: up.params[k] for k in LINEAGE_PARAMS if k in up.params})
+
+    def resolve_model(self, ref: str):
+        """Open ``ref`` (hub id, local folder, run ID, ``runs:/<id>/model`` or ``demo``) and record it."""
+        from maskdm.models import load_ddpm
+
+        ref = str(ref).strip()
+        if ref == "demo":
+            ref = demo_model_run_id()
+        if is_run_ref(ref):
+            run_id, path = parse_run_ref(ref)
+            up = get_upstream(run_id, MODEL_STAGES, path or "model", "model")
+            self.adopt_lineage(up)
+            self.set_tags({MODEL_URI_TAG: up.tags.get(MODEL_URI_TAG, f"runs:/{run_id}/model")})
+            return load_ddpm(str(up.download(path or "model")))
+        ddpm = load_ddpm(ref)
+        self.set_tags({MODEL_URI_TAG: os.path.abspath(os.path.expanduser(ref)) if os.path.exists(os.path.expanduser(ref)) else ref})
+        return ddpm
+
+    def load_lineage_model(self, override: str | None = None):
+        """The original dense model of this run's lineage (or ``override``), e.g. for baseline_loss."""
+        from maskdm.models import load_ddpm
+
+        if override:
+            return self.resolve_model(override)
+        ref = client().get_run(self.run_id).data.tags.get(MODEL_URI_TAG)
+        if not ref:
+            raise MaskDMError("the upstream lineage records no original model; pass original_model explicitly")
+        if is_run_ref(ref):
+            run_id, path = parse_run_ref(ref)
+            return load_ddpm(str(get_upstream(run_id, MODEL_STAGES, path or "model", "original model").download(path or "model")))
+        return load_ddpm(ref)
+
+    # -- models ----------------------------------------------------------------------------------
+    def log_model(self, ddpm, dataset: str, device="cpu") -> float:
+        """Save ``ddpm`` to ``out/model`` (logged on success) and log its ``eval_loss``."""
+        from maskdm.data import load_dataset
+        from maskdm.diffusion import eval_images, eval_loss
+        from maskdm.models import save_ddpm
+
+        save_ddpm(ddpm, self.out / "model")
+        images = eval_images(load_dataset(dataset, ddpm.resolution, split="eval"))
+        loss = eval_loss(ddpm.unet.to(device), ddpm.scheduler, images, device)
+        self.log_metrics({"eval_loss": loss})
+        return loss
+
+
+#: Stages whose runs hold a ``model/`` pipeline folder.
+MODEL_STAGES = ("pretrain", "prune", "train_masks", "finetune")
+
+
+def _param_str(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, object]):
+    """Open (or, under ``mlflow run``, continue) the run of ``stage``; end it FINISHED or FAILED.
+
+    On success the files under ``run.out`` are logged as artifacts; on any exception nothing more
+    is logged, the run is marked FAILED (KILLED for Ctrl-C) and the exception propagates.
+    """
+    active = mlflow.start_run()
+    run = StageRun(stage, active)
+    try:
+        run.set_tags({STAGE_TAG: stage, CODE_VERSION_TAG: code_version()})
+        run.log_params(params)
+        yield run
+        if any(run.out.iterdir()):
+            mlflow.log_artifacts(str(run.out))
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        shutil.rmtree(run.out, ignore_errors=True)
+
+
+# --- the demo model -------------------------------------------------------------------------------
+
+
+def demo_model_run_id() -> str:
+    """The newest FINISHED demo ``pretrain`` run; trains one first (in a child process) if none exists."""
+    runs = find_runs("pretrain", {DEMO_TAG: "true"})
+    if runs:
+        return runs[0].info.run_id
+    log.warning("no demo model in %s yet: training one with `maskdm pretrain` (a few minutes on a CPU)", mlflow.get_tracking_uri())
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    experiment_id = _experiment_id()
+    if experiment_id:
+        env["MLFLOW_EXPERIMENT_ID"] = experiment_id
+        env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    done = subprocess.run([sys.executable, "-m", "entrypoints.cli", "pretrain"], env=env, cwd=_PACKAGE_ROOT.parent)
+    runs = find_runs("pretrain", {DEMO_TAG: "true"})
+    if done.returncode != 0 or not runs:
+        raise MaskDMError("training the demo model failed; run `maskdm pretrain` to see why")
+    return runs[0].info.run_id

@@ -1,0 +1,58 @@
+"""Shared test fixtures: tiny models saved with save_pretrained, an isolated tracking store."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep each test process to one thread so parallel tests do not thrash.
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_unet(resolution: int = 16, channels: int = 3):
+    """A UNet2DModel of a few thousand parameters with the block types of the real ones."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=None,
+    )
+
+
+@pytest.fixture
+def tiny_ddpm():
+    from maskdm.models import DDPM, default_scheduler
+
+    return DDPM(tiny_unet(), default_scheduler())
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_ddpm):
+    """A diffusers pipeline folder holding a tiny random DDPM."""
+    from maskdm.models import save_ddpm
+
+    return save_ddpm(tiny_ddpm, tmp_path / "tiny_model")
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A fresh SQLite tracking store and artifact root in tmp_path, used by in-process and child runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
