@@ -158,7 +158,8 @@ def main() -> None:
     scheduler = default_scheduler()
     dense = build_unet(args.arch).to(args.device).eval()
     data = shapes_dataset("eval", resolution=dense.config.sample_size)
-    needed = max(args.spread_batches, args.accumulation * (args.updates + 1)) * args.batch_size
+    # Just the batches the timed updates (and the warm-up) use: the baseline covers every batch.
+    needed = args.accumulation * (args.updates + 1) * args.batch_size
     batches = ReplayBatches(data, ReplaySpec(needed, args.batch_size, 0, seed=0))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# {args.arch} ({count_parameters(dense) / 1e6:.1f}M params), device {args.device} ({device_name}), "

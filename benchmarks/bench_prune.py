@@ -62,7 +62,9 @@ def measure(dense: torch.nn.Module, ratio: float, repeats: int) -> dict[str, lis
     result = prune(pruned, PruneConfig(ratio=ratio))
     names = list(result.masks)
     rows["masks_from_weights (all prunable layers)"] = timed(lambda: masks_from_weights(pruned, names), repeats)
-    rows["pruning_stats (incl. writing dense + compact checkpoints)"] = timed(lambda: pruning_stats(pruned, result), repeats)
+    rows["pruning_stats (incl. writing dense + compact checkpoints)"] = timed(
+        lambda: pruning_stats(pruned, result), repeats
+    )
     rows["compact_state_dict + expand_compact_state_dict"] = timed(
         lambda: expand_compact_state_dict(compact_state_dict(pruned, result.masks)), repeats
     )
@@ -93,12 +95,14 @@ def main() -> None:
     stats = pruning_stats(pruned, result)
 
     print(
-        f"arch {args.arch} ({count_parameters(dense) / 1e6:.1f}M params, {stats['prunable_weights'] / 1e6:.1f}M prunable), "
+        f"arch {args.arch} ({count_parameters(dense) / 1e6:.1f}M params, "
+        f"{stats['prunable_weights'] / 1e6:.1f}M prunable), "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"repeats {args.repeats}, 1-min load average {load_before:.1f} before / {load_after:.1f} after"
     )
     print()
-    header = " | ".join(f"median s, {t} thread{'s' if t > 1 else ''} | min s, {t} thread{'s' if t > 1 else ''}" for t in thread_counts)
+    thread_labels = [f"{t} thread{'s' if t > 1 else ''}" for t in thread_counts]
+    header = " | ".join(f"median s, {label} | min s, {label}" for label in thread_labels)
     print(f"| step | {header} |")
     print("|---|" + "---:|" * (2 * len(thread_counts)))
     for label in by_threads[thread_counts[0]]:

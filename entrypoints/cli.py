@@ -27,6 +27,22 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return [name for name in COMMANDS if importlib.util.find_spec(f"entrypoints.{COMMANDS[name]}")]
 
+    def main(self, *args, **kwargs):
+        # Bad option values get the same one-line form as every other user error.
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            raise SystemExit(130) from None
+        except click.UsageError as exc:
+            if exc.ctx is not None and exc.ctx.command is self and not exc.ctx.protected_args and not exc.ctx.args:
+                click.echo(exc.ctx.get_help())
+                raise SystemExit(0) from None
+            click.echo(f"maskdm: error: {' '.join(exc.format_message().split())}", err=True)
+            raise SystemExit(exc.exit_code) from None
+        except click.ClickException as exc:
+            click.echo(f"maskdm: error: {' '.join(exc.format_message().split())}", err=True)
+            raise SystemExit(exc.exit_code) from None
+
     def get_command(self, ctx, name):
         if name not in COMMANDS or not importlib.util.find_spec(f"entrypoints.{COMMANDS[name]}"):
             return None

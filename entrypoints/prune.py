@@ -7,6 +7,7 @@ import logging
 import click
 
 from entrypoints.common import optional, save_preview, stage
+from maskdm.data import load_dataset
 from maskdm.masks import DEFAULT_PROTECT
 from maskdm.pruning import PruneConfig, prune, pruning_stats, summarize, write_stats
 
@@ -35,6 +36,7 @@ def command(**params) -> None:
         ddpm = run.resolve_model(params["model"])
         dataset = optional(params["dataset"]) or run.param("dataset") or FALLBACK_DATASET
         run.log_params({"dataset": dataset, "pruning_ratio": config.ratio, "pruner": config.pruner, "pattern": config.pattern})
+        eval_split = load_dataset(dataset, ddpm.resolution, split="eval")  # fails here, before any work
 
         result = prune(ddpm.unet, config)
         stats = pruning_stats(ddpm.unet, result)
@@ -48,5 +50,5 @@ def command(**params) -> None:
             "compact_checkpoint_bytes": stats["compact_checkpoint_bytes"],
             "dense_checkpoint_bytes": stats["dense_checkpoint_bytes"],
         })
-        run.log_model(ddpm, dataset)
+        run.log_model(ddpm, eval_split)
         save_preview(ddpm, run.out / "preview.png", seed=config.seed)

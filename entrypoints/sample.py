@@ -17,6 +17,7 @@ import click
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from entrypoints.common import configure_logging, fail, stage
 from maskdm.errors import MaskDMError
@@ -59,7 +60,8 @@ class Samples:
 @click.option("--mixed_precision", default="auto", show_default=True, help="auto (bf16 on CUDA, no on CPU), no, bf16 or fp16.")
 @click.option("--compile", "compile_unet", type=click.BOOL, default=False, show_default=True, help="torch.compile the UNet.")
 def command(**params) -> None:
-    state = PartialState()
+    # Without CUDA, several processes (torchrun, accelerate launch --cpu) share the work over gloo.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     # The option is called compile (as in MLproject); the Python name avoids shadowing the builtin.
     params["compile"] = params.pop("compile_unet")
     if state.is_main_process:
@@ -126,7 +128,8 @@ def make_samples(up: Upstream, params: dict, state: PartialState) -> Samples:
     shard = generate_uint8(model, run, indices, progress=state.is_main_process)
     images = gather_in_order(shard, state)
     wall_s = time.perf_counter() - start
-    log.info("%d images in %.1f s on %d process(es)", params["total_samples"], wall_s, state.num_processes)
+    if state.is_main_process:
+        log.info("%d images in %.1f s on %d process(es)", params["total_samples"], wall_s, state.num_processes)
     return Samples(images, wall_s, len(run.schedule.steps), str(state.device), mixed_precision)
 
 

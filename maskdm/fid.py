@@ -3,12 +3,15 @@
 pytorch-fid reads PNG files, converts them to RGB, turns them into [0, 1] tensors with
 ``ToTensor`` and lets its ``InceptionV3`` resize them to 299x299 and scale them to [-1, 1]. A PNG
 holds uint8 pixels losslessly, so the same numbers come straight from a uint8 NHWC array: divide
-by 255 and hand the tensor to the same network. The network (``pytorch_fid.inception.InceptionV3``)
-and the distance (``pytorch_fid.fid_score.calculate_frechet_distance``) are pytorch-fid's own.
+by 255 and hand the tensor to the same network. The network is pytorch-fid's own
+``pytorch_fid.inception.InceptionV3``, loaded from the same weights file.
 
-It is faster than pytorch-fid's CLI because it skips PNG decoding and DataLoader workers, and
-folds each batch norm into its convolution and runs in channels-last layout (about 1.7x less CPU
-time per image; the features move by about 1e-6, far below the 1e-3 tolerance on the FID).
+It is faster than pytorch-fid's CLI in three ways, each checked against it: no PNG decoding or
+DataLoader workers; batch norms folded into convolutions and channels-last layout (about 1.7x
+less CPU time per image; features move by about 1e-6); and the matrix square root in the
+Fréchet distance taken through symmetric eigendecompositions (:func:`trace_sqrt_product`)
+instead of scipy's general ``sqrtm``, which alone takes about a minute at 2048 dimensions on a
+CPU. pytorch-fid's ``calculate_frechet_distance`` stays available as ``method="pytorch-fid"``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from scipy import linalg
 from pytorch_fid import inception as pf_inception
 from pytorch_fid.fid_score import calculate_frechet_distance
 from pytorch_fid.inception import InceptionV3
@@ -52,7 +56,7 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def resolve_weights(weights: str | os.PathLike | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
+def resolve_weights(weights: str | os.PathLike | None = None, timeout_s: float | None = None) -> Path:
     """The weights file to use: ``weights`` if given, else pytorch-fid's cached file, downloaded if missing."""
     if weights:
         path = Path(weights).expanduser()
@@ -61,7 +65,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, timeout_s: float =
         return path
     path = default_weights_path()
     if not path.is_file():
-        _download_weights(path, timeout_s)
+        _download_weights(path, DOWNLOAD_TIMEOUT_S if timeout_s is None else timeout_s)
     return path
 
 
@@ -211,10 +215,42 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(act, axis=0), np.cov(act, rowvar=False)
 
 
-def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """pytorch-fid's Fréchet distance between two Gaussians."""
-    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
-        raise MaskDMError(f"statistics of {np.shape(mu1)[0]} and {np.shape(mu2)[0]} dimensions cannot be compared")
+FRECHET_METHODS = ("eigh", "pytorch-fid")
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``Tr sqrtm(sigma1 @ sigma2)`` from two symmetric eigendecompositions.
+
+    ``sigma1 @ sigma2`` has the eigenvalues of the symmetric ``R sigma2 R`` with ``R = sqrtm(sigma1)``,
+    so the trace is the sum of their square roots. Symmetric solvers take seconds at 2048 dimensions
+    where scipy's general ``sqrtm`` takes minutes on a CPU, and they stay real when the covariances
+    are singular (fewer images than dimensions), where ``sqrtm`` can return complex noise.
+    """
+    eigenvalues, eigenvectors = linalg.eigh(sigma1)
+    root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+    product = root1 @ sigma2 @ root1
+    product_eigenvalues = linalg.eigvalsh((product + product.T) / 2)
+    return float(np.sqrt(np.clip(product_eigenvalues, 0.0, None)).sum())
+
+
+def fid_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, method: str = "eigh"
+) -> float:
+    """The Fréchet distance between two Gaussians, ``|mu1 - mu2|^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2))``.
+
+    ``method="pytorch-fid"`` calls pytorch-fid's ``calculate_frechet_distance`` (scipy ``sqrtm``);
+    ``"eigh"`` (default) computes the same formula with :func:`trace_sqrt_product`, which agrees
+    with it to about 1e-9 relative (tested) and is 5 to 10 times faster at 2048 dimensions.
+    """
+    if method not in FRECHET_METHODS:
+        raise MaskDMError(f"unknown Fréchet distance method '{method}': use one of {', '.join(FRECHET_METHODS)}")
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MaskDMError(f"statistics of {mu1.shape[0]} and {mu2.shape[0]} dimensions cannot be compared")
+    if method == "eigh":
+        diff = mu1 - mu2
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):  # pytorch-fid prints its singularity notice
@@ -226,8 +262,8 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
     return float(value)
 
 
-def fid_of_features(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
-    return fid_from_stats(*statistics(features), *reference)
+def fid_of_features(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray], method: str = "eigh") -> float:
+    return fid_from_stats(*statistics(features), *reference, method=method)
 
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:

@@ -329,6 +329,11 @@ def check_protocol(summary: Mapping, batches: ReplayBatches, num_baseline_losses
 # --- N:M policy: Plackett-Luce sampling without replacement --------------------------------------
 
 
+# Groups are processed "columns first": a (M, G) tensor whose row j holds entry j of every group,
+# so each step is an elementwise operation over G contiguous values. Reductions over a tiny last
+# dimension of a (G, M) tensor run several times slower on a CPU.
+
+
 @lru_cache(maxsize=None)
 def _orders(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All n! orders of n slots, and for each order the position of each slot in it."""
@@ -336,31 +341,95 @@ def _orders(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perms, torch.argsort(perms, dim=1)
 
 
-def kept_indices(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """(G, N) indices of the kept entries of a (G, M) mask with exactly N kept per row."""
-    return torch.argsort(mask.to(torch.uint8), dim=-1, descending=True, stable=True)[:, :n]
+def _slots(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, G) row indices of the kept entries of a (M, G) mask, in increasing order."""
+    m, groups = mask.shape
+    small = torch.uint8 if m < 256 else torch.int32  # byte arithmetic is several times faster here
+    seen = torch.zeros(groups, dtype=small, device=mask.device)
+    slots = [torch.zeros(groups, dtype=small, device=mask.device) for _ in range(n)]
+    for j in range(m):
+        kept = mask[j]
+        for s, slot in enumerate(slots):
+            slot.add_((kept & (seen == s)).to(small), alpha=j)
+        seen += kept
+    if not bool((seen == n).all()):
+        raise ValueError(f"every group of the mask must keep exactly {n} entries")
+    return torch.stack(slots).long()
 
 
-def _order_terms(logits: torch.Tensor, kept: torch.Tensor):
-    """Per group and order: log p of the kept entries in that order, and log of the mass left before each draw."""
-    n = kept.shape[1]
+def _plackett_luce(logits: torch.Tensor, mask: torch.Tensor, n: int):
+    """Columns-first terms of P(kept set), in float64 (the softmax of a group underflows only for
+    logit gaps above about 700).
+
+    Returns p (M, G); the slots (N, G) and their p; for every order (P of them) and draw k the
+    inverse of the mass left before that draw, 1 / (1 - c_k) (P, G each, one per draw); and the
+    probability of each order (P, G).
+    """
+    z = logits.to(torch.float64)
+    p = (z - z.amax(0)).exp_()
+    p /= p.sum(0)
+    slots = _slots(mask, n)
+    kept_p = p.gather(0, slots)
     perms, _ = _orders(n)
-    log_p = logits.float().log_softmax(-1)
-    kept_log_p = log_p.gather(-1, kept)  # (G, N), by slot
-    # log of the mass outside the kept set; the remaining mass before draw k adds the kept entries
-    # not yet drawn. Summing positive terms in log space avoids 1 - (sum of prefix), which cancels.
-    log_outside = log_p.scatter(-1, kept, float("-inf")).logsumexp(-1)  # (G,)
-    ordered = kept_log_p[:, perms.to(kept.device)]  # (G, P, N)
-    log_suffix = ordered.flip(-1).logcumsumexp(-1).flip(-1)
-    log_rest = torch.logaddexp(log_suffix, log_outside[:, None, None])  # (G, P, N)
-    log_p_orders = (ordered - log_rest).sum(-1)  # (G, P)
-    return log_p, kept_log_p, log_rest, log_p_orders
+    ordered = kept_p[perms.to(kept_p.device)]  # (P, N, G)
+    # The mass left before draw k is the mass outside the set plus the kept entries not drawn yet:
+    # a sum of positive terms, never 1 - (drawn mass), which cancels when one entry dominates.
+    left = p.masked_fill(mask, 0.0).sum(0).expand(perms.shape[0], -1)
+    inv_left = [None] * n
+    for k in reversed(range(n)):
+        left = left + ordered[:, k]
+        inv_left[k] = 1.0 / left.clamp_min(1e-300)
+    p_orders = ordered[:, 0] * inv_left[0]
+    for k in range(1, n):
+        p_orders = p_orders * ordered[:, k] * inv_left[k]
+    return p, slots, kept_p, inv_left, p_orders
+
+
+def _nm_score_columns(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Columns-first :func:`nm_score`: (M, G) logits and mask in, (M, G) float32 score out."""
+    p, slots, kept_p, inv_left, p_orders = _plackett_luce(logits, mask, n)
+    w = p_orders / p_orders.sum(0).clamp_min(1e-300)  # posterior over the orders (P, G)
+    # Running sum over draws of w / (mass left): B_k = sum_{k' <= k} w / (1 - c_k').
+    running, acc = [], torch.zeros_like(w)
+    for k in range(n):
+        acc = acc + w * inv_left[k]
+        running.append(acc)
+    b_outside = running[-1].sum(0)
+    _, positions = _orders(n)
+    by_slot = torch.stack(running, 1).gather(1, positions.to(w.device)[:, :, None].expand(-1, -1, w.shape[1]))
+    b_kept = by_slot.sum(0)  # (N, G): each slot's sum up to its own draw, averaged over orders
+    score = -(p * b_outside)
+    score.scatter_(0, slots, 1.0 - kept_p * b_kept)
+    return score.to(torch.float32)
+
+
+def _rank_top(keys: torch.Tensor, n: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """Columns-first top-N: (M, G) keys -> (M, G) bool, ties to ``prefer`` then to the lower row."""
+    m = keys.shape[0]
+    if prefer is None:
+        prefer = torch.zeros_like(keys, dtype=torch.bool)
+    keep = []
+    for j in range(m):
+        beaten_by = torch.zeros(keys.shape[1], dtype=torch.int32, device=keys.device)
+        for i in range(m):
+            if i == j:
+                continue
+            tie_win = prefer[i] >= prefer[j] if i < j else prefer[i] > prefer[j]
+            beaten_by += (keys[i] > keys[j]) | ((keys[i] == keys[j]) & tie_win)
+        keep.append(beaten_by < n)
+    return torch.stack(keep)
+
+
+def _gumbel_top_n_columns(logits: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    gumbel = uniform.clamp_min_(1e-30).log_().neg_().log_().neg_()  # -log(-log U), U in (0, 1)
+    return _rank_top(logits.float() + gumbel, n)
 
 
 def nm_log_prob(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
-    """(G,) log P(kept set) of drawing the N kept entries of each group without replacement from softmax(logits)."""
-    _, _, _, log_p_orders = _order_terms(logits, kept_indices(mask, n))
-    return log_p_orders.logsumexp(-1)
+    """(G,) log P(kept set): the N kept entries of each (G, M) group drawn without replacement from softmax(logits)."""
+    *_, p_orders = _plackett_luce(logits.T, mask.T, n)
+    return p_orders.sum(0).log()
 
 
 def nm_score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -370,24 +439,12 @@ def nm_score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     an entry outside the set gets ``-p_j E_w[sum_k 1/(1 - c_k)]``; a kept entry drawn at position
     r gets ``1 - p_j E_w[sum_{k<=r} 1/(1 - c_k)]``.
     """
-    kept = kept_indices(mask, n)
-    log_p, kept_log_p, log_rest, log_p_orders = _order_terms(logits, kept)
-    _, positions = _orders(n)
-    log_w = log_p_orders.log_softmax(-1)  # (G, P)
-    # Inclusive running log-sum over draws of w_order / (mass left before the draw).
-    cum = (log_w[:, :, None] - log_rest).logcumsumexp(-1)  # (G, P, N)
-    log_b_outside = cum[:, :, -1].logsumexp(-1)  # (G,)
-    at_slot = cum.gather(-1, positions.to(kept.device).expand(cum.shape[0], -1, -1))  # (G, P, N) by slot
-    log_b_kept = at_slot.logsumexp(1)  # (G, N)
-    score = -(log_p + log_b_outside[:, None]).exp()
-    return score.scatter(-1, kept, 1.0 - (kept_log_p + log_b_kept).exp())
+    return _nm_score_columns(logits.T, mask.T, n).T
 
 
 def gumbel_top_n(logits: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(G, M) bool: N entries per row drawn without replacement from softmax(logits) (Gumbel-top-N)."""
-    exp = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
-    keys = logits.float() - exp.clamp_min_(1e-30).log_()  # logits + Gumbel(0, 1)
-    return _scatter_top(keys, keys.topk(n, dim=-1).indices)
+    return _gumbel_top_n_columns(logits.T.contiguous(), n, generator).T
 
 
 def top_entries(scores: torch.Tensor, k: int, prefer: torch.Tensor) -> torch.Tensor:
@@ -417,8 +474,8 @@ def bernoulli_score(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # --- policies over a model's layers --------------------------------------------------------------
 
-#: Groups per chunk of the N:M score, so 4:8 (24 orders x 4 draws per group) stays within a few hundred MB.
-_SCORE_CHUNK_ELEMENTS = 1 << 22
+#: Bounds the (orders x draws x groups) float64 temporaries of the N:M score (4:8: 96 per group) to about 64 MB each.
+_SCORE_CHUNK_ELEMENTS = 1 << 23
 
 
 class MaskPolicy:
@@ -464,25 +521,29 @@ class NMPolicy(MaskPolicy):
         super().__init__(initial_masks, logits)
         self.pattern = pattern
 
-    def _grouped(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(-1, self.pattern.m)
+    def _columns(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1, self.pattern.m).T.contiguous()
+
+    def _weight_shaped(self, columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return columns.T.reshape(like.shape)
 
     def sample(self, generator=None):
         return {
-            name: gumbel_top_n(self._grouped(lg), self.pattern.n, generator).reshape(lg.shape)
+            name: self._weight_shaped(_gumbel_top_n_columns(self._columns(lg), self.pattern.n, generator), lg)
             for name, lg in self.logits.items()
         }
 
     def score(self, name, mask):
-        logits = self._grouped(self.logits[name])
-        mask = self._grouped(mask)
-        rows = max(1, _SCORE_CHUNK_ELEMENTS // (math.factorial(self.pattern.n) * self.pattern.m))
-        parts = [nm_score(lg, mk, self.pattern.n) for lg, mk in zip(logits.split(rows), mask.split(rows))]
-        return torch.cat(parts).reshape(self.logits[name].shape)
+        logits, mask = self._columns(self.logits[name]), self._columns(mask)
+        groups = max(1, _SCORE_CHUNK_ELEMENTS // (math.factorial(self.pattern.n) * self.pattern.n))
+        parts = [_nm_score_columns(lg, mk, self.pattern.n) for lg, mk in zip(logits.split(groups, 1), mask.split(groups, 1))]
+        return self._weight_shaped(torch.cat(parts, 1), self.logits[name])
 
     def final_masks(self):
         return {
-            name: top_entries(self._grouped(lg), self.pattern.n, self._grouped(self.initial[name])).reshape(lg.shape)
+            name: self._weight_shaped(
+                _rank_top(self._columns(lg), self.pattern.n, self._columns(self.initial[name])), lg
+            )
             for name, lg in self.logits.items()
         }
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -122,30 +124,39 @@ def _load_scheduler(folder: Path) -> DDPMScheduler:
 
 
 def _load_hub(hub_id: str, cache_dir: str | None) -> DDPM:
-    try:
+    # Without a network, huggingface_hub retries for about a minute before failing; a quick DNS
+    # probe lets us go straight to the local cache (a model downloaded earlier still loads).
+    kwargs = dict(cache_dir=cache_dir, local_files_only=not _hub_reachable())
+    unet = None
+    for subfolder in ("unet", None):  # a pipeline repo, else a repo holding a bare UNet
         try:
-            unet = UNet2DModel.from_pretrained(hub_id, subfolder="unet", cache_dir=cache_dir)
-        except EnvironmentError as exc:
-            if _is_network_error(exc):
-                raise
-            # Some hub repos hold a bare UNet at their root rather than a pipeline.
-            unet = UNet2DModel.from_pretrained(hub_id, cache_dir=cache_dir)
-    except Exception as exc:
+            unet = UNet2DModel.from_pretrained(hub_id, subfolder=subfolder, **kwargs)
+            break
+        except Exception as exc:  # diffusers raises OSError/ValueError/HTTP errors alike
+            failure = exc
+    if unet is None:
+        where = "the local Hugging Face cache (the hub is unreachable)" if kwargs["local_files_only"] else "the Hugging Face hub"
         raise MaskDMError(
-            f"cannot fetch model '{hub_id}' from the Hugging Face hub ({type(exc).__name__}); "
-            "offline, pass model=demo, a local pipeline or UNet folder, or an MLflow run ID / runs:/<id>/model"
-        ) from None
+            f"cannot fetch model '{hub_id}' from {where} ({type(failure).__name__}); "
+            "pass model=demo, a local pipeline or UNet folder, or an MLflow run ID / runs:/<id>/model"
+        )
     try:
-        scheduler = DDPMScheduler.from_pretrained(hub_id, subfolder="scheduler", cache_dir=cache_dir)
+        scheduler = DDPMScheduler.from_pretrained(hub_id, subfolder="scheduler", **kwargs)
     except Exception:
         log.warning("no scheduler found for %s; using the linear DDPM schedule", hub_id)
         scheduler = default_scheduler()
     return DDPM(unet, scheduler)
 
 
-def _is_network_error(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(w in text for w in ("connect", "offline", "resolve", "timed out", "network"))
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
 
 
 def save_ddpm(ddpm: DDPM, folder: str | os.PathLike) -> Path:

@@ -199,7 +199,9 @@ def compute_masks(model: nn.Module, config: PruneConfig) -> PruneResult:
     if nm is not None:
         masks, dense = _nm_masks(weights, nm, config.pruner, generator)
         if dense:
-            log.warning("%d layer(s) left dense: their input size is not a multiple of %d (%s)", len(dense), nm[1], ", ".join(dense))
+            log.warning(
+                "%d layer(s) left dense: their input size is not a multiple of %d (%s)", len(dense), nm[1], ", ".join(dense)
+            )
         return PruneResult(masks=masks, dense_layers=dense, config=config)
     if config.scope == "global":
         masks = _global_masks(weights, config.ratio, config.pruner, generator)
@@ -354,7 +356,9 @@ def expand_compact_state_dict(
         mask = _unpack_mask(value, shape)
         kept = int(torch.count_nonzero(mask))
         if kept != values.numel():
-            raise MaskDMError(f"compact checkpoint entry '{weight_key}' holds {values.numel()} values for {kept} kept weights")
+            raise MaskDMError(
+                f"compact checkpoint entry '{weight_key}' holds {values.numel()} values for {kept} kept weights"
+            )
         weight = torch.zeros(shape, dtype=values.dtype)
         weight[mask] = values
         state[weight_key] = weight
@@ -387,7 +391,10 @@ def checkpoint_sizes(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dic
         dense_path, compact_path = Path(tmp) / "dense.safetensors", Path(tmp) / "compact.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(dense_path))
         save_compact_checkpoint(model, masks, compact_path)
-        return {"dense_checkpoint_bytes": dense_path.stat().st_size, "compact_checkpoint_bytes": compact_path.stat().st_size}
+        return {
+            "dense_checkpoint_bytes": dense_path.stat().st_size,
+            "compact_checkpoint_bytes": compact_path.stat().st_size,
+        }
 
 
 # --- statistics -----------------------------------------------------------------------------------

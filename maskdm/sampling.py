@@ -317,7 +317,7 @@ def make_run(
     """Check the options and build the schedule; ``clip_sample`` as in :func:`ddim_schedule`."""
     config = getattr(scheduler_config, "config", scheduler_config)
     check_sampling_params(
-        num_train_timesteps=int(config.num_train_timesteps),
+        num_train_timesteps=int(config["num_train_timesteps"]),
         steps=steps,
         skip_type=skip_type,
         eta=eta,

@@ -162,8 +162,11 @@ class StageRun:
 
     # -- logging ---------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, object]) -> None:
-        """Log params not yet on the run. ``mlflow run`` logs the -P values itself, as typed."""
-        fresh = {k: _param_str(v) for k, v in params.items() if k not in self._params}
+        """Log params not yet on the run. ``mlflow run`` logs the -P values itself, as typed.
+
+        ``None`` means "not given": it is not logged, so the lineage value can take the key later.
+        """
+        fresh = {k: _param_str(v) for k, v in params.items() if k not in self._params and v is not None}
         if fresh:
             mlflow.log_params(fresh)
             self._params.update(fresh)
@@ -233,15 +236,19 @@ class StageRun:
         return load_ddpm(ref)
 
     # -- models ----------------------------------------------------------------------------------
-    def log_model(self, ddpm, dataset: str, device="cpu") -> float:
-        """Save ``ddpm`` to ``out/model`` (logged on success) and log its ``eval_loss``."""
+    def log_model(self, ddpm, dataset, device="cpu") -> float:
+        """Save ``ddpm`` to ``out/model`` (logged on success) and log its ``eval_loss``.
+
+        ``dataset`` is a dataset name or an already loaded evaluation split.
+        """
         from maskdm.data import load_dataset
         from maskdm.diffusion import eval_images, eval_loss
         from maskdm.models import save_ddpm
 
         save_ddpm(ddpm, self.out / "model")
-        images = eval_images(load_dataset(dataset, ddpm.resolution, split="eval"))
-        loss = eval_loss(ddpm.unet.to(device), ddpm.scheduler, images, device)
+        if isinstance(dataset, str):
+            dataset = load_dataset(dataset, ddpm.resolution, split="eval")
+        loss = eval_loss(ddpm.unet.to(device), ddpm.scheduler, eval_images(dataset), device)
         self.log_metrics({"eval_loss": loss})
         return loss
 
@@ -251,8 +258,6 @@ MODEL_STAGES = ("pretrain", "prune", "train_masks", "finetune")
 
 
 def _param_str(value: object) -> str:
-    if value is None:
-        return ""
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)

@@ -72,7 +72,10 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 # --- parsing and validation -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,expected", [("unstructured", None), ("Unstructured", None), ("2:4", (2, 4)), (" 1 : 4 ", (1, 4)), ("3:8", (3, 8))])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("unstructured", None), ("Unstructured", None), ("2:4", (2, 4)), (" 1 : 4 ", (1, 4)), ("3:8", (3, 8))],
+)
 def test_parse_pattern_accepts_unstructured_and_n_of_m(text, expected):
     assert parse_pattern(text) == expected
 
@@ -273,7 +276,12 @@ def test_n_of_m_groups_run_along_the_flattened_input_of_a_conv():
 
 @pytest.mark.parametrize(
     "config",
-    [PruneConfig(ratio=0.5), PruneConfig(ratio=0.5, scope="global"), PruneConfig(ratio=0.5, pattern="2:4"), PruneConfig(ratio=0.3, pruner="random")],
+    [
+        PruneConfig(ratio=0.5),
+        PruneConfig(ratio=0.5, scope="global"),
+        PruneConfig(ratio=0.5, pattern="2:4"),
+        PruneConfig(ratio=0.3, pruner="random"),
+    ],
 )
 def test_pruning_a_unet_touches_only_the_pruned_weights(tiny_ddpm, config):
     unet = tiny_ddpm.unet
@@ -359,7 +367,8 @@ def test_stats_on_a_unet_match_the_ratio(tiny_ddpm):
     expected = sum(m.numel() // 2 for m in result.masks.values()) / sum(m.numel() for m in result.masks.values())
     assert stats["sparsity"] == pytest.approx(expected)
     assert stats["compact_checkpoint_bytes"] < stats["dense_checkpoint_bytes"]
-    assert stats["checkpoint_size_ratio"] == pytest.approx(stats["compact_checkpoint_bytes"] / stats["dense_checkpoint_bytes"])
+    size_ratio = stats["compact_checkpoint_bytes"] / stats["dense_checkpoint_bytes"]
+    assert stats["checkpoint_size_ratio"] == pytest.approx(size_ratio)
 
 
 # --- compact checkpoint ------------------------------------------------------------------------------

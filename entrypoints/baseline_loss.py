@@ -1,0 +1,101 @@
+"""baseline_loss: the initial masks' loss on every replayed minibatch, the baseline train_masks needs.
+
+The original dense model of the masks run's lineage (or ``original_model``) carries the extracted
+masks as a parametrization. Batch ``b`` is a fixed slice of a fixed subset of the training images
+(evaluation transforms: no random flip), noised with the timesteps and noise drawn from
+``(seed, b)``: the same draw train_masks replays for batch ``b`` (see :mod:`maskdm.maskpro`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+import numpy as np
+import torch
+
+from entrypoints.common import optional, stage
+from maskdm.data import ArrayImageDataset, load_dataset
+from maskdm.errors import MaskDMError
+from maskdm.maskpro import ReplayBatches, ReplaySpec, baseline_summary, compute_baseline_losses, parse_pattern, select_targets
+from maskdm.masks import check_masks_fit, load_masks
+
+log = logging.getLogger(__name__)
+
+MASKS_FILE = "masks.safetensors"
+LOSSES_FILE = "baseline_losses.npy"
+SUMMARY_FILE = "baseline_summary.json"
+
+
+def replay_dataset(name: str, resolution: int):
+    """The training split with evaluation transforms: the replay needs the same pixels every pass."""
+    from maskdm import data
+
+    dataset = load_dataset(name, resolution, split="train")
+    if isinstance(dataset, ArrayImageDataset):
+        dataset.train = False
+    elif hasattr(dataset, "transform"):
+        # torchvision datasets and image folders: the same pipeline without the random flip.
+        dataset.transform = data._transform(resolution, train=False)
+    return dataset
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def integer(name: str, value: str, minimum: int = 1) -> int:
+    """An integer option, checked inside the run so a bad value fails it with one line."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise MaskDMError(f"{name} must be an integer >= {minimum}, not '{value}'")
+    return number
+
+
+@click.command("baseline_loss", help="Loss of the original dense model x the extracted masks on every replayed minibatch.")
+@click.option("--masks_run_id", required=True, help="MLflow run ID of an extract_masks run.")
+@click.option("--original_model", default="", help="The original dense model [default: the masks run's lineage].")
+@click.option("--dataset", default="", help="Dataset [default: the masks run's lineage].")
+@click.option("--dataset_size", default="20000", show_default=True, help="Images in the fixed subset.")
+@click.option("--batch_size", default="64", show_default=True, help="Images per batch.")
+@click.option("--max_batches", default="0", show_default=True, help="At most this many batches (0 = no limit).")
+@click.option("--targets", default="all", show_default=True, help="all, or comma-separated prefixes (down_blocks, up_blocks, mid_block) train_masks will train.")
+@click.option("--seed", default="0", show_default=True, help="Seeds the subset and every batch's timesteps and noise.")
+def command(masks_run_id, original_model, dataset, dataset_size, batch_size, max_batches, targets, seed) -> None:
+    params = dict(
+        masks_run_id=masks_run_id, original_model=original_model, dataset=dataset, dataset_size=dataset_size,
+        batch_size=batch_size, max_batches=max_batches, targets=targets, seed=seed,
+    )
+    with stage("baseline_loss", params) as run:
+        spec = ReplaySpec(
+            integer("dataset_size", dataset_size), integer("batch_size", batch_size),
+            integer("max_batches", max_batches, minimum=0), integer("seed", seed, minimum=0),
+        )
+        up = run.upstream(masks_run_id, ["extract_masks"], [MASKS_FILE], "masks_run_id")
+        pattern = up.params.get("pattern") or "unstructured"
+        parse_pattern(pattern)  # train_masks cannot train N > 4: say so now, not after the baseline
+        masks = load_masks(up.download(MASKS_FILE))
+        select_targets(masks, targets)
+        dataset_name = optional(dataset) or up.params.get("dataset")
+        if not dataset_name:
+            raise MaskDMError("the masks run's lineage records no dataset; pass dataset explicitly")
+        run.log_params({"dataset": dataset_name})
+
+        ddpm = run.load_lineage_model(optional(original_model))
+        check_masks_fit(ddpm.unet, masks)
+        batches = ReplayBatches(replay_dataset(dataset_name, ddpm.resolution), spec)
+        on = device()
+        log.info("baseline: %d batches of %d images on %s", len(batches), spec.batch_size, on)
+        losses = compute_baseline_losses(ddpm.unet.to(on), ddpm.scheduler, masks, batches, on)
+
+        np.save(run.out / LOSSES_FILE, losses)
+        summary = baseline_summary(
+            losses, batches, dataset=dataset_name, targets=targets, pattern=pattern,
+            num_train_timesteps=int(ddpm.scheduler.config.num_train_timesteps), masks_run_id=up.run_id,
+        )
+        (run.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        run.log_metrics({"baseline_loss_mean": summary["mean"], "baseline_loss_std": summary["std"], "baseline_batches": len(losses)})

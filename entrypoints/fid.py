@@ -1,0 +1,269 @@
+"""fid: score a sample run's samples.npz against reference statistics (``fid``, or ``fid_shapes``).
+
+The reference is a pytorch-fid style .npz of ``mu`` and ``sigma``, or a dataset name (default: the
+lineage's ``dataset``) whose training images are scored once and cached as a ``fid_reference``
+run, found again by :func:`maskdm.fid.reference_key` (dataset, resolution, features, dims,
+weights digest). ``features=shapes`` scores with a small classifier of the embedded shapes
+dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
+``fid``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import RunStatus
+
+from entrypoints.common import optional, stage
+from maskdm import fid
+from maskdm.errors import MaskDMError
+from maskdm.tracking import STAGE_TAG, StageRun, client, find_runs, has_artifact
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("inception", "shapes")
+SAMPLES = "samples.npz"
+REFERENCE_STATS = "reference_stats.npz"
+CLASSIFIER_FILE = "shapes_classifier.safetensors"
+REFERENCE_KEY_TAG = "maskdm.fid_reference_key"
+CLASSIFIER_KEY_TAG = "maskdm.shapes_classifier_key"
+#: Training of the shapes classifier (maskdm.shapes_features): 99.8% eval accuracy, ~40 s on a CPU.
+CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 128, "max_images": 8000, "seed": 0}
+
+
+@click.command("fid", help="FID of a sample run's samples.npz against a dataset or a .npz of statistics.")
+@click.option("--sample_run_id", required=True, help="MLflow run ID of a sample run.")
+@click.option(
+    "--reference", default="", show_default=False,
+    help="A .npz of mu and sigma (pytorch-fid --save-stats, or published CIFAR-10 statistics) or a dataset "
+    "name (cifar10, shapes, imagefolder:<path>) whose training images are scored once and cached. "
+    "Default: the lineage's dataset.",
+)
+@click.option("--dims", type=int, default=2048, show_default=True, help="Inception features: 2048 (pool3, the FID), 768, 192 or 64.")
+@click.option("--batch_size", type=int, default=200, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--features", default="inception", show_default=True,
+    help="inception (logs fid) or shapes (the embedded dataset's classifier; logs fid_shapes, ignores dims).",
+)
+@click.option("--weights", default="", help="Inception weights file. Default: pytorch-fid's (torch hub cache, else download).")
+def command(sample_run_id: str, reference: str, dims: int, batch_size: int, features: str, weights: str) -> None:
+    params = {
+        "sample_run_id": sample_run_id, "reference": optional(reference), "dims": dims,
+        "batch_size": batch_size, "features": features, "weights": optional(weights),
+    }
+    with stage("fid", params) as run:
+        check_params(features, dims, batch_size)
+        up = run.upstream(sample_run_id, ["sample"], SAMPLES, "sample_run_id")
+        reference = optional(reference) or up.params.get("dataset")
+        if not reference:
+            raise MaskDMError("the sample run's lineage names no dataset: pass reference=<dataset name or .npz of mu and sigma>")
+        # Everything a user can get wrong is checked before the (long) feature extraction starts.
+        given_stats = check_reference(reference, features, dims)
+        images = load_samples(up.download(SAMPLES))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        extractor = load_extractor(features, dims, optional(weights), batch_size, device)
+
+        sample_stats = fid.statistics(extractor.features(images))
+        fid.save_stats(run.out / "sample_stats.npz", *sample_stats)
+        if given_stats is not None:
+            reference_stats, reference_source = given_stats, str(Path(reference).expanduser().resolve())
+        else:
+            reference_stats, reference_source = dataset_statistics(reference, images.shape[1], extractor)
+        value = fid.fid_from_stats(*sample_stats, *reference_stats)
+
+        metric = "fid" if features == "inception" else f"fid_{features}"
+        run.set_tags({
+            "maskdm.fid_reference": reference_source,
+            "maskdm.fid_features": extractor.name,
+            "maskdm.fid_weights_digest": extractor.digest,
+            "maskdm.device": device,
+        })
+        run.log_metrics({metric: value, "num_samples": len(images)})
+        log.info("%s = %.4f (%d samples against %s)", metric, value, len(images), reference_source)
+
+
+def check_params(features: str, dims: int, batch_size: int) -> None:
+    if features not in FEATURES:
+        raise MaskDMError(f"unknown features '{features}': use one of {', '.join(FEATURES)}")
+    if features == "inception":
+        fid.check_dims(dims)
+    if batch_size < 1:
+        raise MaskDMError(f"batch_size must be at least 1, not {batch_size}")
+
+
+def check_reference(reference: str, features: str, dims: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The statistics of a reference .npz (checked against the features' size), None for a dataset name."""
+    from maskdm.shapes_features import FEATURE_DIM
+
+    if is_stats_file(reference):
+        return fid.load_reference_stats(Path(reference).expanduser(), dims if features == "inception" else FEATURE_DIM)
+    if features == "shapes" and reference != "shapes":
+        raise MaskDMError(f"features=shapes scores the shapes dataset only, not '{reference}': use features=inception")
+    return None
+
+
+def load_samples(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise MaskDMError(f"{SAMPLES} of the sample run holds no 'images' array (it has {', '.join(f.files)})")
+            images = f["images"]
+    except MaskDMError:
+        raise
+    except Exception as exc:
+        raise MaskDMError(f"cannot read the sample run's {SAMPLES} ({type(exc).__name__})") from None
+    fid.check_samples(images)
+    return images
+
+
+# --- feature extractors ---------------------------------------------------------------------------
+
+
+@dataclass
+class Extractor:
+    """What turns uint8 NHWC images into feature vectors, and what identifies it in cache keys."""
+
+    name: str  # "inception" or "shapes"
+    dims: int
+    digest: str  # of the weights file
+    features: Callable[[np.ndarray], np.ndarray]
+
+
+def load_extractor(features: str, dims: int, weights: str | None, batch_size: int, device: str) -> Extractor:
+    if features == "inception":
+        weights_file = fid.resolve_weights(weights)
+        model = fid.load_inception(dims, weights_file, device)
+        digest = fid.weights_digest(weights_file)
+        return Extractor("inception", dims, digest, lambda images: fid.inception_features(images, model, batch_size, device, progress=True))
+    from maskdm.shapes_features import load_shapes_classifier, shapes_features
+
+    classifier_file = shapes_classifier_file()
+    classifier = load_shapes_classifier(classifier_file)
+    return Extractor(
+        "shapes", classifier.config["feature_dim"], fid.weights_digest(classifier_file),
+        lambda images: shapes_features(images, classifier, batch_size),
+    )
+
+
+# --- cached side runs (the reference statistics, the shapes classifier) ---------------------------
+
+
+def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> Path | None:
+    """The artifact of the newest FINISHED ``stage_name`` run tagged ``key_tag=key``, if any."""
+    for cached in find_runs(stage_name, {key_tag: key}):
+        if has_artifact(cached.info.run_id, artifact):
+            log.info("reusing %s run %s (%s)", stage_name, cached.info.run_id, key)
+            dst = tempfile.mkdtemp(prefix=f"maskdm-{stage_name}-")
+            return Path(mlflow.artifacts.download_artifacts(run_id=cached.info.run_id, artifact_path=artifact, dst_path=dst))
+    return None
+
+
+def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, object], metrics: Mapping[str, float], files: list[Path]) -> str:
+    """A FINISHED run of ``stage_name`` beside the active run (same experiment, not its child).
+
+    Cache runs are shared by every later fid run, so they must not live and die with this one.
+    """
+    active = mlflow.active_run()
+    experiment_id = active.info.experiment_id if active else None
+    mlflow_client = client()
+    created = mlflow_client.create_run(experiment_id or "0", tags={STAGE_TAG: stage_name, **tags})
+    run_id = created.info.run_id
+    try:
+        for key, value in params.items():
+            mlflow_client.log_param(run_id, key, str(value))
+        for key, value in metrics.items():
+            mlflow_client.log_metric(run_id, key, float(value))
+        for path in files:
+            mlflow_client.log_artifact(run_id, str(path))
+    except BaseException:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
+def _source_digest(*modules: str) -> str:
+    sha = hashlib.sha256()
+    for module in modules:
+        sha.update(Path(__import__(module, fromlist=["_"]).__file__).read_bytes())
+    return sha.hexdigest()[:16]
+
+
+def shapes_classifier_key(training: Mapping[str, object] = CLASSIFIER_TRAINING) -> str:
+    """Retrain when the training settings, the classifier's code or the shapes renderer change."""
+    settings = ";".join(f"{k}={v}" for k, v in sorted(training.items()))
+    return f"{settings};code={_source_digest('maskdm.shapes_features', 'maskdm.data')}"
+
+
+def shapes_classifier_file() -> Path:
+    """The cached classifier's weights, trained and logged as a ``shapes_classifier`` run when missing."""
+    key = shapes_classifier_key()
+    found = cached_artifact("shapes_classifier", CLASSIFIER_KEY_TAG, key, CLASSIFIER_FILE)
+    if found:
+        return found
+    from maskdm.data import load_dataset
+    from maskdm.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
+
+    log.info("training the shapes classifier once (about a minute on a CPU); later fid runs reuse it")
+    model = train_shapes_classifier(load_dataset("shapes", split="train"), progress=True, **CLASSIFIER_TRAINING)
+    accuracy = classifier_accuracy(model, load_dataset("shapes", split="eval"))
+    path = save_shapes_classifier(model, Path(tempfile.mkdtemp(prefix="maskdm-shapes-classifier-")) / CLASSIFIER_FILE)
+    run_id = log_side_run(
+        "shapes_classifier", {CLASSIFIER_KEY_TAG: key}, {"dataset": "shapes", **CLASSIFIER_TRAINING}, {"eval_accuracy": accuracy}, [path]
+    )
+    log.info("shapes classifier: eval accuracy %.4f, cached as run %s", accuracy, run_id)
+    return path
+
+
+def is_stats_file(reference: str) -> bool:
+    return reference.lower().endswith(".npz") or Path(reference).expanduser().is_file()
+
+
+def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """(mu, sigma) of a dataset's training images under ``extractor``, cached as a ``fid_reference`` run."""
+    key = fid.reference_key(dataset, resolution, extractor.dims, extractor.digest, extractor.name)
+    found = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
+    if found:
+        return fid.load_reference_stats(found, extractor.dims), dataset
+    images = reference_images(dataset, resolution)
+    log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(images), dataset)
+    stats = fid.statistics(extractor.features(images))
+    path = fid.save_stats(Path(tempfile.mkdtemp(prefix="maskdm-fid-reference-")) / REFERENCE_STATS, *stats)
+    params = {"dataset": dataset, "resolution": resolution, "features": extractor.name, "dims": extractor.dims,
+              "weights_digest": extractor.digest}
+    run_id = log_side_run("fid_reference", {REFERENCE_KEY_TAG: key}, params, {"num_images": len(images)}, [path])
+    log.info("reference statistics cached as fid_reference run %s", run_id)
+    return stats, dataset
+
+
+def reference_images(dataset: str, resolution: int) -> np.ndarray:
+    """A dataset's training images, unflipped, as uint8 NHWC (for cifar10: the 50,000 training images)."""
+    from maskdm.data import load_dataset
+
+    images = load_dataset(dataset, resolution, split="train")
+    _without_flips(images)
+    return fid.dataset_images_uint8(images)
+
+
+def _without_flips(dataset) -> None:
+    # Reference statistics are of the images as they are; load_dataset's train split flips at
+    # random (augmentation), and has no switch for that (yet), so take the flips out here.
+    from torchvision import transforms
+
+    if hasattr(dataset, "train") and hasattr(dataset, "images"):  # maskdm.data.ArrayImageDataset
+        dataset.train = False
+    transform = getattr(dataset, "transform", None)
+    if isinstance(transform, transforms.Compose):
+        transform.transforms = [t for t in transform.transforms if not isinstance(t, transforms.RandomHorizontalFlip)]
+
+
+__all__ = ["command"]

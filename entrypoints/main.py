@@ -1,0 +1,94 @@
+"""main: the pruning-ratio sweep, every stage a cached child MLflow Project run (see maskdm/driver.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import click
+import mlflow
+
+from entrypoints.common import configure_logging, fail, stage
+from maskdm import driver
+from maskdm.errors import MaskDMError
+
+log = logging.getLogger(__name__)
+
+
+@click.command("main", help="Sweep pruning ratios: prune -> masks -> finetune, sample and score each model; print the table.")
+@click.option("--preset", default="demo", show_default=True, help="demo (embedded model, minutes on a CPU) or paper (google/ddpm-cifar10-32, the original recipe).")
+@click.option("--model", default=None, help="Dense model: hub id, local folder, run ID, runs:/<id>/model or demo [default: the preset's].")
+@click.option("--dataset", default=None, help="shapes, cifar10 or imagefolder:<path> [default: the preset's].")
+@click.option("--ratios", default=None, help="Comma-separated pruning ratios in (0, 1) [default: the preset's, 0.3,0.5,0.7].")
+@click.option("--pruner", default=None, help="magnitude or random [default: the preset's].")
+@click.option("--pattern", default=None, help="unstructured or N:M [default: the preset's]; N:M fixes the ratio to 1-N/M.")
+@click.option("--scope", default=None, help="layer or global [default: the preset's].")
+@click.option("--mask_training", default="both", show_default=True,
+              help="true: finetune from the learned masks; false: from the pruning masks (the plain baseline); both.")
+@click.option("--set", "sets", multiple=True,
+              help="Any stage parameter: stage.key=value[,stage.key=value...], repeatable; wins over the preset.")
+@click.option("--experiment", default=None, help="MLflow experiment name (created if missing) [default: MLflow's active one].")
+@click.option("--dry_run", is_flag=True, default=False, help="Print the plan (every stage with its parameters) and stop.")
+def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_training, sets, experiment, dry_run) -> None:
+    configure_logging()
+    try:
+        config = driver.resolve_config(
+            preset, model=model, dataset=dataset, ratios=ratios, pruner=pruner, pattern=pattern,
+            scope=scope, mask_training=mask_training, sets=sets,
+        )
+    except MaskDMError as exc:
+        fail(str(exc))
+    plan = driver.build_plan(config)
+    if dry_run:
+        click.echo(describe_plan(plan))
+        return
+
+    # SIGTERM (a scheduler's stop, `kill`) ends like Ctrl-C: the running stage is cancelled and the
+    # driver run is marked KILLED instead of being left RUNNING.
+    signal.signal(signal.SIGTERM, _interrupt)
+    tracking_uri = driver.pin_tracking_uri()
+    if experiment:
+        mlflow.set_experiment(experiment)
+    main_params = {
+        "preset": config.preset, "model": config.model, "dataset": config.dataset,
+        "ratios": ",".join(driver.format_ratio(r) for r in config.ratios), "pruner": config.pruner,
+        "pattern": config.pattern, "scope": config.scope, "mask_training": config.mask_training,
+    }
+    if sets:
+        main_params["set"] = ";".join(sets)
+    with stage("main", main_params) as run:
+        experiment_id = run.run.info.experiment_id
+        outcomes = driver.run_plan(plan, experiment_id=experiment_id, parent_run_id=run.run_id)
+        (run.out / "stage_runs.json").write_text(json.dumps(
+            [{"step": o.step, "stage": o.stage, "run_id": o.run_id, "reused": o.reused, "resumed_from": o.resumed_from}
+             for o in outcomes.values()], indent=1) + "\n")
+        results = driver.write_results(
+            driver.used_run_ids(outcomes), run.out, title=f"MaskDM results: driver run {run.run_id} ({config.preset} preset)"
+        )
+        run.log_metrics({
+            "stages_run": sum(not o.reused for o in outcomes.values()),
+            "stages_reused": sum(o.reused for o in outcomes.values()),
+            "result_rows": results.rows,
+        })
+        # The per-ratio summary: the FID curves of fid_vs_sparsity.png as MLflow line charts.
+        for key, points in results.series.items():
+            for step, value in points.items():
+                run.log_metrics({key: value}, step=step)
+        experiment_name = mlflow.get_experiment(experiment_id).name
+    click.echo("")
+    click.echo(results.markdown)
+    click.echo(driver.ui_hint(tracking_uri, experiment_id, experiment_name, run.run_id))
+
+
+def describe_plan(plan: list[driver.Step]) -> str:
+    lines = []
+    for index, step in enumerate(plan, 1):
+        upstream = [f"{k}=<{v}>" for k, v in step.needs.items()]
+        params = [f"{k}={v}" for k, v in sorted(driver.full_params(step.stage, step.params).items())]
+        lines.append(f"{index:3d}. {step.name:<36} {step.stage:<14} " + " ".join(upstream + params))
+    return "\n".join(lines)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

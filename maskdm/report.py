@@ -1,0 +1,686 @@
+"""The results table of an experiment or a driver run, built from the tracking store alone.
+
+Every number comes from ``mlflow.search_runs`` (one pandas frame of runs, :func:`runs_frame`);
+nothing is read from files on disk. Runs are joined through their lineage tags
+``maskdm.upstream.<stage>``:
+
+* A row is one (model, dataset, pruning_ratio, pruner, pattern, mask_training) combination. It is
+  anchored on the newest FINISHED ``finetune`` run of that combination; where there is none, on the
+  newest ``train_masks`` run (mask_training true), else on the newest ``prune`` run (mask_training
+  empty: no mask stage has run on it yet). The anchor's lineage names the row's other stage runs.
+* A row has four model stages: ``dense`` (the newest ``prune`` run with pruning_ratio 0 of the same
+  model, preferring the same dataset), ``pruned`` (the prune run), ``masked`` (the train_masks run)
+  and ``finetuned`` (the finetune run).
+* A model run's FID is the metric of the newest FINISHED ``fid`` run of any ``sample`` run of it,
+  per FID metric (``fid`` for Inception, ``fid_<name>`` for other feature extractors); its sampling
+  speed is the ``images_per_s`` of the sample run behind its ``fid`` (else of its newest sample run).
+
+:func:`model_stage_of` names the model stage of any run from its tags, for the ``fid`` stage to tag
+its runs with (:data:`MODEL_STAGE_TAG`), so that FID can be charted against ``pruning_ratio`` per
+model stage in the MLflow UI without joins.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from maskdm.errors import MaskDMError
+from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, parse_run_ref
+
+log = logging.getLogger(__name__)
+
+#: The tag the ``fid`` (and ``sample``) stage should set to :func:`model_stage_of` of its run.
+MODEL_STAGE_TAG = "maskdm.model_stage"
+#: The model stages of a row, in pipeline order.
+MODEL_STAGE_NAMES = ("dense", "pruned", "masked", "finetuned")
+#: The stages of one ratio's chain, whose run IDs and wall times a row carries.
+PIPELINE_STAGES = ("prune", "extract_masks", "baseline_loss", "train_masks", "finetune")
+KEY_COLUMNS = ("model", "dataset", "pruning_ratio", "pruner", "pattern", "mask_training")
+SIZE_COLUMNS = (
+    "sparsity",
+    "params_total",
+    "params_nonzero",
+    "compression_ratio",
+    "compact_checkpoint_bytes",
+    "dense_checkpoint_bytes",
+)
+INTEGER_COLUMNS = ("params_total", "params_nonzero", "compact_checkpoint_bytes", "dense_checkpoint_bytes")
+#: A driver that reuses a run made outside it tags that run ``maskdm.used_by.<driver run id> = true``,
+#: so that ``report --run_id <driver>`` finds it although it is not the driver's child.
+USED_BY_TAG_PREFIX = "maskdm.used_by."
+PARENT_TAG = "mlflow.parentRunId"
+FID_METRIC = "fid"
+REPORT_FILES = ("results.md", "results.csv", "fid_vs_sparsity.png")
+
+_ANCHOR_PRIORITY = {"finetune": 2, "train_masks": 1, "prune": 0}
+_IN_CHUNK = 100
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One FINISHED MaskDM stage run, as far as the report needs it."""
+
+    run_id: str
+    stage: str
+    params: Mapping[str, str]
+    metrics: Mapping[str, float]
+    tags: Mapping[str, str]
+    start_time: float  # seconds since the epoch; orders runs "newest first"
+    wall_s: float | None
+
+    @property
+    def upstream(self) -> dict[str, str]:
+        """``{stage: run_id}`` of every ancestor."""
+        return {k[len(UPSTREAM_TAG_PREFIX):]: v for k, v in self.tags.items() if k.startswith(UPSTREAM_TAG_PREFIX)}
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """:attr:`upstream` plus this run itself."""
+        return {**self.upstream, self.stage: self.run_id}
+
+    @property
+    def pruning_ratio(self) -> float | None:
+        return parse_ratio(self.params.get("pruning_ratio"))
+
+
+def parse_ratio(value: object) -> float | None:
+    try:
+        ratio = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(ratio) else ratio
+
+
+def _present(value: object) -> bool:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return False
+    try:
+        return not bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def _seconds(value: object) -> float | None:
+    if not _present(value):
+        return None
+    return pd.Timestamp(value).timestamp()
+
+
+def run_records(runs: pd.DataFrame | None) -> dict[str, RunRecord]:
+    """The FINISHED runs of a ``mlflow.search_runs`` frame that carry a ``maskdm.stage`` tag."""
+    if runs is None or runs.empty:
+        return {}
+    records: dict[str, RunRecord] = {}
+    for row in runs.to_dict("records"):
+        stage = row.get(f"tags.{STAGE_TAG}")
+        if row.get("status") != "FINISHED" or not _present(stage):
+            continue
+        fields = {kind: {} for kind in ("params", "metrics", "tags")}
+        for column, value in row.items():
+            kind, dot, key = column.partition(".")
+            if dot and kind in fields and _present(value):
+                fields[kind][key] = float(value) if kind == "metrics" else str(value)
+        start, end = _seconds(row.get("start_time")), _seconds(row.get("end_time"))
+        records[row["run_id"]] = RunRecord(
+            run_id=row["run_id"],
+            stage=str(stage),
+            params=fields["params"],
+            metrics=fields["metrics"],
+            tags=fields["tags"],
+            start_time=start if start is not None else -math.inf,
+            wall_s=end - start if start is not None and end is not None else None,
+        )
+    return records
+
+
+def newest_first(records: Iterable[RunRecord]) -> list[RunRecord]:
+    return sorted(records, key=lambda r: r.start_time, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Model stages and scores
+
+
+def model_stage_of(tags: Mapping[str, str], params: Mapping[str, str]) -> str | None:
+    """``dense``/``pruned``/``masked``/``finetuned`` for a model run or any run descending from one.
+
+    The newest stage of the run's lineage among finetune > train_masks > prune decides; a prune
+    run with pruning_ratio 0 (and a bare pretrain run) is the dense reference. For a sample or fid
+    run pass its own tags and params (the lineage params include pruning_ratio).
+    """
+    stages = {k[len(UPSTREAM_TAG_PREFIX):] for k in tags if k.startswith(UPSTREAM_TAG_PREFIX)}
+    if tags.get(STAGE_TAG):
+        stages.add(tags[STAGE_TAG])
+    if "finetune" in stages:
+        return "finetuned"
+    if "train_masks" in stages:
+        return "masked"
+    if "prune" in stages:
+        return "dense" if parse_ratio(params.get("pruning_ratio")) == 0 else "pruned"
+    if "pretrain" in stages:
+        return "dense"
+    return None
+
+
+def model_run_of_sample(sample: RunRecord) -> str | None:
+    """The run whose model a sample run sampled: its ``model_run_id`` param, else the lineage rule."""
+    ref = sample.params.get("model_run_id")
+    if ref:
+        return parse_run_ref(ref)[0]
+    upstream = sample.upstream
+    return next((upstream[s] for s in ("finetune", "train_masks", "prune", "pretrain") if s in upstream), None)
+
+
+def is_fid_metric(name: str) -> bool:
+    """``fid`` and ``fid_<feature extractor>``; ``fid_*_s`` (timings) and ``fid_*_id`` are not FIDs."""
+    return name == FID_METRIC or (name.startswith(FID_METRIC + "_") and not name.endswith(("_s", "_id")))
+
+
+def fid_metric_names(records: Iterable[RunRecord]) -> list[str]:
+    """The FID metrics the fid runs logged: ``fid`` first, then the others alphabetically."""
+    names = {m for r in records if r.stage == "fid" for m in r.metrics if is_fid_metric(m)}
+    names.discard(FID_METRIC)
+    return [FID_METRIC, *sorted(names)]
+
+
+@dataclass(frozen=True)
+class FidScore:
+    value: float
+    fid_run_id: str
+    sample_run_id: str | None
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """What the sample and fid runs of one model run measured."""
+
+    fids: Mapping[str, FidScore]  # newest value per FID metric
+    sample: RunRecord | None  # the sample run behind the primary FID, else the newest sample run
+    fid_run: RunRecord | None  # the newest fid run with ``fid``, else the newest with any FID
+
+
+def collect_scores(records: Mapping[str, RunRecord]) -> dict[str, ModelScores]:
+    """``{model run id: ModelScores}`` for every model run that has a FINISHED sample run."""
+    samples_by_model: dict[str, list[RunRecord]] = defaultdict(list)
+    for record in records.values():
+        if record.stage == "sample" and (model_run := model_run_of_sample(record)):
+            samples_by_model[model_run].append(record)
+    fids_by_sample: dict[str, list[RunRecord]] = defaultdict(list)
+    for record in records.values():
+        if record.stage == "fid":
+            sample_ref = record.upstream.get("sample") or record.params.get("sample_run_id")
+            if sample_ref:
+                fids_by_sample[parse_run_ref(sample_ref)[0]].append(record)
+
+    scores = {}
+    for model_run, samples in samples_by_model.items():
+        fid_runs = newest_first(f for s in samples for f in fids_by_sample.get(s.run_id, ()))
+        fids: dict[str, FidScore] = {}
+        for fid_run in fid_runs:
+            for name, value in fid_run.metrics.items():
+                if is_fid_metric(name) and name not in fids:
+                    fids[name] = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"))
+        primary = next((f for f in fid_runs if FID_METRIC in f.metrics), None) or next(
+            (f for f in fid_runs if any(is_fid_metric(m) for m in f.metrics)), None
+        )
+        sample = records.get(primary.upstream.get("sample", "")) if primary else None
+        scores[model_run] = ModelScores(fids, sample or newest_first(samples)[0], primary)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+def table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
+    """The columns of :func:`build_table`, in order (``fid_<name>`` ones only for names given)."""
+    columns = [*KEY_COLUMNS, *SIZE_COLUMNS]
+    columns += [f"{ms}_{name}" for name in fid_names for ms in MODEL_STAGE_NAMES]
+    columns += [f"{ms}_eval_loss" for ms in MODEL_STAGE_NAMES]
+    columns += [f"{ms}_images_per_s" for ms in MODEL_STAGE_NAMES]
+    columns += [f"{stage}_wall_s" for stage in PIPELINE_STAGES]
+    columns += [f"{ms}_{what}_wall_s" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
+    columns += ["dense_run_id", *(f"{stage}_run_id" for stage in PIPELINE_STAGES)]
+    columns += [f"{ms}_{what}_run_id" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
+    return columns
+
+
+def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per (model, dataset, pruning_ratio, pruner, pattern, mask_training); see the module doc."""
+    records = run_records(runs)
+    scores = collect_scores(records)
+    fid_names = fid_metric_names(records.values())
+    dense_runs = newest_first(r for r in records.values() if r.stage == "prune" and r.pruning_ratio == 0)
+
+    rows = []
+    used_dense = set()
+    for key, anchor in _row_anchors(records):
+        dense = _dense_for(key, dense_runs)
+        used_dense.add(dense.run_id if dense else None)
+        rows.append(_row(key, anchor.lineage, dense, records, scores, fid_names))
+    # A dense reference that no pruned row points at still gets a row, so a dense-only store reports.
+    for dense in dense_runs:
+        key = _key(dense, mask_training=None)
+        if dense.run_id not in used_dense and not any(_same_model(r, key) for r in rows):
+            rows.append(_row(key, {}, dense, records, scores, fid_names))
+            used_dense.add(dense.run_id)
+
+    rows.sort(key=_sort_key)
+    table = pd.DataFrame(rows, columns=table_columns(fid_names))
+    table["mask_training"] = table["mask_training"].astype("boolean")
+    table["pruning_ratio"] = table["pruning_ratio"].astype("float64")
+    for column in INTEGER_COLUMNS:
+        table[column] = pd.to_numeric(table[column]).round().astype("Int64")
+    return table
+
+
+def _key(anchor: RunRecord, mask_training: bool | None) -> dict:
+    params = anchor.params
+    return {
+        "model": params.get("model"),
+        "dataset": params.get("dataset"),
+        "pruning_ratio": anchor.pruning_ratio,
+        "pruner": params.get("pruner"),
+        "pattern": params.get("pattern"),
+        "mask_training": mask_training,
+    }
+
+
+def _row_anchors(records: Mapping[str, RunRecord]) -> list[tuple[dict, RunRecord]]:
+    """The run each row is built from, one per key: see the module doc for the choice."""
+    finetunes = [r for r in records.values() if r.stage == "finetune"]
+    trained_masks = {f.upstream.get("train_masks") for f in finetunes}
+    used_prunes = {r.upstream.get("prune") for r in records.values() if r.stage in ("finetune", "train_masks")}
+    candidates = [(_key(f, "train_masks" in f.upstream), f) for f in finetunes]
+    candidates += [
+        (_key(r, True), r) for r in records.values() if r.stage == "train_masks" and r.run_id not in trained_masks
+    ]
+    candidates += [
+        (_key(r, None), r)
+        for r in records.values()
+        if r.stage == "prune" and r.pruning_ratio != 0 and r.run_id not in used_prunes
+    ]
+    candidates.sort(key=lambda c: (_ANCHOR_PRIORITY[c[1].stage], c[1].start_time), reverse=True)
+    chosen: dict[tuple, tuple[dict, RunRecord]] = {}
+    for key, anchor in candidates:
+        hashable = tuple(key.values())
+        if hashable in chosen:
+            log.info("report: %s run %s has the same row key as %s run %s; keeping the newer/later-stage one",
+                     anchor.stage, anchor.run_id, chosen[hashable][1].stage, chosen[hashable][1].run_id)
+            continue
+        chosen[hashable] = (key, anchor)
+    return list(chosen.values())
+
+
+def _dense_for(key: Mapping, dense_runs: Sequence[RunRecord]) -> RunRecord | None:
+    same_model = [d for d in dense_runs if d.params.get("model") == key["model"]]
+    same_dataset = [d for d in same_model if d.params.get("dataset") == key["dataset"]]
+    return (same_dataset or same_model or [None])[0]
+
+
+def _same_model(row: Mapping, key: Mapping) -> bool:
+    return row["model"] == key["model"] and row["dataset"] == key["dataset"]
+
+
+def _row(
+    key: Mapping,
+    lineage: Mapping[str, str],
+    dense: RunRecord | None,
+    records: Mapping[str, RunRecord],
+    scores: Mapping[str, ModelScores],
+    fid_names: Sequence[str],
+) -> dict:
+    row: dict = dict(key)
+    # A dense-only row (no lineage) describes the dense run itself.
+    size_source = records.get(lineage["prune"]) if "prune" in lineage else (None if lineage else dense)
+    for column in SIZE_COLUMNS:
+        row[column] = size_source.metrics.get(column) if size_source else None
+    if row["sparsity"] is None:
+        # Without the prune run in the frame, the later stages' own sparsity is the next best.
+        later = [records.get(lineage.get(s, "")) for s in ("finetune", "train_masks")]
+        row["sparsity"] = next((r.metrics["sparsity"] for r in later if r and "sparsity" in r.metrics), None)
+
+    model_runs = {
+        "dense": dense.run_id if dense else None,
+        "pruned": lineage.get("prune"),
+        "masked": lineage.get("train_masks"),
+        "finetuned": lineage.get("finetune"),
+    }
+    for ms, run_id in model_runs.items():
+        record = records.get(run_id or "")
+        score = scores.get(run_id or "")
+        fids = score.fids if score else {}
+        for name in fid_names:
+            row[f"{ms}_{name}"] = fids[name].value if name in fids else None
+        row[f"{ms}_eval_loss"] = record.metrics.get("eval_loss") if record else None
+        sample = score.sample if score else None
+        fid_run = score.fid_run if score else None
+        row[f"{ms}_images_per_s"] = sample.metrics.get("images_per_s") if sample else None
+        row[f"{ms}_sample_wall_s"] = sample.wall_s if sample else None
+        row[f"{ms}_fid_wall_s"] = fid_run.wall_s if fid_run else None
+        row[f"{ms}_sample_run_id"] = sample.run_id if sample else None
+        row[f"{ms}_fid_run_id"] = fid_run.run_id if fid_run else None
+
+    for stage in PIPELINE_STAGES:
+        record = records.get(lineage.get(stage, ""))
+        row[f"{stage}_wall_s"] = record.wall_s if record else None
+        row[f"{stage}_run_id"] = lineage.get(stage)
+    row["dense_run_id"] = model_runs["dense"]
+    return row
+
+
+def _sort_key(row: Mapping) -> tuple:
+    mask_order = {None: 0, False: 1, True: 2}[row["mask_training"]]
+    ratio = row["pruning_ratio"] if row["pruning_ratio"] is not None else -1.0
+    return (str(row["model"]), str(row["dataset"]), str(row["pruner"]), str(row["pattern"]), ratio, mask_order)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _format(value: object, column: str) -> str:
+    if not _present(value):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if column.endswith("_bytes"):
+        return f"{float(value) / 2**20:.2f}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(title, [(header, column)]) of each table in results.md."""
+    yield "Size", [
+        ("sparsity", "sparsity"),
+        ("nonzero params", "params_nonzero"),
+        ("total params", "params_total"),
+        ("compression", "compression_ratio"),
+        ("compact ckpt (MiB)", "compact_checkpoint_bytes"),
+        ("dense ckpt (MiB)", "dense_checkpoint_bytes"),
+    ]
+    for name in fid_names:
+        title = "FID (Inception, `fid`)" if name == FID_METRIC else f"FID (`{name}`)"
+        yield title, [(ms, f"{ms}_{name}") for ms in MODEL_STAGE_NAMES]
+    yield "eval_loss", [(ms, f"{ms}_eval_loss") for ms in MODEL_STAGE_NAMES]
+    yield "Sampling speed (images/s)", [(ms, f"{ms}_images_per_s") for ms in MODEL_STAGE_NAMES]
+    yield "Wall time (s)", [(stage, f"{stage}_wall_s") for stage in PIPELINE_STAGES] + [
+        (f"{ms} {what}", f"{ms}_{what}_wall_s") for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")
+    ]
+    yield "Run IDs: stages", [("dense", "dense_run_id")] + [(stage, f"{stage}_run_id") for stage in PIPELINE_STAGES]
+    yield "Run IDs: sample / fid", [
+        (f"{ms} {what}", f"{ms}_{what}_run_id") for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")
+    ]
+
+
+def _markdown_table(table: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_format(row[column], column) for _, column in columns) + " |")
+    return "\n".join(lines)
+
+
+def to_markdown(table: pd.DataFrame, title: str = "MaskDM results") -> str:
+    """results.md: one small table per quantity, each keyed by ratio/pruner/pattern/mask_training.
+
+    Columns that are empty in every row are left out (results.csv keeps them all); model and
+    dataset become a line under the title when they are the same in every row.
+    """
+    lines = [f"# {title}", ""]
+    if table.empty:
+        return "\n".join(lines + ["No FINISHED MaskDM stage runs found.", ""])
+    constant = [c for c in ("model", "dataset") if table[c].nunique(dropna=False) == 1]
+    if constant:
+        lines += [", ".join(f"{c}: `{_format(table[c].iloc[0], c) or '-'}`" for c in constant), ""]
+    keys = [(c, c) for c in KEY_COLUMNS if c not in constant]
+    for title_, columns in _sections(table_fid_names(table)):
+        filled = [(h, c) for h, c in columns if c in table.columns and table[c].map(_present).any()]
+        if filled:
+            lines += [f"## {title_}", "", _markdown_table(table, keys + filled), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# FID curves: the plot and the UI series
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    pruning_ratio: float
+    sparsity: float
+    fid: float
+    run_id: str  # the model run
+
+
+def table_fid_names(table: pd.DataFrame) -> list[str]:
+    """The FID metrics a :func:`build_table` table has columns for, ``fid`` first."""
+    prefix = "finetuned_"
+    return [c[len(prefix):] for c in table.columns if c.startswith(prefix) and is_fid_metric(c[len(prefix):])]
+
+
+def chart_metric(table: pd.DataFrame) -> str:
+    """``fid`` if any model has it, else the first ``fid_<name>`` that has values, else ``fid``."""
+    for name in table_fid_names(table):
+        if any(table[f"{ms}_{name}"].map(_present).any() for ms in MODEL_STAGE_NAMES):
+            return name
+    return FID_METRIC
+
+
+def fid_curves(table: pd.DataFrame, metric: str = FID_METRIC) -> dict[str, list[CurvePoint]]:
+    """``{series label: points sorted by pruning_ratio}`` of FID against pruning for each model stage.
+
+    Series: ``dense`` (at ratio and sparsity 0), ``pruned``, ``masked``, ``finetuned`` (mask-trained)
+    and ``finetuned (no mask training)``; labels get ``[model dataset pruner pattern]`` when the
+    table holds more than one such combination. A model run appears once per series.
+    """
+    if table.empty or f"finetuned_{metric}" not in table.columns:
+        return {}
+    group_columns = [c for c in ("model", "dataset", "pruner", "pattern") if table[c].nunique(dropna=False) > 1]
+    curves: dict[str, dict[str, CurvePoint]] = defaultdict(dict)
+    order: dict[str, int] = {}
+    for _, row in table.iterrows():
+        suffix = " [" + " ".join(str(row[c]) for c in group_columns) + "]" if group_columns else ""
+        dense_suffix = " [" + " ".join(str(row[c]) for c in ("model", "dataset") if c in group_columns) + "]"
+        series = {
+            "dense": ("dense" + (dense_suffix if dense_suffix != " []" else ""), "dense_run_id", 0.0, 0.0),
+            "pruned": ("pruned" + suffix, "prune_run_id", row["pruning_ratio"], row["sparsity"]),
+            "masked": ("masked" + suffix, "train_masks_run_id", row["pruning_ratio"], row["sparsity"]),
+            "finetuned": (
+                ("finetuned (no mask training)" if _is_false(row["mask_training"]) else "finetuned") + suffix,
+                "finetune_run_id",
+                row["pruning_ratio"],
+                row["sparsity"],
+            ),
+        }
+        for ms, (label, id_column, ratio, sparsity) in series.items():
+            value, run_id = row[f"{ms}_{metric}"], row[id_column]
+            if _present(value) and _present(run_id) and _present(ratio):
+                sparsity = float(sparsity) if _present(sparsity) else float(ratio)
+                curves[label].setdefault(run_id, CurvePoint(float(ratio), sparsity, float(value), run_id))
+                order.setdefault(label, MODEL_STAGE_NAMES.index(ms))
+    labels = sorted(curves, key=lambda label: (order[label], label))
+    return {label: sorted(curves[label].values(), key=lambda p: p.pruning_ratio) for label in labels}
+
+
+def _is_false(value: object) -> bool:
+    return _present(value) and not bool(value)
+
+
+def plot_fid_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike, metric: str | None = None) -> Path:
+    """fid_vs_sparsity.png: FID against sparsity, one line per :func:`fid_curves` series."""
+    # The Agg canvas directly: no pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = metric or chart_metric(table)
+    figure = Figure(figsize=(6.4, 4.4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    curves = fid_curves(table, metric)
+    for label, points in curves.items():
+        line = axes.plot([p.sparsity for p in points], [p.fid for p in points], marker="o", label=label)[0]
+        if label.startswith("dense"):
+            # The dense model is the reference every pruned model is measured against.
+            for point in points:
+                axes.axhline(point.fid, color=line.get_color(), linestyle="--", linewidth=0.8)
+    if curves:
+        axes.legend(fontsize="small")
+    else:
+        axes.text(0.5, 0.5, f"no '{metric}' logged yet", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("sparsity (share of prunable weights removed)")
+    axes.set_ylabel(metric if metric != FID_METRIC else "FID (Inception)")
+    axes.set_title(f"{metric} vs sparsity")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    return path
+
+
+def ui_series(table: pd.DataFrame, metric: str | None = None) -> dict[str, dict[int, float]]:
+    """``{metric key: {step: value}}`` that plots :func:`fid_curves` as MLflow line charts.
+
+    The key is ``<metric>_by_ratio/<series>`` and the step is the pruning ratio in percent (rounded),
+    because an MLflow metric's x axis is an integer step.
+    """
+    metric = metric or chart_metric(table)
+    series = {}
+    for label, points in fid_curves(table, metric).items():
+        slug = re.sub(r"[^\w.\-/]+", "_", label).strip("_")
+        series[f"{metric}_by_ratio/{slug}"] = {
+            int(round(p.pruning_ratio * 100)): p.fid for p in points
+        }
+    return series
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+class ReportFiles(NamedTuple):
+    markdown: Path
+    csv: Path
+    plot: Path
+
+
+def write_table_report(table: pd.DataFrame, folder: str | os.PathLike, title: str = "MaskDM results") -> ReportFiles:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown, csv, plot = (folder / name for name in REPORT_FILES)
+    markdown.write_text(to_markdown(table, title))
+    table.to_csv(csv, index=False)
+    plot_fid_vs_sparsity(table, plot)
+    return ReportFiles(markdown, csv, plot)
+
+
+def write_report(runs: pd.DataFrame | None, folder: str | os.PathLike, title: str = "MaskDM results") -> ReportFiles:
+    """results.md, results.csv and fid_vs_sparsity.png of the runs in ``runs`` (a search_runs frame)."""
+    return write_table_report(build_table(runs), folder, title)
+
+
+# --------------------------------------------------------------------------------------------
+# Querying the tracking store
+
+
+def resolve_experiment(ref: str) -> str:
+    """The ID of the experiment named ``ref``, or ``ref`` itself if it is an experiment ID."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(ref)
+    if experiment is None and ref.isdigit():
+        try:
+            experiment = client.get_experiment(ref)
+        except MlflowException:
+            experiment = None
+    if experiment is None:
+        raise MaskDMError(f"experiment '{ref}' does not exist in the tracking store {mlflow.get_tracking_uri()}")
+    return experiment.experiment_id
+
+
+def get_run_or_fail(run_id: str, what: str = "run_id"):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise MaskDMError(f"{what}: run '{run_id}' does not exist in the tracking store {mlflow.get_tracking_uri()}") from None
+
+
+def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if f is not None and not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "status", "start_time", "end_time"])
+    return pd.concat(frames, ignore_index=True).drop_duplicates("run_id", ignore_index=True)
+
+
+def runs_by_id(run_ids: Iterable[str]) -> pd.DataFrame:
+    """The runs with these IDs, from any experiment."""
+    import mlflow
+
+    ids = sorted(set(run_ids))
+    frames = []
+    for start in range(0, len(ids), _IN_CHUNK):
+        quoted = ", ".join(f"'{i}'" for i in ids[start:start + _IN_CHUNK])
+        frames.append(mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})"))
+    return _concat(frames)
+
+
+def with_ancestors(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` plus every run their ``maskdm.upstream.*`` tags name that it lacks (from any experiment)."""
+    upstream_columns = [c for c in runs.columns if c.startswith(f"tags.{UPSTREAM_TAG_PREFIX}")]
+    named = {v for c in upstream_columns for v in runs[c] if _present(v)}
+    missing = named - set(runs["run_id"])
+    # Lineage tags hold every ancestor, so one round finds them all.
+    return _concat([runs, runs_by_id(missing)]) if missing else runs
+
+
+def runs_frame(
+    experiment_ids: Sequence[str] | None = None,
+    parent_run_id: str | None = None,
+    run_ids: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """The ``mlflow.search_runs`` frame a report is built from, plus the ancestors of its runs.
+
+    ``parent_run_id`` (a driver run): its children, and the runs tagged ``maskdm.used_by.<id>``.
+    ``run_ids``: exactly these runs. ``experiment_ids``: every run of these experiments. With none
+    of the three: every run of the active experiment (``MLFLOW_EXPERIMENT_NAME``/``_ID``, the
+    active run's, else Default).
+    """
+    import mlflow
+
+    frames = []
+    if parent_run_id:
+        parent = get_run_or_fail(parent_run_id)
+        frames.append(mlflow.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+        ))
+        frames.append(mlflow.search_runs(
+            search_all_experiments=True, filter_string=f"tags.`{USED_BY_TAG_PREFIX}{parent_run_id}` = 'true'"
+        ))
+    if run_ids is not None:
+        frames.append(runs_by_id(run_ids))
+    if experiment_ids is not None or (not parent_run_id and run_ids is None):
+        frames.append(mlflow.search_runs(list(experiment_ids) if experiment_ids is not None else None))
+    return with_ancestors(_concat(frames))

@@ -1,0 +1,87 @@
+"""Datasets and model loading/saving."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from PIL import Image
+
+from maskdm.data import SHAPE_CLASSES, load_dataset, render_shapes
+from maskdm.errors import MaskDMError
+from maskdm.models import ARCHS, build_unet, count_parameters, load_ddpm, save_ddpm
+
+
+def test_shapes_are_deterministic_labelled_and_varied():
+    a, la = render_shapes(200, seed=3)
+    b, lb = render_shapes(200, seed=3)
+    c, _ = render_shapes(200, seed=4)
+    assert a.shape == (200, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert not np.array_equal(a, c)
+    assert set(la.tolist()) == set(range(len(SHAPE_CLASSES)))
+    # Each image holds a shape: the foreground covers a real share of pixels but not all of them.
+    centre_vs_corner = np.abs(a[:, 16, 16].astype(int) - a[:, 0, 0].astype(int)).sum(1)
+    assert (centre_vs_corner > 30).mean() > 0.8
+
+
+def test_shapes_train_flips_eval_does_not():
+    train = load_dataset("shapes", 32, "train")
+    ev = load_dataset("shapes", 32, "eval")
+    x, y = ev[0]
+    assert x.shape == (3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0 and isinstance(y, int)
+    original = torch.from_numpy(train.images[7]).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    torch.manual_seed(0)
+    draws = [train[7][0] for _ in range(30)]
+    assert any(torch.equal(d, original) for d in draws)
+    assert any(torch.equal(d, original.flip(-1)) for d in draws)
+    assert all(torch.equal(ev[7][0], ev[7][0]) for _ in range(5))
+
+
+def test_imagefolder_recursive_and_errors(tmp_path):
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "b").mkdir(parents=True)
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "imgs" / "a" / "1.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "imgs" / "b" / "2.jpg")
+    ds = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", 16, "eval")
+    assert len(ds) == 2 and ds[0][0].shape == (3, 16, 16)
+    assert ds[0][0][0].mean() > 0.9 and ds[1][0][2].mean() > 0.9  # red, then blue, in path order
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MaskDMError, match="holds no"):
+        load_dataset(f"imagefolder:{tmp_path / 'empty'}", 16)
+    with pytest.raises(MaskDMError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+def test_cifar10_offline_is_one_clear_line(tmp_path):
+    with pytest.raises(MaskDMError) as info:
+        load_dataset("cifar10", 32, "eval", cache_dir=tmp_path)
+    assert "\n" not in str(info.value) and "dataset=shapes" in str(info.value)
+
+
+def test_save_load_roundtrip_opens_with_ddpmpipeline(tmp_path, tiny_ddpm):
+    folder = save_ddpm(tiny_ddpm, tmp_path / "m")
+    pipe = DDPMPipeline.from_pretrained(folder)
+    loaded = load_ddpm(str(folder))
+    for (n, p), (_, q) in zip(tiny_ddpm.unet.state_dict().items(), pipe.unet.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert loaded.scheduler.config.num_train_timesteps == tiny_ddpm.scheduler.config.num_train_timesteps
+    # A bare UNet folder loads too.
+    unet_only = load_ddpm(str(folder / "unet"))
+    assert count_parameters(unet_only.unet) == count_parameters(tiny_ddpm.unet)
+
+
+def test_missing_path_and_unfetchable_hub_id_are_one_line(tmp_path):
+    with pytest.raises(MaskDMError, match="does not exist"):
+        load_ddpm(str(tmp_path / "nope"))
+    with pytest.raises(MaskDMError) as info:
+        load_ddpm("google/not-a-real-model-xyz")
+    message = str(info.value)
+    assert "\n" not in message and "google/not-a-real-model-xyz" in message and "model=demo" in message
+
+
+def test_arch_presets():
+    assert 0.5e6 < count_parameters(build_unet("tiny")) < 1.5e6
+    assert abs(count_parameters(build_unet("ddpm-cifar10")) - 35.746307e6) < 1e3
+    with pytest.raises(MaskDMError, match="unknown arch"):
+        build_unet("huge")
+    assert set(ARCHS) == {"tiny", "ddpm-cifar10"}

@@ -1,0 +1,304 @@
+"""The main driver: presets and overrides, the plan, the stage cache, resume, and whole sweeps.
+
+Two kinds of test:
+- fast ones run the driver's machinery (run_stage, run_plan) against a stand-in MLflow project
+  whose entry points are shell one-liners, so caching, parenting, resume and lineage wiring are
+  checked without starting torch;
+- end-to-end ones run ``maskdm main`` on the real stages with a 16x16 model and tiny step counts:
+  rerun idempotency, a SIGKILL mid-finetune followed by the same command, and two drivers at once
+  against a real ``mlflow server``. Each starts dozens of Python processes, so they take minutes
+  on a loaded 2-core machine; ``-m "not e2e"`` skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from maskdm import driver
+from maskdm.errors import MaskDMError
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --- presets, overrides, plan ----------------------------------------------------------------------
+
+
+def test_paper_preset_is_the_original_recipe():
+    config = driver.resolve_config("paper", mask_training="both")
+    s = config.stages
+    assert config.model == "google/ddpm-cifar10-32" and config.dataset == "cifar10"
+    assert config.ratios == (0.3, 0.5, 0.7)
+    assert {k: s["baseline_loss"][k] for k in ("dataset_size", "batch_size", "max_batches")} == {
+        "dataset_size": "20000", "batch_size": "64", "max_batches": "313"}
+    assert {k: s["train_masks"][k] for k in ("lr", "logits", "epoch", "max_step")} == {
+        "lr": "1.0", "logits": "5.0", "epoch": "2000", "max_step": "15000"}
+    ft = s["finetune"]
+    assert (ft["num_iters"], ft["train_batch_size"], ft["learning_rate"], ft["ema_max_decay"], ft["dropout"]) == (
+        "100000", "128", "2e-4", "0.9999", "0.1")
+    assert (s["sample"]["total_samples"], s["sample"]["ddim_steps"], s["sample"]["seed"]) == ("50000", "100", "42")
+    assert s["fid"]["features"] == "inception" and s["fid"]["reference"] == "cifar10"
+
+
+def test_explicit_options_override_the_preset_and_set_overrides_stage_params():
+    config = driver.resolve_config(
+        "demo", pruner="random", ratios="0.5", dataset="cifar10",
+        sets=["finetune.num_iters=7,prune.protect=conv_in,conv_out", "sample.ddim_steps=3"],
+    )
+    assert config.pruner == "random" and config.ratios == (0.5,) and config.dataset == "cifar10"
+    assert config.stages["finetune"]["num_iters"] == "7"
+    # The comma inside a value stays in the value: only ",stage.key=" starts a new item.
+    assert config.stages["prune"]["protect"] == "conv_in,conv_out"
+    assert config.stages["sample"]["ddim_steps"] == "3"
+    # The preset itself is untouched for the next caller.
+    assert driver.DEMO["stages"]["finetune"]["num_iters"] != "7"
+    assert driver.resolve_config("demo").pruner == "magnitude"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(sets=["finetune.no_such_param=1"]), "has no parameter"),
+    (dict(sets=["nostage.x=1"]), "unknown stage"),
+    (dict(sets=["finetune.num_iters"]), "not stage.key=value"),
+    (dict(sets=["prune.pruning_ratio=0.2"]), "--ratios"),
+    (dict(sets=["sample.model_run_id=abc"]), "upstream"),
+    (dict(ratios="0.5,0"), "outside (0, 1)"),
+    (dict(ratios="0.5,x"), "not a number"),
+    (dict(ratios="0.5,0.5"), "twice"),
+    (dict(mask_training="maybe"), "mask_training"),
+    (dict(pattern="2:4", ratios="0.3"), "contradict"),
+])
+def test_user_mistakes_are_one_line_errors(bad, message):
+    with pytest.raises(MaskDMError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        driver.resolve_config("demo", **bad)
+    with pytest.raises(MaskDMError, match="preset"):
+        driver.resolve_config("nope")
+
+
+def test_nm_pattern_without_ratios_takes_the_ratio_it_implies():
+    assert driver.resolve_config("demo", pattern="2:4").ratios == (0.5,)
+
+
+def _stage_counts(plan):
+    counts = {}
+    for step in plan:
+        counts[step.stage] = counts.get(step.stage, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("mask_training, finetunes, mask_trainings", [("true", 1, 1), ("false", 1, 0), ("both", 2, 1)])
+def test_plan_scores_dense_once_and_every_model_per_ratio(tiny_model_dir, mask_training, finetunes, mask_trainings):
+    ratios = (0.3, 0.6)
+    config = driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.3,0.6", mask_training=mask_training)
+    plan = driver.build_plan(config)
+    counts = _stage_counts(plan)
+    n = len(ratios)
+    assert "pretrain" not in counts  # a model folder needs no demo model
+    assert counts["prune"] == 1 + n and counts["extract_masks"] == n
+    assert counts.get("train_masks", 0) == mask_trainings * n and counts.get("baseline_loss", 0) == mask_trainings * n
+    assert counts["finetune"] == finetunes * n
+    scored = 1 + n * (1 + mask_trainings + finetunes)
+    assert counts["sample"] == counts["fid"] == scored
+
+    names = {s.name: s for s in plan}
+    position = {s.name: i for i, s in enumerate(plan)}
+    for step in plan:
+        for needed in step.needs.values():
+            assert position[needed] < position[step.name]  # upstream runs first
+    for step in plan:
+        if step.stage == "finetune":
+            source = names[step.needs["masks_run_id"]].stage
+            assert source == ("train_masks" if step.variant == "finetuned" else "extract_masks")
+    dense = [s for s in plan if s.variant == "dense" and s.stage == "prune"]
+    assert len(dense) == 1 and dense[0].params["pruning_ratio"] == "0.0"
+    assert {s.params["pruning_ratio"] for s in plan if s.stage == "prune"} == {"0.0", "0.3", "0.6"}
+    assert all(s.params["model"] == str(tiny_model_dir) for s in plan if s.stage == "prune")
+
+
+def test_demo_model_is_a_pretrain_step_named_by_run_id():
+    plan = driver.build_plan(driver.resolve_config("demo"))
+    assert plan[0].stage == "pretrain"
+    prunes = [s for s in plan if s.stage == "prune"]
+    assert all(s.needs == {"model": plan[0].name} and "model" not in s.params for s in prunes)
+
+
+def test_relative_model_paths_become_absolute(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    config = driver.resolve_config("demo", model=tiny_model_dir.name, dataset=f"imagefolder:{tiny_model_dir.name}")
+    assert config.model == str(tiny_model_dir.resolve())
+    assert config.dataset == f"imagefolder:{tiny_model_dir.resolve()}"
+
+
+def test_cache_key_changes_with_stage_params_upstream_and_code_version():
+    base = driver.cache_key("sample", {"model_run_id": "a" * 32, "ddim_steps": "20"}, "v1")
+    assert base == driver.cache_key("sample", {"ddim_steps": "20", "model_run_id": "a" * 32}, "v1")  # order-free
+    assert base != driver.cache_key("fid", {"model_run_id": "a" * 32, "ddim_steps": "20"}, "v1")
+    assert base != driver.cache_key("sample", {"model_run_id": "b" * 32, "ddim_steps": "20"}, "v1")
+    assert base != driver.cache_key("sample", {"model_run_id": "a" * 32, "ddim_steps": "21"}, "v1")
+    assert base != driver.cache_key("sample", {"model_run_id": "a" * 32, "ddim_steps": "20"}, "v2")
+
+
+def test_full_params_fill_in_the_mlproject_defaults():
+    full = driver.full_params("sample", {"model_run_id": "x", "ddim_steps": "7"})
+    assert full["ddim_steps"] == "7" and full["model_run_id"] == "x"
+    assert full["total_samples"] == driver.declared_defaults("sample")["total_samples"]
+
+
+# --- run_stage / run_plan against a stand-in project ---------------------------------------------
+
+FAKE_STAGES = {
+    # stage: (declared params with defaults, upstream param)
+    "prune": ({"pruning_ratio": "0.3", "seed": "0"}, None),
+    "extract_masks": ({}, "prune_run_id"),
+    "baseline_loss": ({"dataset_size": "8"}, "masks_run_id"),
+    "train_masks": ({"max_step": "2"}, "baseline_run_id"),
+    "finetune": ({"num_iters": "4"}, "masks_run_id"),
+    "sample": ({"ddim_steps": "2"}, "model_run_id"),
+    "fid": ({"features": "shapes"}, "sample_run_id"),
+}
+
+
+@pytest.fixture
+def fake_project(tmp_path):
+    """An MLproject whose stages exit at once: 0, or 3 when FAKE_FAIL names the stage."""
+    lines = ["name: fake", "entry_points:"]
+    for stage, (declared, upstream) in FAKE_STAGES.items():
+        lines.append(f"  {stage}:")
+        lines.append("    parameters:")
+        if upstream:
+            lines.append(f"      {upstream}: string")
+        for key, default in declared.items():
+            lines.append(f"      {key}: {{type: string, default: \"{default}\"}}")
+        if not declared and not upstream:
+            lines[-1] = "    parameters: {}"
+        lines.append(f"    command: \"test \\\"$FAKE_FAIL\\\" != {stage} || exit 3\"")
+    folder = tmp_path / "fake_project"
+    folder.mkdir()
+    (folder / "MLproject").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def parent(tracking):
+    import mlflow
+
+    with mlflow.start_run() as run:
+        yield run
+
+
+def _runs(stage=None):
+    from mlflow.tracking import MlflowClient
+
+    # Every stage run the driver makes carries a cache key; the driver's own run does not.
+    query = f"tags.`maskdm.stage` = '{stage}'" if stage else f"tags.`{driver.CACHE_KEY_TAG}` LIKE '%'"
+    return MlflowClient().search_runs(["0"], query, max_results=1000)
+
+
+def test_run_stage_makes_a_child_run_then_reuses_it(fake_project, parent):
+    from mlflow.tracking import MlflowClient
+
+    kwargs = dict(experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project, code_version="v1")
+    first = driver.run_stage("prune", {"pruning_ratio": "0.5"}, **kwargs)
+    assert not first.reused
+    run = MlflowClient().get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["maskdm.stage"] == "prune"
+    assert run.data.params == {"pruning_ratio": "0.5", "seed": "0"}  # the MLproject default included
+    assert run.data.tags[driver.CACHE_KEY_TAG] == driver.cache_key("prune", {"pruning_ratio": "0.5", "seed": "0"}, "v1")
+
+    again = driver.run_stage("prune", {"pruning_ratio": "0.5"}, **kwargs)
+    assert again.reused and again.run_id == first.run_id
+    # Spelling out the default is the same stage run.
+    assert driver.run_stage("prune", {"pruning_ratio": "0.5", "seed": "0"}, **kwargs).run_id == first.run_id
+    assert len(_runs("prune")) == 1
+
+    other = driver.run_stage("prune", {"pruning_ratio": "0.6"}, **kwargs)
+    newer_code = driver.run_stage("prune", {"pruning_ratio": "0.5"}, **{**kwargs, "code_version": "v2"})
+    assert not other.reused and not newer_code.reused
+    assert len({first.run_id, other.run_id, newer_code.run_id}) == 3
+
+
+def test_a_failed_stage_fails_the_driver_and_is_not_reused(fake_project, parent, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    kwargs = dict(experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project, code_version="v1")
+    monkeypatch.setenv("FAKE_FAIL", "sample")
+    with pytest.raises(MaskDMError, match="stage sample failed"):
+        driver.run_stage("sample", {"model_run_id": "m" * 32}, **kwargs)
+    [failed] = _runs("sample")
+    assert failed.info.status == "FAILED"
+    monkeypatch.delenv("FAKE_FAIL")
+    retry = driver.run_stage("sample", {"model_run_id": "m" * 32}, **kwargs)
+    assert not retry.reused and retry.run_id != failed.info.run_id
+    assert MlflowClient().get_run(retry.run_id).info.status == "FINISHED"
+
+
+def _killed_finetune(key: str, with_checkpoint: bool, tmp_path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run = client.create_run("0", tags={driver.CACHE_KEY_TAG: key, "maskdm.stage": "finetune"})
+    if with_checkpoint:
+        ckpt = tmp_path / "checkpoint-2"
+        ckpt.mkdir(exist_ok=True)
+        (ckpt / "state.txt").write_text("step 2")
+        client.log_artifacts(run.info.run_id, str(ckpt), "checkpoints/checkpoint-2")
+    client.set_terminated(run.info.run_id, "KILLED")
+    return run.info.run_id
+
+
+def test_finetune_continues_from_a_killed_run_with_checkpoints(fake_project, parent, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    params = {"masks_run_id": "k" * 32}
+    key = driver.cache_key("finetune", {**params, "num_iters": "4"}, "v1")
+    _killed_finetune(key, with_checkpoint=False, tmp_path=tmp_path)  # nothing to continue from
+    killed = _killed_finetune(key, with_checkpoint=True, tmp_path=tmp_path)
+    _killed_finetune(driver.cache_key("finetune", {**params, "num_iters": "5"}, "v1"), True, tmp_path)  # another key
+
+    outcome = driver.run_stage("finetune", params, experiment_id="0", parent_run_id=parent.info.run_id,
+                               project_dir=fake_project, code_version="v1")
+    assert outcome.resumed_from == killed
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.params["resume_run_id"] == killed
+    # resume_run_id is not part of the key: the continued run is what later reruns reuse.
+    assert run.data.tags[driver.CACHE_KEY_TAG] == key
+    again = driver.run_stage("finetune", params, experiment_id="0", parent_run_id=parent.info.run_id,
+                             project_dir=fake_project, code_version="v1")
+    assert again.reused and again.run_id == outcome.run_id
+
+
+def test_run_plan_wires_upstream_run_ids_and_reruns_nothing(fake_project, parent, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    config = driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.4,0.8", mask_training="both")
+    plan = driver.build_plan(config)
+    outcomes = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    assert len(_runs()) == len(plan) and not any(o.reused for o in outcomes.values())
+    client = MlflowClient()
+    by_name = {s.name: s for s in plan}
+    for step in plan:
+        run = client.get_run(outcomes[step.name].run_id)
+        assert run.data.tags["maskdm.stage"] == step.stage
+        for param, needed in step.needs.items():
+            upstream = client.get_run(run.data.params[param])
+            assert upstream.info.run_id == outcomes[needed].run_id
+            assert upstream.data.tags["maskdm.stage"] == by_name[needed].stage
+        if step.variant:
+            assert run.data.tags[driver.VARIANT_TAG] == step.variant
+
+    again = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    assert all(o.reused for o in again.values())
+    assert {k: o.run_id for k, o in again.items()} == {k: o.run_id for k, o in outcomes.items()}
+    assert len(_runs()) == len(plan)
+
+    # A reused run is tagged for the report of the driver that reused it.
+    some = outcomes[plan[0].name].run_id
+    assert client.get_run(some).data.tags[f"{driver.USED_BY_TAG_PREFIX}{parent.info.run_id}"] == "true"

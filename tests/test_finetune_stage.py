@@ -1,0 +1,221 @@
+"""finetune as a stage run: end to end through ``mlflow run``, a SIGKILLed run resumed, bad input.
+
+One tiny chain (a 16x16 UNet saved with save_pretrained -> prune 0.5 -> extract_masks) is built
+in-process once for the module; every finetune is a handful of steps at batch 4.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DDPMPipeline
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_unet
+from entrypoints.cli import cli
+from maskdm.masks import DEFAULT_PROTECT, load_masks, mask_sparsity, maskable_modules, prunable_modules, save_masks
+from maskdm.models import DDPM, build_unet, default_scheduler, save_ddpm
+from maskdm.tracking import STAGE_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+#: Small enough for a loaded 2-core CPU: 4 optimizer steps of 4 images, a checkpoint every 2.
+QUICK = ["--train_batch_size", "4", "--ema_max_decay", "0.9", "--mixed_precision", "no"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A tracking store for the module (the chain is built once), used in-process and by child processes."""
+    root = tmp_path_factory.mktemp("finetune")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        yield root, uri
+    mlflow.set_tracking_uri(None)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def newest_run(stage: str):
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`{STAGE_TAG}` = '{stage}'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def chain(store):
+    """(prune run, extract_masks run, masks) for a tiny random model pruned to 0.5."""
+    root, _ = store
+    model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), root / "tiny_model")
+    done = invoke("prune", "--model", str(model_dir), "--dataset", "shapes", "--pruning_ratio", "0.5")
+    assert done.exit_code == 0, done.output
+    prune_run = newest_run("prune")
+    done = invoke("extract_masks", "--prune_run_id", prune_run.info.run_id)
+    assert done.exit_code == 0, done.output
+    masks_run = newest_run("extract_masks")
+    masks = load_masks(mlflow.artifacts.download_artifacts(run_id=masks_run.info.run_id, artifact_path="masks.safetensors"))
+    return prune_run, masks_run, masks
+
+
+def model_of(run_id: str):
+    return DDPMPipeline.from_pretrained(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")).unet
+
+
+def assert_zero_exactly_where_masked(unet, masks) -> None:
+    modules = maskable_modules(unet)
+    for name, mask in masks.items():
+        weight = modules[name].weight.detach()
+        assert int((weight[~mask] != 0).sum()) == 0, name
+
+
+def listed(run_id: str, path: str | None = None) -> list[str]:
+    return [f.path for f in MlflowClient().list_artifacts(run_id, path)]
+
+
+def metric_steps(run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def test_finetune_through_mlflow_run(store, chain):
+    root, uri = store
+    prune_run, masks_run, masks = chain
+    cmd = ["mlflow", "run", str(REPO), "-e", "finetune", "--env-manager", "local",
+           "-P", f"masks_run_id={masks_run.info.run_id}", "-P", "num_iters=4", "-P", "save_model_steps=2",
+           "-P", "train_batch_size=4", "-P", "ema_max_decay=0.9", "-P", "mixed_precision=no"]
+    done = subprocess.run(cmd, cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = newest_run("finetune")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+
+    # model/: a pipeline, zero exactly where the masks are False, trained (kept weights moved), dropout set.
+    unet = model_of(run_id)
+    assert_zero_exactly_where_masked(unet, masks)
+    pruned = maskable_modules(model_of(prune_run.info.run_id))
+    assert any(not torch.equal(m.weight, pruned[n].weight) for n, m in maskable_modules(unet).items() if n in masks)
+    assert unet.config.dropout == 0.1
+    assert run.data.metrics["sparsity"] >= mask_sparsity(masks) > 0.4
+
+    # Checkpoints and sample grids at steps 2 and 4, each checkpoint complete; metrics as it went.
+    assert listed(run_id, "checkpoints") == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]
+    for path in listed(run_id, "checkpoints"):
+        assert {f"{path}/ema.json", f"{path}/ema.safetensors", f"{path}/model.safetensors"} <= set(listed(run_id, path))
+    assert listed(run_id, "samples") == ["samples/step-2.png", "samples/step-4.png"]
+    assert {"model", "checkpoints", "samples"} <= set(listed(run_id))
+    assert metric_steps(run_id, "loss") == [4] == metric_steps(run_id, "lr")  # every 10 steps and at the last
+    assert "lr" in run.data.metrics and {2, 4} <= set(metric_steps(run_id, "eval_loss"))
+
+    # Lineage: tags for every ancestor, lineage params copied, declared params logged.
+    tags, params = run.data.tags, run.data.params
+    assert tags[STAGE_TAG] == "finetune"
+    assert tags["maskdm.upstream.extract_masks"] == masks_run.info.run_id
+    assert tags["maskdm.upstream.prune"] == prune_run.info.run_id
+    for key in ("model", "dataset", "pruning_ratio", "pruner", "pattern"):
+        assert params[key] == prune_run.data.params[key], key
+    assert params["dataset"] == "shapes" and params["pruning_ratio"] == "0.5"
+    assert params["masks_run_id"] == masks_run.info.run_id and params["num_iters"] == "4"
+
+
+def test_killed_finetune_resumes_from_its_newest_checkpoint(store, chain):
+    root, uri = store
+    _, masks_run, masks = chain
+    masks_run_id = masks_run.info.run_id
+    # Runs until killed: checkpoints every 4 steps of a 100000-step run.
+    proc = subprocess.Popen(
+        ["maskdm", "finetune", "--masks_run_id", masks_run_id, "--num_iters", "100000", "--save_model_steps", "4", *QUICK],
+        cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        killed_id = wait_for_complete_checkpoint(proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert MlflowClient().get_run(killed_id).info.status == "RUNNING"  # a SIGKILL leaves no trace in the store
+
+    done = invoke("finetune", "--masks_run_id", masks_run_id, "--num_iters", "16", "--save_model_steps", "8",
+                  "--resume_run_id", killed_id, *QUICK)
+    assert done.exit_code == 0, done.output
+    run = newest_run("finetune")
+    source, step = run.data.tags["maskdm.resumed_from"].split(":")
+    step = int(step)
+    assert source == killed_id and step % 4 == 0 and 4 <= step < 16
+    loss_steps = metric_steps(run.info.run_id, "loss")
+    assert loss_steps[0] > step and loss_steps[-1] == 16
+    assert sorted(listed(run.info.run_id, "checkpoints")) == sorted(f"checkpoints/checkpoint-{s}" for s in range(step + 1, 17) if s % 8 == 0 or s == 16)
+    assert_zero_exactly_where_masked(model_of(run.info.run_id), masks)
+
+
+def wait_for_complete_checkpoint(proc: subprocess.Popen, timeout_s: float = 300) -> str:
+    """The run ID of the running finetune once its first checkpoint artifact is complete (has ema.json)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the finetune to be killed ended by itself"
+        runs = mlflow.search_runs(
+            search_all_experiments=True, output_format="list",
+            filter_string=f"tags.`{STAGE_TAG}` = 'finetune' and attributes.status = 'RUNNING' and params.num_iters = '100000'",
+        )
+        for run in runs:
+            if "checkpoints/checkpoint-4/ema.json" in listed(run.info.run_id, "checkpoints/checkpoint-4"):
+                return run.info.run_id
+        time.sleep(0.2)
+    raise AssertionError("no complete checkpoint within the timeout")
+
+
+def fake_run(stage: str, params: dict | None = None, artifact: Path | None = None, tags: dict | None = None) -> str:
+    """A FINISHED run of ``stage`` made directly in the store (for inputs a real chain cannot produce)."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment("Default").experiment_id
+    run = client.create_run(experiment_id, tags={STAGE_TAG: stage, **(tags or {})})
+    for key, value in (params or {}).items():
+        client.log_param(run.info.run_id, key, value)
+    if artifact is not None:
+        client.log_artifact(run.info.run_id, str(artifact))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def foreign_masks_run(prune_run_id: str, folder: Path) -> tuple[str, str]:
+    """An extract_masks run whose masks come from another architecture than its prune run's model."""
+    other = build_unet("tiny", 16)
+    masks = {n: torch.ones(m.weight.shape, dtype=torch.bool) for n, m in prunable_modules(other, DEFAULT_PROTECT).items()}
+    ours = maskable_modules(tiny_unet())
+    first_misfit = next(n for n, m in masks.items() if n not in ours or tuple(ours[n].weight.shape) != tuple(m.shape))
+    save_masks(masks, folder / "masks.safetensors")
+    run_id = fake_run("extract_masks", artifact=folder / "masks.safetensors", tags={"maskdm.upstream.prune": prune_run_id})
+    return run_id, first_misfit
+
+
+def test_bad_input_is_one_line_and_a_failed_run(store, chain, tmp_path):
+    prune_run, masks_run, _ = chain
+    prune_id, masks_id = prune_run.info.run_id, masks_run.info.run_id
+    misfit_id, misfit_layer = foreign_masks_run(prune_id, tmp_path)
+    other_finetune = fake_run("finetune", params={"masks_run_id": "f" * 32})
+    cases = [
+        (["--masks_run_id", misfit_id], f"mask for layer '{misfit_layer}' does not fit the model"),
+        (["--masks_run_id", prune_id], "is a 'prune' run; expected a train_masks or extract_masks run"),
+        (["--masks_run_id", masks_id, "--resume_run_id", prune_id], "is a 'prune' run; expected a finetune run"),
+        (["--masks_run_id", masks_id, "--resume_run_id", other_finetune], f"finetuned masks run {'f' * 32}, not {masks_id}"),
+        (["--masks_run_id", masks_id, "--num_iters", "0"], "num_iters must be at least 1"),
+        (["--masks_run_id", masks_id, "--dropout", "1.5"], "dropout must be in [0, 1)"),
+    ]
+    for args, message in cases:
+        result = invoke("finetune", *args, *QUICK)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1, (args, result.output)
+        assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], (args, result.stderr)
+        run = newest_run("finetune")
+        assert run.info.status == "FAILED" and listed(run.info.run_id) == [], args

@@ -1,0 +1,173 @@
+"""pretrain, prune and extract_masks as stage runs: lineage, artifacts, and the user-error boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DDPMPipeline
+from mlflow.tracking import MlflowClient
+
+from entrypoints.cli import cli
+from maskdm.masks import DEFAULT_PROTECT, load_masks, maskable_modules
+from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG, STAGE_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mlflow_run(entry_point: str, tracking_uri: str, cwd: Path, **params) -> subprocess.CompletedProcess:
+    """``mlflow run . -e <entry_point> --env-manager local -P k=v ...`` as a user types it."""
+    cmd = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def only_run(stage: str):
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{STAGE_TAG}` = '{stage}'", output_format="list")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def pruned(tracking, tiny_model_dir, tmp_path):
+    """A prune run (ratio 0.5) and an extract_masks run, both through ``mlflow run``."""
+    done = mlflow_run("prune", tracking, tmp_path, model=tiny_model_dir, dataset="shapes", pruning_ratio="0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    prune_run = only_run("prune")
+    done = mlflow_run("extract_masks", tracking, tmp_path, prune_run_id=prune_run.info.run_id)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return prune_run, only_run("extract_masks")
+
+
+def test_prune_and_extract_masks_through_mlflow_run(pruned, tiny_model_dir, tiny_ddpm):
+    prune_run, masks_run = pruned
+    assert prune_run.info.status == "FINISHED" and masks_run.info.status == "FINISHED"
+    params = prune_run.data.params
+    assert params["pruning_ratio"] == "0.5" and params["dataset"] == "shapes" and params["pruner"] == "magnitude"
+    assert prune_run.data.tags[MODEL_URI_TAG] == str(tiny_model_dir)
+    assert abs(prune_run.data.metrics["sparsity"] - 0.5) < 0.01 and "eval_loss" in prune_run.data.metrics
+
+    folder = mlflow.artifacts.download_artifacts(run_id=prune_run.info.run_id, artifact_path="model")
+    pruned_unet = DDPMPipeline.from_pretrained(folder).unet
+    stats = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=prune_run.info.run_id, artifact_path="pruning_stats.json")).read_text())
+    original = maskable_modules(tiny_ddpm.unet)
+    for name, module in maskable_modules(pruned_unet).items():
+        if any(p in name for p in DEFAULT_PROTECT):
+            assert torch.equal(module.weight, original[name].weight), name  # protected: bit-identical
+            assert name not in stats["layers"]
+    names = [a.path for a in MlflowClient().list_artifacts(prune_run.info.run_id)]
+    assert {"model", "pruning_stats.json", "preview.png"} <= set(names)
+
+    # extract_masks: the masks are exactly the pruned model's nonzero pattern, with lineage.
+    masks = load_masks(mlflow.artifacts.download_artifacts(run_id=masks_run.info.run_id, artifact_path="masks.safetensors"))
+    assert set(masks) == set(stats["layers"])
+    modules = maskable_modules(pruned_unet)
+    for name, mask in masks.items():
+        assert torch.equal(mask, modules[name].weight != 0), name
+    tags, mparams = masks_run.data.tags, masks_run.data.params
+    assert tags["maskdm.upstream.prune"] == prune_run.info.run_id and tags[STAGE_TAG] == "extract_masks"
+    assert tags[MODEL_URI_TAG] == str(tiny_model_dir)
+    for key in ("model", "dataset", "pruning_ratio", "pruner", "pattern"):
+        assert mparams[key] == params[key], key
+    assert masks_run.data.metrics["mask_layers"] == len(masks)
+    summary = mlflow.artifacts.download_artifacts(run_id=masks_run.info.run_id, artifact_path="extraction_summary.txt")
+    assert prune_run.info.run_id in Path(summary).read_text()
+
+
+def test_pretrain_through_mlflow_run_and_demo_resolution(tracking, tmp_path):
+    done = mlflow_run(
+        "pretrain", tracking, tmp_path, resolution="16", num_iters="4", train_batch_size="4",
+        save_model_steps="2", lr_warmup_steps="0",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = only_run("pretrain")
+    assert run.data.tags[DEMO_TAG] == "false"  # not the demo configuration
+    assert {"loss", "eval_loss"} <= set(run.data.metrics)
+    assert run.data.params["pruning_ratio"] == "0"
+    client = MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]
+    DDPMPipeline.from_pretrained(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model"))
+
+    # model=demo resolves to the newest FINISHED demo pretrain run: mark this one as such.
+    client.set_tag(run.info.run_id, DEMO_TAG, "true")
+    result = invoke("prune", "--model", "demo", "--pruning_ratio", "0.3")
+    assert result.exit_code == 0, result.output
+    prune_run = only_run("prune")
+    assert prune_run.data.tags["maskdm.upstream.pretrain"] == run.info.run_id
+    assert prune_run.data.params["model"] == "demo" and prune_run.data.params["dataset"] == "shapes"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pruning_ratio", "-0.1"], "out of range"),
+        (["--pruning_ratio", "1.0"], "out of range"),
+        (["--pattern", "4:2"], "4:2"),
+        (["--pattern", "2:0"], "2:0"),
+        (["--pattern", "a:b"], "a:b"),
+        (["--model", "/does/not/exist"], "does not exist"),
+        (["--model", "google/not-a-real-model-xyz"], "cannot fetch model"),
+        (["--dataset", "mnist"], "unknown dataset"),
+        (["--dataset", "imagefolder:EMPTY"], "holds no"),
+    ],
+)
+def test_prune_bad_input_is_one_line_and_a_failed_run(tracking, tiny_model_dir, tmp_path, args, message, capfd):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    if "--model" not in args:
+        args = ["--model", str(tiny_model_dir), *args]
+    if "--dataset" not in args:
+        args += ["--dataset", "shapes"]
+    result = CliRunner().invoke(cli, ["prune", *args])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
+    run = only_run("prune")
+    assert run.info.status == "FAILED"
+    assert MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+def _fake_run(stage: str, status: str = "FINISHED") -> str:
+    client = MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name("Default").experiment_id, tags={STAGE_TAG: stage})
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize(
+    "upstream, message",
+    [
+        (lambda: "0" * 32, "does not exist"),
+        (lambda: _fake_run("prune", "RUNNING"), "is RUNNING, not FINISHED"),
+        (lambda: _fake_run("prune", "FAILED"), "is FAILED, not FINISHED"),
+        (lambda: _fake_run("sample"), "expected a prune run"),
+        (lambda: _fake_run("prune"), "has no 'model' artifact"),
+    ],
+)
+def test_extract_masks_upstream_checks(tracking, upstream, message):
+    mlflow.set_experiment("Default")
+    run_id = upstream()
+    result = CliRunner().invoke(cli, ["extract_masks", "--prune_run_id", run_id])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
+    run = only_run("extract_masks")
+    assert run.info.status == "FAILED" and MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+def test_bad_option_value_is_one_line(tracking):
+    result = CliRunner().invoke(cli, ["prune", "--no_such_option", "1"])
+    assert result.exit_code == 2 and result.stderr.startswith("maskdm: error: ")

@@ -1,0 +1,277 @@
+"""promote: registering finetune runs as pyfunc image generators, the alias rules, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_unet
+from tests.test_report import FakeStore, build_pipeline, fid_of
+
+from maskdm import registry
+from maskdm.errors import MaskDMError
+from maskdm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
+from maskdm.sampling import sample_images
+from maskdm.tracking import STAGE_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating one costs seconds); tests use their own model names."""
+    folder = tmp_path_factory.mktemp("promote-store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        experiment_id = mlflow.create_experiment("promote")
+        patch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+        model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), folder / "tiny_model")
+        made = build_pipeline(FakeStore(experiment_id), model_dir=model_dir)
+        yield dict(uri=uri, experiment_id=experiment_id, made=made, model_dir=model_dir, folder=folder)
+    mlflow.set_tracking_uri(None)
+
+
+def finetune(store, ratio: float, mask_training: bool = True) -> str:
+    return store["made"][ratio]["finetune" if mask_training else "finetune_nomt"].run_id
+
+
+def promote(*args: str) -> tuple[int, str, str]:
+    """Run ``maskdm promote`` in-process; (exit code, stdout, stderr)."""
+    from entrypoints.cli import cli
+
+    result = CliRunner().invoke(cli, ["promote", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def versions(name: str) -> list:
+    return sorted(MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def champion(name: str, alias: str = "champion") -> str:
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+# --------------------------------------------------------------------------------------------
+# Registering, idempotency, best, and the pyfunc model
+
+
+def test_register_alias_idempotent_best_and_predict(store):
+    run_05 = finetune(store, 0.5)
+    code, out, err = promote("--finetune_run_id", run_05, "--registered_model", "gen")
+    assert code == 0, err
+    assert "gen version 1: registered" in out and "gen@champion -> version 1" in out
+    assert champion("gen") == "1"
+
+    tags = versions("gen")[0].tags
+    assert tags["finetune_run_id"] == run_05
+    assert float(tags["fid"]) == pytest.approx(fid_of("finetuned", 0.5))
+    assert float(tags["fid_shapes"]) == pytest.approx(1.5)
+    assert float(tags["sparsity"]) == pytest.approx(0.5) and tags["pruning_ratio"] == "0.5"
+    assert tags["prune_run_id"] == store["made"][0.5]["prune"].run_id
+    assert tags["train_masks_run_id"] == store["made"][0.5]["train"].run_id
+    assert tags["fid_run_id"] == store["made"][0.5]["finetuned_scores"][1].run_id
+    assert tags["mask_training"] == "true"
+
+    # The same run again, directly and as `best` at sparsity >= 0.4: the same version, no second one.
+    code, out, err = promote("--finetune_run_id", run_05, "--registered_model", "gen")
+    assert code == 0, err
+    assert "already registered" in out
+    code, out, err = promote("--finetune_run_id", "best", "--min_sparsity", "0.4", "--registered_model", "gen")
+    assert code == 0, err
+    assert f"already registered finetune run {run_05}" in out
+    assert len(versions("gen")) == 1 and champion("gen") == "1"
+
+    model = mlflow.pyfunc.load_model("models:/gen@champion")
+    images = model.predict(pd.DataFrame({"num_images": [2], "ddim_steps": [2], "seed": [0]}))
+    assert isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape == (2, 16, 16, 3)
+    # They are the images the sample stage would make of this model with this seed and step count.
+    ddpm = load_ddpm(str(store["model_dir"]))
+    expected = sample_images(ddpm.unet, ddpm.scheduler.config, range(2), steps=2, seed=0, batch_size=2)
+    np.testing.assert_array_equal(images, expected)
+    # Several rows: their images one after the other, in row order.
+    both = model.predict(pd.DataFrame({"num_images": [1, 2], "ddim_steps": [2, 2], "seed": [5, 0]}))
+    assert both.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(both[1:], expected)
+    assert not np.array_equal(both[0], expected[0])
+
+    signature = model.metadata.signature
+    assert signature.inputs.input_names() == list(registry.INPUT_COLUMNS)
+    assert signature.outputs.inputs[0].shape == (-1, 16, 16, 3)
+
+
+def test_registered_model_loads_without_maskdm_installed(store, tmp_path):
+    """The model carries its own copy of maskdm (code_paths): load it with the installed one hidden."""
+    name = "portable"
+    code, _, err = promote("--finetune_run_id", finetune(store, 0.3), "--registered_model", name)
+    assert code == 0, err
+    script = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()\n"
+        "                    and 'editable' not in getattr(f, '__name__', '').lower()]\n"
+        "sys.path[:] = [p for p in sys.path if p not in ('', '.', %r)]\n"
+        "import mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model('models:/%s@champion')\n"
+        "images = model.predict(pd.DataFrame({'num_images': [1], 'ddim_steps': [1], 'seed': [0]}))\n"
+        "import maskdm\n"
+        "print(images.shape, images.dtype, maskdm.__file__)\n"
+    ) % (str(REPO), name)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shape, dtype, where = done.stdout.split(") ")[0] + ")", *done.stdout.split(") ")[1].split()
+    assert shape == "(1, 16, 16, 3)" and dtype == "uint8"
+    assert not where.startswith(str(REPO)) and f"{os.sep}code{os.sep}maskdm{os.sep}" in where
+
+
+# --------------------------------------------------------------------------------------------
+# The alias rules
+
+
+def test_worse_model_keeps_alias_force_moves_it_max_fid_bounds_both(store):
+    name = "gate"
+    code, out, err = promote("--finetune_run_id", finetune(store, 0.3), "--registered_model", name)  # fid 16
+    assert code == 0, err
+    assert champion(name) == "1"
+
+    worse = finetune(store, 0.5, mask_training=False)  # fid 25
+    code, out, err = promote("--finetune_run_id", worse, "--registered_model", name)
+    assert code == 0, err  # not an error: registered, alias kept
+    assert "gate version 2: registered" in out and "gate@champion not moved (stays on version 1)" in out
+    assert "worse than version 1" in out and champion(name) == "1"
+
+    code, out, err = promote("--finetune_run_id", worse, "--registered_model", name, "--force", "true")
+    assert code == 0, err
+    assert champion(name) == "2"
+    assert len(versions(name)) == 2
+
+    better = finetune(store, 0.5)  # fid 20: better than the holder (25) but above max_fid 18
+    for force in ("false", "true"):
+        code, out, err = promote("--finetune_run_id", better, "--registered_model", name, "--max_fid", "18",
+                                 "--force", force)
+        assert code == 0, err
+        assert "above max_fid 18" in out and champion(name) == "2"
+    code, out, err = promote("--finetune_run_id", better, "--registered_model", name, "--max_fid", "21")
+    assert code == 0, err
+    assert champion(name) == "3" and len(versions(name)) == 3
+
+    promote_run = MlflowClient().search_runs([store["experiment_id"]], f"tags.`{STAGE_TAG}` = 'promote'",
+                                             order_by=["attributes.start_time DESC"])[0]
+    assert promote_run.info.status == "FINISHED"
+    assert promote_run.data.tags["maskdm.promoted"] == "true" and promote_run.data.tags["maskdm.model_version"] == "3"
+    assert promote_run.data.params["pruning_ratio"] == "0.5"  # it took on the finetune run's lineage
+
+
+def test_decide_rules():
+    holder = registry.Holder("1", 20.0)
+    assert registry.decide(19.0, "fid", "2", None).promote
+    assert registry.decide(19.0, "fid", "2", holder).promote
+    assert registry.decide(20.0, "fid", "2", holder).promote  # no worse is enough
+    assert not registry.decide(21.0, "fid", "2", holder).promote
+    assert registry.decide(21.0, "fid", "2", holder, force=True).promote
+    assert not registry.decide(21.0, "fid", "2", None, max_fid=20.0).promote
+    assert not registry.decide(21.0, "fid", "2", holder, max_fid=20.0, force=True).promote
+    assert registry.decide(21.0, "fid", "1", holder).promote  # it already holds the alias
+    no_tag = registry.Holder("1", None)
+    assert not registry.decide(1.0, "fid", "2", no_tag).promote
+    assert registry.decide(1.0, "fid", "2", no_tag, force=True).promote
+
+
+def test_best_picks_lowest_fid_at_or_above_min_sparsity(store):
+    experiments = [store["experiment_id"]]
+    assert registry.best_candidate(experiments, "fid", 0.0).run_id == finetune(store, 0.3)
+    assert registry.best_candidate(experiments, "fid", 0.4).run_id == finetune(store, 0.5)
+    assert registry.best_candidate(experiments, "fid", 0.5).run_id == finetune(store, 0.5)  # "at or above"
+    # Only the mask-trained runs have fid_shapes, so the metric changes the pool.
+    shapes = registry.best_candidate(experiments, "fid_shapes", 0.0)
+    assert shapes.run_id == finetune(store, 0.3) and shapes.fid("fid_shapes") == pytest.approx(1.3)
+    with pytest.raises(MaskDMError, match="sparsity >= 0.9"):
+        registry.best_candidate(experiments, "fid", 0.9)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_parse_requests_rejects_bad_rows():
+    good = registry.parse_requests(pd.DataFrame({"num_images": [2], "ddim_steps": [3], "seed": [4]}))
+    assert good == [registry.GenerationRequest(2, 3, 4)]
+    for frame, message in [
+        ({"num_images": [1], "ddim_steps": [1]}, "missing seed"),
+        ({"num_images": [0], "ddim_steps": [1], "seed": [0]}, "num_images must be at least 1"),
+        ({"num_images": [1.5], "ddim_steps": [1], "seed": [0]}, "num_images must be an integer"),
+        ({"num_images": [1], "ddim_steps": [0], "seed": [0]}, "ddim_steps must be at least 1"),
+        ({"num_images": [1], "ddim_steps": [1], "seed": [-1]}, "seed must be at least 0"),
+        ({"num_images": [], "ddim_steps": [], "seed": []}, "no rows"),
+    ]:
+        with pytest.raises(MaskDMError, match=message):
+            registry.parse_requests(pd.DataFrame(frame))
+
+
+@pytest.fixture(scope="module")
+def unscored_finetune(store):
+    """A FINISHED finetune run with a model but no sample/fid run."""
+    made = store["made"][0.3]
+    fake = FakeStore(store["experiment_id"], clock_ms=1_800_000_000_000)
+    return fake.make("finetune", made["train"], {}, {"sparsity": 0.3},
+                     artifacts={"model": store["model_dir"]}).run_id
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--finetune_run_id", "0" * 32], "does not exist"),
+    (["--finetune_run_id", "PRUNE"], "is a 'prune' run; expected a finetune run"),
+    (["--finetune_run_id", "UNSCORED"], "has no FID 'fid'"),
+    (["--finetune_run_id", "NOMT", "--metric", "fid_shapes"], "has no FID 'fid_shapes'"),
+    (["--metric", "loss"], "metric must be 'fid' or 'fid_<feature extractor>'"),
+    (["--alias", "latest"], "alias 'latest' is not allowed"),
+    (["--min_sparsity", "2"], "min_sparsity must be between 0 and 1"),
+    (["--min_sparsity", "0.99"], "no FINISHED finetune run with a 'fid' FID and sparsity >= 0.99"),
+    (["--experiment", "nope"], "experiment 'nope' does not exist"),
+])
+def test_promote_bad_input(store, unscored_finetune, args, message):
+    ids = {"PRUNE": store["made"][0.3]["prune"].run_id, "UNSCORED": unscored_finetune,
+           "NOMT": finetune(store, 0.3, mask_training=False)}
+    args = [ids.get(a, a) for a in args]
+    code, out, err = promote(*args, "--registered_model", "bad")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error:") and message in lines[0], err
+    assert not versions("bad")
+    failed = MlflowClient().search_runs([store["experiment_id"]], f"tags.`{STAGE_TAG}` = 'promote'",
+                                        order_by=["attributes.start_time DESC"])[0]
+    assert failed.info.status == "FAILED"
+
+
+# --------------------------------------------------------------------------------------------
+# Through `mlflow run`
+
+
+def test_promote_through_mlflow_run(store, tmp_path):
+    run_id = finetune(store, 0.3, mask_training=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "promote", "--env-manager", "local",
+         "--experiment-id", store["experiment_id"], "-P", f"finetune_run_id={run_id}",
+         "-P", "registered_model=e2e", "-P", "max_fid=100"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "e2e@champion -> version 1" in done.stdout
+    (version,) = versions("e2e")
+    assert version.tags["finetune_run_id"] == run_id and champion("e2e") == "1"
+    run = MlflowClient().get_run(version.run_id)
+    assert run.data.tags[STAGE_TAG] == "promote" and run.data.params["max_fid"] == "100"

@@ -1,0 +1,406 @@
+"""The report: its table from the tracking store, the files, the UI tag rule and the entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from maskdm import report
+from maskdm.errors import MaskDMError
+from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX
+
+REPO = Path(__file__).resolve().parents[1]
+RATIOS = (0.3, 0.5)
+T0_MS = 1_700_000_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# A fake pipeline in a tracking store: runs shaped like the stages' (tags, lineage, metrics)
+
+
+@dataclass
+class Made:
+    run_id: str
+    stage: str
+    lineage: dict  # {stage: run_id} of this run and its ancestors
+    params: dict
+    metrics: dict
+    wall_s: float
+
+
+@dataclass
+class FakeStore:
+    """Creates stage runs with the contract's tags and lineage, at increasing start times."""
+
+    experiment_id: str
+    parent_run_id: str | None = None
+    clock_ms: int = T0_MS
+    runs: list = field(default_factory=list)
+
+    def make(self, stage, up: Made | None = None, params=None, metrics=None, wall_s=10.0, status="FINISHED",
+             parent=True, artifacts: dict | None = None) -> Made:
+        client = MlflowClient()
+        lineage_params = {k: v for k, v in (up.params if up else {}).items()
+                          if k in ("model", "dataset", "pruning_ratio", "pruner", "pattern")}
+        params = {**lineage_params, **(params or {})}
+        tags = {STAGE_TAG: stage}
+        tags.update({f"{UPSTREAM_TAG_PREFIX}{s}": rid for s, rid in (up.lineage if up else {}).items()})
+        if parent and self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        self.clock_ms += 60_000
+        run = client.create_run(self.experiment_id, start_time=self.clock_ms, tags=tags)
+        run_id = run.info.run_id
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), self.clock_ms, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
+        for artifact_path, local in (artifacts or {}).items():
+            client.log_artifacts(run_id, str(local), artifact_path)
+        client.set_terminated(run_id, status, end_time=self.clock_ms + int(wall_s * 1000))
+        made = Made(run_id, stage, {**(up.lineage if up else {}), stage: run_id}, params, dict(metrics or {}), wall_s)
+        self.runs.append(made)
+        return made
+
+    def score(self, model: Made, fid: float | None, images_per_s: float, extra: dict | None = None) -> tuple[Made, Made]:
+        """A sample run of ``model`` and an fid run of it."""
+        sample = self.make("sample", model, {"model_run_id": model.run_id, "ddim_steps": "10"},
+                           {"images_per_s": images_per_s}, wall_s=3.0)
+        metrics = {**({"fid": fid} if fid is not None else {}), **(extra or {})}
+        fid_run = self.make("fid", sample, {"sample_run_id": sample.run_id}, metrics, wall_s=2.0)
+        return sample, fid_run
+
+
+def fid_of(stage: str, ratio: float, mask_training: bool = True) -> float:
+    """Distinct, structured FIDs: the pipeline improves on pruning, mask training more so."""
+    return {"dense": 10.0, "pruned": 10 + 100 * ratio, "masked": 10 + 50 * ratio,
+            "finetuned": 10 + (20 if mask_training else 30) * ratio}[stage]
+
+
+def build_pipeline(store: FakeStore, model_dir: Path | None = None, ratios=RATIOS, model="tiny-test") -> dict:
+    """Dense reference plus, per ratio, prune -> extract -> baseline -> train_masks -> finetune (and a
+    finetune straight from the extracted masks), each model stage sampled and scored."""
+    artifacts = {"model": model_dir} if model_dir else None
+    lineage = {"model": model, "dataset": "shapes", "pruner": "magnitude", "pattern": "unstructured"}
+    made = {}
+    dense = store.make("prune", None, {**lineage, "pruning_ratio": "0"},
+                       {"sparsity": 0.0, "params_total": 1000, "params_nonzero": 1000, "compression_ratio": 1.0,
+                        "compact_checkpoint_bytes": 9000, "dense_checkpoint_bytes": 8000, "eval_loss": 0.10})
+    made["dense"] = dense
+    made["dense_scores"] = store.score(dense, fid_of("dense", 0), 500.0)
+    for i, ratio in enumerate(ratios):
+        nonzero = int(1000 * (1 - ratio))
+        prune = store.make("prune", None, {**lineage, "pruning_ratio": str(ratio)},
+                           {"sparsity": ratio, "params_total": 1000, "params_nonzero": nonzero,
+                            "compression_ratio": 1000 / nonzero, "compact_checkpoint_bytes": 4000 + i,
+                            "dense_checkpoint_bytes": 8000, "eval_loss": 0.2 + ratio}, wall_s=11.0 + i)
+        extract = store.make("extract_masks", prune, {"prune_run_id": prune.run_id}, {"mask_sparsity": ratio}, wall_s=1.0)
+        baseline = store.make("baseline_loss", extract, {"masks_run_id": extract.run_id}, {}, wall_s=5.0)
+        train = store.make("train_masks", baseline, {"baseline_run_id": baseline.run_id},
+                           {"sparsity": ratio, "eval_loss": 0.15 + ratio}, wall_s=50.0 + i)
+        finetune = store.make("finetune", train, {"masks_run_id": train.run_id},
+                              {"sparsity": ratio, "eval_loss": 0.11 + ratio, "loss": 0.1}, wall_s=100.0 + i,
+                              artifacts=artifacts)
+        finetune_nomt = store.make("finetune", extract, {"masks_run_id": extract.run_id},
+                                   {"sparsity": ratio, "eval_loss": 0.12 + ratio, "loss": 0.1}, wall_s=90.0 + i,
+                                   artifacts=artifacts)
+        made[ratio] = dict(prune=prune, extract=extract, baseline=baseline, train=train, finetune=finetune,
+                           finetune_nomt=finetune_nomt)
+        made[ratio]["pruned_scores"] = store.score(prune, fid_of("pruned", ratio), 400.0 + i)
+        made[ratio]["masked_scores"] = store.score(train, fid_of("masked", ratio), 410.0 + i)
+        made[ratio]["finetuned_scores"] = store.score(
+            finetune, fid_of("finetuned", ratio), 420.0 + i, {"fid_shapes": 1 + ratio, "fid_wall_s": 7.0}
+        )
+        made[ratio]["finetuned_nomt_scores"] = store.score(finetune_nomt, fid_of("finetuned", ratio, False), 430.0 + i)
+    return made
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory):
+    """One SQLite store for the module: creating one costs seconds; each test uses its own experiment."""
+    folder = tmp_path_factory.mktemp("report-store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def pipeline(store_uri):
+    experiment_id = mlflow.create_experiment("pipeline")
+    store = FakeStore(experiment_id)
+    made = build_pipeline(store)
+    # Noise the report must ignore: a FAILED fid run with a better FID, and a RUNNING finetune.
+    store.make("fid", made[0.3]["finetuned_scores"][0], {}, {"fid": 0.001}, status="FAILED")
+    store.make("finetune", made[0.5]["train"], {}, {"eval_loss": 0.0}, status="RUNNING")
+    return experiment_id, made
+
+
+def row_of(table: pd.DataFrame, ratio: float, mask_training: bool) -> pd.Series:
+    rows = table[(table["pruning_ratio"] == ratio) & (table["mask_training"] == mask_training)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+def test_table_rows_columns_values_and_run_ids(pipeline):
+    experiment_id, made = pipeline
+    table = report.build_table(report.runs_frame([experiment_id]))
+
+    assert list(table.columns) == report.table_columns(["fid", "fid_shapes"])
+    assert len(table) == 2 * len(RATIOS)
+    assert sorted(zip(table["pruning_ratio"], table["mask_training"])) == sorted(
+        (r, mt) for r in RATIOS for mt in (True, False))
+    assert set(table["model"]) == {"tiny-test"} and set(table["pruner"]) == {"magnitude"}
+
+    for ratio in RATIOS:
+        runs = made[ratio]
+        for mask_training in (True, False):
+            row = row_of(table, ratio, mask_training)
+            finetune = runs["finetune"] if mask_training else runs["finetune_nomt"]
+            scores = runs["finetuned_scores"] if mask_training else runs["finetuned_nomt_scores"]
+            assert row["sparsity"] == pytest.approx(ratio)
+            assert row["params_nonzero"] == runs["prune"].metrics["params_nonzero"]
+            assert row["compression_ratio"] == pytest.approx(runs["prune"].metrics["compression_ratio"])
+            assert row["compact_checkpoint_bytes"] == runs["prune"].metrics["compact_checkpoint_bytes"]
+            assert row["dense_fid"] == pytest.approx(fid_of("dense", 0))
+            assert row["pruned_fid"] == pytest.approx(fid_of("pruned", ratio))
+            assert row["finetuned_fid"] == pytest.approx(fid_of("finetuned", ratio, mask_training))
+            assert row["finetuned_eval_loss"] == pytest.approx(finetune.metrics["eval_loss"])
+            assert row["pruned_eval_loss"] == pytest.approx(runs["prune"].metrics["eval_loss"])
+            assert row["dense_eval_loss"] == pytest.approx(made["dense"].metrics["eval_loss"])
+            assert row["finetuned_images_per_s"] == pytest.approx(scores[0].metrics["images_per_s"])
+            assert row["finetune_wall_s"] == pytest.approx(finetune.wall_s)
+            assert row["prune_wall_s"] == pytest.approx(runs["prune"].wall_s)
+            assert row["finetuned_sample_wall_s"] == pytest.approx(scores[0].wall_s)
+            assert row["finetune_run_id"] == finetune.run_id
+            assert row["prune_run_id"] == runs["prune"].run_id
+            assert row["extract_masks_run_id"] == runs["extract"].run_id
+            assert row["dense_run_id"] == made["dense"].run_id
+            assert row["finetuned_fid_run_id"] == scores[1].run_id
+            assert row["finetuned_sample_run_id"] == scores[0].run_id
+            if mask_training:
+                assert row["masked_fid"] == pytest.approx(fid_of("masked", ratio))
+                assert row["train_masks_run_id"] == runs["train"].run_id
+                assert row["baseline_loss_wall_s"] == pytest.approx(runs["baseline"].wall_s)
+                assert row["finetuned_fid_shapes"] == pytest.approx(1 + ratio)
+            else:
+                # Finetuning straight from the extracted masks: there is no mask-trained model.
+                assert pd.isna(row["masked_fid"]) and pd.isna(row["train_masks_run_id"])
+                assert pd.isna(row["baseline_loss_run_id"])
+
+
+def test_newest_finished_fid_wins_and_timings_are_not_fids(store_uri):
+    store = FakeStore(mlflow.create_experiment("rescored"))
+    made = build_pipeline(store, ratios=(0.5,))
+    sample = made[0.5]["finetuned_scores"][0]
+    newer = store.make("fid", sample, {"sample_run_id": sample.run_id}, {"fid": 3.25})
+    table = report.build_table(report.runs_frame([store.experiment_id]))
+    row = row_of(table, 0.5, True)
+    assert row["finetuned_fid"] == pytest.approx(3.25)
+    assert row["finetuned_fid_run_id"] == newer.run_id
+    # fid_shapes lives only on the older run: each FID metric comes from its own newest run.
+    assert row["finetuned_fid_shapes"] == pytest.approx(1.5)
+    assert "finetuned_fid_wall" not in table.columns and "finetuned_fid_wall_s" in table.columns
+
+
+def test_partial_pipeline_and_dense_only(store_uri):
+    store = FakeStore(mlflow.create_experiment("partial"))
+    lineage = {"model": "m", "dataset": "shapes", "pruner": "random", "pattern": "2:4"}
+    prune = store.make("prune", None, {**lineage, "pruning_ratio": "0.5"}, {"sparsity": 0.5, "eval_loss": 1.0})
+    store.score(prune, 42.0, 100.0)
+    table = report.build_table(report.runs_frame([store.experiment_id]))
+    assert len(table) == 1
+    assert table.iloc[0]["pruned_fid"] == pytest.approx(42.0)
+    assert pd.isna(table.iloc[0]["mask_training"]) and pd.isna(table.iloc[0]["dense_fid"])
+
+    dense_only = FakeStore(mlflow.create_experiment("dense-only"))
+    dense = dense_only.make("prune", None, {**lineage, "pruning_ratio": "0"}, {"sparsity": 0.0, "eval_loss": 0.5})
+    dense_only.score(dense, 7.0, 100.0)
+    table = report.build_table(report.runs_frame([dense_only.experiment_id]))
+    assert len(table) == 1 and table.iloc[0]["dense_fid"] == pytest.approx(7.0)
+    assert table.iloc[0]["sparsity"] == 0.0 and table.iloc[0]["dense_run_id"] == dense.run_id
+
+    empty = report.build_table(report.runs_frame([mlflow.create_experiment("empty")]))
+    assert empty.empty and list(empty.columns) == report.table_columns()
+    assert "No FINISHED" in report.to_markdown(empty)
+
+
+def test_driver_run_reports_children_reused_runs_and_ancestors(store_uri):
+    experiment_id = mlflow.create_experiment("driver")
+    client = MlflowClient()
+    driver = client.create_run(experiment_id, tags={STAGE_TAG: "main"}).info.run_id
+    store = FakeStore(experiment_id, parent_run_id=driver)
+    made = build_pipeline(store, ratios=(0.3,))
+    # A 0.7 chain made outside the driver: its finetune run is a child, its other stage runs are
+    # found through that child's lineage tags, and its sample/fid runs through maskdm.used_by.<driver>.
+    old_store = FakeStore(experiment_id)
+    old = build_pipeline(old_store, ratios=(0.7,))
+    client.set_tag(old[0.7]["finetune"].run_id, "mlflow.parentRunId", driver)
+    for reused in old[0.7]["finetuned_scores"]:
+        client.set_tag(reused.run_id, f"{report.USED_BY_TAG_PREFIX}{driver}", "true")
+    # Runs of the same experiment the driver did not use are not reported.
+    FakeStore(experiment_id).make("prune", None, {"model": "tiny-test", "pruning_ratio": "0.9"}, {"sparsity": 0.9})
+
+    table = report.build_table(report.runs_frame(parent_run_id=driver))
+    assert sorted(set(table["pruning_ratio"])) == [0.3, 0.7]
+    row = row_of(table, 0.7, True)
+    assert row["prune_run_id"] == old[0.7]["prune"].run_id
+    assert row["sparsity"] == pytest.approx(0.7)  # the ancestor prune run came along
+    assert row["finetuned_fid"] == pytest.approx(fid_of("finetuned", 0.7))
+    assert row["dense_run_id"] == made["dense"].run_id
+
+    with pytest.raises(MaskDMError, match="does not exist"):
+        report.runs_frame(parent_run_id="0" * 32)
+
+
+def test_model_stage_of():
+    up = UPSTREAM_TAG_PREFIX
+    sample_of_finetune = {STAGE_TAG: "sample", f"{up}prune": "a", f"{up}train_masks": "b", f"{up}finetune": "c"}
+    assert report.model_stage_of(sample_of_finetune, {"pruning_ratio": "0.5"}) == "finetuned"
+    assert report.model_stage_of({STAGE_TAG: "fid", f"{up}prune": "a", f"{up}train_masks": "b", f"{up}sample": "s"},
+                                 {"pruning_ratio": "0.5"}) == "masked"
+    assert report.model_stage_of({STAGE_TAG: "fid", f"{up}prune": "a"}, {"pruning_ratio": "0.50"}) == "pruned"
+    assert report.model_stage_of({STAGE_TAG: "fid", f"{up}prune": "a"}, {"pruning_ratio": "0.0"}) == "dense"
+    assert report.model_stage_of({STAGE_TAG: "prune"}, {"pruning_ratio": "0"}) == "dense"
+    assert report.model_stage_of({STAGE_TAG: "sample", f"{up}pretrain": "p"}, {}) == "dense"
+    assert report.model_stage_of({}, {}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Files and the UI series
+
+
+def test_write_report_files(pipeline, tmp_path):
+    experiment_id, made = pipeline
+    runs = report.runs_frame([experiment_id])
+    files = report.write_report(runs, tmp_path / "out", title="T")
+    assert [p.name for p in files] == list(report.REPORT_FILES)
+
+    csv = pd.read_csv(files.csv)
+    table = report.build_table(runs)
+    assert list(csv.columns) == list(table.columns) and len(csv) == len(table)
+    assert set(csv["finetune_run_id"]) == {made[r][k].run_id for r in RATIOS for k in ("finetune", "finetune_nomt")}
+
+    markdown = files.markdown.read_text()
+    assert markdown.startswith("# T")
+    assert "## FID (Inception, `fid`)" in markdown and "## FID (`fid_shapes`)" in markdown
+    assert made[0.5]["finetune"].run_id in markdown and made["dense"].run_id in markdown
+    assert "model: `tiny-test`" in markdown
+    fid_table = markdown.split("## FID (Inception, `fid`)")[1].split("##")[0]
+    assert f"{fid_of('finetuned', 0.5):.4g}" in fid_table and f"{fid_of('masked', 0.3):.4g}" in fid_table
+
+    with Image.open(files.plot) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_fid_curves_and_ui_series(pipeline):
+    experiment_id, made = pipeline
+    table = report.build_table(report.runs_frame([experiment_id]))
+    curves = report.fid_curves(table)
+    assert set(curves) == {"dense", "pruned", "masked", "finetuned", "finetuned (no mask training)"}
+    assert [p.pruning_ratio for p in curves["finetuned"]] == list(RATIOS)
+    assert [p.fid for p in curves["pruned"]] == [pytest.approx(fid_of("pruned", r)) for r in RATIOS]
+    assert len(curves["dense"]) == 1 and curves["dense"][0].sparsity == 0.0
+
+    series = report.ui_series(table)
+    assert series["fid_by_ratio/finetuned"] == {30: pytest.approx(fid_of("finetuned", 0.3)),
+                                                50: pytest.approx(fid_of("finetuned", 0.5))}
+    assert "fid_by_ratio/finetuned_no_mask_training" in series
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+
+
+def invoke(*args: str):
+    from entrypoints.cli import cli
+
+    return CliRunner().invoke(cli, ["report", *args], catch_exceptions=False)
+
+
+def newest_report_run(experiment_id: str):
+    return MlflowClient().search_runs([experiment_id], f"tags.`{STAGE_TAG}` = 'report'",
+                                      order_by=["attributes.start_time DESC"])[0]
+
+
+def test_report_command_logs_files_and_prints_table(pipeline, monkeypatch):
+    experiment_id, made = pipeline
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    result = invoke()
+    assert result.exit_code == 0, result.output
+    assert made[0.3]["finetune"].run_id in result.output and "| pruning_ratio |" in result.output
+
+    run = newest_report_run(experiment_id)
+    assert run.info.status == "FINISHED"
+    listed = {f.path for f in MlflowClient().list_artifacts(run.info.run_id)}
+    assert listed == set(report.REPORT_FILES)
+    history = MlflowClient().get_metric_history(run.info.run_id, "fid_by_ratio/finetuned")
+    assert {m.step: m.value for m in history} == {30: pytest.approx(fid_of("finetuned", 0.3)),
+                                                 50: pytest.approx(fid_of("finetuned", 0.5))}
+
+    # By name from another experiment: the report run lands in its own experiment.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    result = invoke("--experiment", "pipeline")
+    assert result.exit_code == 0, result.output
+    assert made[0.5]["finetune_nomt"].run_id in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--experiment", "no-such-experiment"), "experiment 'no-such-experiment' does not exist"),
+    (("--run_id", "0" * 32), "does not exist"),
+    (("--experiment", "pipeline", "--run_id", "0" * 32), "not both"),
+])
+def test_report_command_bad_input(pipeline, monkeypatch, capsys, args, message):
+    experiment_id, _ = pipeline
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    from entrypoints.cli import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["report", *args], prog_name="maskdm")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("maskdm: error:") and message in err[0]
+    assert newest_report_run(experiment_id).info.status == "FAILED"
+
+
+def test_report_command_rejects_a_non_driver_run(pipeline, monkeypatch, capsys):
+    experiment_id, made = pipeline
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    from entrypoints.cli import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--run_id", made[0.3]["prune"].run_id], prog_name="maskdm")
+    assert "is a 'prune' run; expected a main (driver) run" in capsys.readouterr().err
+
+
+def test_report_through_mlflow_run(pipeline, store_uri, tmp_path):
+    experiment_id, made = pipeline
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "report", "--env-manager", "local",
+         "--experiment-id", experiment_id, "-P", "experiment=pipeline"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert made[0.3]["finetune"].run_id in done.stdout
+    run = newest_report_run(experiment_id)
+    assert run.info.status == "FINISHED" and run.data.params.get("experiment") == "pipeline"
+    assert {f.path for f in MlflowClient().list_artifacts(run.info.run_id)} == set(report.REPORT_FILES)

@@ -1,0 +1,192 @@
+"""The sample stage: through `mlflow run`, on several processes, and its bad-input boundary."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import tiny_unet
+
+from maskdm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.sampling import sample_images
+from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, has_artifact, stage_run
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(total_samples="5", batch_size="2", ddim_steps="4", seed="3")
+#: Each child process imports torch, diffusers and mlflow (20 s idle, a minute on a loaded pair of
+#: cores): beyond the one `mlflow run` that proves the MLproject wiring, they run on request.
+slow = pytest.mark.skipif(not os.environ.get("MASKDM_SLOW_TESTS"), reason="child processes: set MASKDM_SLOW_TESTS=1")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module: creating one costs seconds, and each test finds its own runs."""
+    folder = tmp_path_factory.mktemp("sample-stage")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def model_run(store):
+    """A FINISHED pretrain run holding the tiny model at model/, with lineage params."""
+    with stage_run("pretrain", {"model": "tiny-test", "dataset": "shapes", "pruning_ratio": 0}) as run:
+        save_ddpm(DDPM(tiny_unet(), default_scheduler()), run.out / "model")
+    return run.run_id
+
+
+def sample_run_ids() -> set[str]:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_id for r in client.search_runs(experiments, f"tags.`{STAGE_TAG}` = 'sample'")}
+
+
+@pytest.fixture
+def new_sample_run():
+    """Call it after the stage ran: the one sample run made since the test started."""
+    before = sample_run_ids()
+
+    def find():
+        (run_id,) = sample_run_ids() - before
+        return MlflowClient().get_run(run_id)
+
+    return find
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    # One thread per child: two cores are shared by the whole test session.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def mlflow_run_sample(**params) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sample", "--env-manager", "local"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    return subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("maskdm: error:")]
+
+
+def load_samples(run_id: str) -> np.lib.npyio.NpzFile:
+    return np.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples.npz"))
+
+
+def test_sample_through_mlflow_run(model_run, new_sample_run):
+    done = mlflow_run_sample(model_run_id=model_run, save_png="true", **SMALL)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = new_sample_run()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[f"{UPSTREAM_TAG_PREFIX}pretrain"] == model_run
+    assert run.data.params["pruning_ratio"] == "0" and run.data.params["model"] == "tiny-test"
+    assert run.data.metrics["images_per_s"] > 0
+
+    samples = load_samples(run.info.run_id)
+    images = samples["images"]
+    assert images.dtype == np.uint8 and images.shape == (5, 16, 16, 3)
+    assert samples["indices"].tolist() == list(range(5)) and int(samples["seed"]) == 3
+    # The stage's images are the library's images for (seed, index), whatever the batching.
+    expected = sample_images(tiny_unet(), default_scheduler(), range(5), steps=4, seed=3, batch_size=5, channels_last=True)
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+
+    grid = np.asarray(Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="grid.png")))
+    assert grid.shape == (2 + 18, 2 + 5 * 18, 3)  # 5 images of 16 px in one row of 8, 2 px padding
+    pngs = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="pngs"))
+    assert sorted(p.name for p in pngs.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert (np.asarray(Image.open(pngs / "000004.png")) == images[4]).all()
+
+
+@slow
+def test_bad_input_through_mlflow_run(model_run, new_sample_run):
+    done = mlflow_run_sample(model_run_id=model_run, skip_type="cubic", **SMALL)
+    assert done.returncode != 0
+    assert len(error_lines(done.stderr)) == 1 and "skip_type" in error_lines(done.stderr)[0]
+    assert "Traceback" not in done.stderr
+    run = new_sample_run()
+    assert run.info.status == "FAILED"
+    assert not has_artifact(run.info.run_id, "samples.npz")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@slow
+def test_two_processes_make_the_same_images_as_one(model_run):
+    before = sample_run_ids()
+    base = ["-m", "entrypoints.cli", "sample", "--model_run_id", model_run]
+    base += [arg for key, value in SMALL.items() for arg in (f"--{key}", value)]
+    one = subprocess.run([sys.executable, *base], env=child_env(), cwd=REPO, capture_output=True, text=True)
+    two = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", *base], env=child_env(), cwd=REPO, capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    runs = [MlflowClient().get_run(run_id) for run_id in sample_run_ids() - before]
+    runs.sort(key=lambda r: r.data.tags["maskdm.num_processes"])
+    assert [r.data.tags["maskdm.num_processes"] for r in runs] == ["1", "2"]  # one run for the two processes
+    single, double = (load_samples(r.info.run_id)["images"] for r in runs)
+    assert single.shape == double.shape == (5, 16, 16, 3)
+    assert np.abs(single.astype(int) - double.astype(int)).max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# The bad-input boundary, in process (the same code path as the console script)
+
+
+def invoke(**options):
+    from entrypoints.sample import command
+
+    args = [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
+    return CliRunner().invoke(command, args)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(total_samples=1), "total_samples must be at least 2"),
+        (dict(ddim_steps=1001), "ddim_steps must be between 1 and the model's 1000 training timesteps"),
+        (dict(ddim_steps=0), "ddim_steps"),
+        (dict(skip_type="cubic"), "unknown skip_type 'cubic'"),
+        (dict(eta=2.0), "eta"),
+        (dict(mixed_precision="fp8"), "mixed_precision"),
+        (dict(model_run_id="0" * 32), "does not exist"),
+    ],
+)
+def test_bad_input_fails_the_run_with_one_line(model_run, new_sample_run, options, message):
+    params = dict(model_run_id=model_run, **SMALL)
+    params.update(options)
+    result = invoke(**params)
+    assert result.exit_code == 1
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    run = new_sample_run()
+    assert run.info.status == "FAILED"
+    assert not has_artifact(run.info.run_id, "samples.npz")
+
+
+def test_upstream_without_a_model_is_refused(store, new_sample_run):
+    with stage_run("extract_masks", {}) as upstream:
+        (upstream.out / "masks.safetensors").write_bytes(b"")
+    result = invoke(model_run_id=upstream.run_id, **SMALL)
+    assert result.exit_code == 1
+    (error,) = error_lines(result.stderr)
+    assert "'extract_masks' run" in error
+    run = new_sample_run()
+    assert run.info.status == "FAILED"
