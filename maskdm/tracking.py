@@ -164,9 +164,9 @@ class StageRun:
     def log_params(self, params: Mapping[str, object]) -> None:
         """Log params not yet on the run. ``mlflow run`` logs the -P values itself, as typed.
 
-        ``None`` means "not given": it is not logged, so the lineage value can take the key later.
+        ``None`` and ``""`` mean "not given": not logged, so the lineage value can take the key later.
         """
-        fresh = {k: _param_str(v) for k, v in params.items() if k not in self._params and v is not None}
+        fresh = {k: _param_str(v) for k, v in params.items() if k not in self._params and v not in (None, "")}
         if fresh:
             mlflow.log_params(fresh)
             self._params.update(fresh)
