@@ -40,15 +40,16 @@ def run_timed(command: list[str], env: dict[str, str]) -> tuple[float, float, fl
     return float(done.stdout.split("FID:")[-1]), wall, cpu
 
 
-def ours_worker(samples: Path, reference: Path, dims: int, batch_size: int) -> None:
+def ours_worker(samples: Path, reference: Path, dims: int, batch_size: int, device: str) -> None:
     """What the fid stage does: load the network, score the in-memory samples, compare with the reference."""
     sys.path.insert(0, str(REPO))
     from maskdm import fid
 
     with np.load(samples) as f:
         images = f["images"]
-    model = fid.load_inception(dims=dims)
-    value = fid.fid_of_features(fid.inception_features(images, model, batch_size), fid.load_reference_stats(reference, dims))
+    model = fid.load_inception(dims=dims, device=device)
+    reference_stats = fid.load_reference_stats(reference, dims)
+    value = fid.fid_of_features(fid.inception_features(images, model, batch_size, device), reference_stats)
     print("FID: ", value)
 
 
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=200, help="maskdm's batch size (pytorch-fid keeps its default 50)")
     parser.add_argument("--torch-home", help="TORCH_HOME holding the real weights; default: plant random ones")
+    parser.add_argument("--device", default="cpu", help="cpu (the benchmark of record) or cuda, for both tools")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        ours_worker(args.samples, args.reference, args.dims, args.batch_size)
+        ours_worker(args.samples, args.reference, args.dims, args.batch_size, args.device)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,11 +102,11 @@ def main() -> None:
             plant_inception_weights(Path(torch_home))
         png, samples, reference = prepare(folder, args.images, args.dims, args.seed)
         env = {**os.environ, "TORCH_HOME": torch_home}
-        theirs_cmd = [sys.executable, "-m", "pytorch_fid", str(png), str(reference), "--device", "cpu", "--dims", str(args.dims)]
+        theirs_cmd = [sys.executable, "-m", "pytorch_fid", str(png), str(reference), "--device", args.device, "--dims", str(args.dims)]
         ours_cmd = [sys.executable, __file__, "--worker", "ours", "--samples", str(samples), "--reference", str(reference)]
-        ours_cmd += ["--dims", str(args.dims), "--batch-size", str(args.batch_size)]
+        ours_cmd += ["--dims", str(args.dims), "--batch-size", str(args.batch_size), "--device", args.device]
 
-        print(f"{args.images} images 32x32, dims {args.dims}, weights: {'TORCH_HOME=' + args.torch_home if args.torch_home else 'random (planted)'}")
+        print(f"{args.images} images 32x32, dims {args.dims}, device {args.device}, weights: {'TORCH_HOME=' + args.torch_home if args.torch_home else 'random (planted)'}")
         print(f"{'run':>4} {'tool':<12} {'FID':>14} {'wall s':>8} {'CPU s':>8}")
         for repeat in range(args.repeats):
             theirs = run_timed(theirs_cmd, env)

@@ -74,21 +74,24 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
 
         sample_stats = fid.statistics(extractor.features(images))
         fid.save_stats(run.out / "sample_stats.npz", *sample_stats)
+        tags = {}
         if given_stats is not None:
-            reference_stats, reference_source = given_stats, str(Path(reference).expanduser().resolve())
+            reference_stats = given_stats
+            tags["maskdm.fid_reference"] = str(Path(reference).expanduser().resolve())
         else:
-            reference_stats, reference_source = dataset_statistics(reference, images.shape[1], extractor)
+            reference_stats, tags["maskdm.fid_reference_run"] = dataset_statistics(reference, images.shape[1], extractor)
+            tags["maskdm.fid_reference"] = reference
         value = fid.fid_from_stats(*sample_stats, *reference_stats)
 
         metric = "fid" if features == "inception" else f"fid_{features}"
         run.set_tags({
-            "maskdm.fid_reference": reference_source,
+            **tags,
             "maskdm.fid_features": extractor.name,
             "maskdm.fid_weights_digest": extractor.digest,
             "maskdm.device": device,
         })
         run.log_metrics({metric: value, "num_samples": len(images)})
-        log.info("%s = %.4f (%d samples against %s)", metric, value, len(images), reference_source)
+        log.info("%s = %.4f (%d samples against %s)", metric, value, len(images), tags["maskdm.fid_reference"])
 
 
 def check_params(features: str, dims: int, batch_size: int) -> None:
@@ -157,13 +160,14 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
 # --- cached side runs (the reference statistics, the shapes classifier) ---------------------------
 
 
-def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> Path | None:
-    """The artifact of the newest FINISHED ``stage_name`` run tagged ``key_tag=key``, if any."""
+def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> tuple[str, Path] | None:
+    """(run ID, downloaded artifact) of the newest FINISHED ``stage_name`` run tagged ``key_tag=key``, if any."""
     for cached in find_runs(stage_name, {key_tag: key}):
-        if has_artifact(cached.info.run_id, artifact):
-            log.info("reusing %s run %s (%s)", stage_name, cached.info.run_id, key)
+        run_id = cached.info.run_id
+        if has_artifact(run_id, artifact):
+            log.info("reusing %s run %s (%s)", stage_name, run_id, key)
             dst = tempfile.mkdtemp(prefix=f"maskdm-{stage_name}-")
-            return Path(mlflow.artifacts.download_artifacts(run_id=cached.info.run_id, artifact_path=artifact, dst_path=dst))
+            return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst))
     return None
 
 
@@ -209,7 +213,7 @@ def shapes_classifier_file() -> Path:
     key = shapes_classifier_key()
     found = cached_artifact("shapes_classifier", CLASSIFIER_KEY_TAG, key, CLASSIFIER_FILE)
     if found:
-        return found
+        return found[1]
     from maskdm.data import load_dataset
     from maskdm.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
 
@@ -229,11 +233,11 @@ def is_stats_file(reference: str) -> bool:
 
 
 def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> tuple[tuple[np.ndarray, np.ndarray], str]:
-    """(mu, sigma) of a dataset's training images under ``extractor``, cached as a ``fid_reference`` run."""
+    """(mu, sigma) of a dataset's training images under ``extractor``, and the ``fid_reference`` run caching them."""
     key = fid.reference_key(dataset, resolution, extractor.dims, extractor.digest, extractor.name)
     found = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
     if found:
-        return fid.load_reference_stats(found, extractor.dims), dataset
+        return fid.load_reference_stats(found[1], extractor.dims), found[0]
     images = reference_images(dataset, resolution)
     log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(images), dataset)
     stats = fid.statistics(extractor.features(images))
@@ -242,7 +246,7 @@ def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> t
               "weights_digest": extractor.digest}
     run_id = log_side_run("fid_reference", {REFERENCE_KEY_TAG: key}, params, {"num_images": len(images)}, [path])
     log.info("reference statistics cached as fid_reference run %s", run_id)
-    return stats, dataset
+    return stats, run_id
 
 
 def reference_images(dataset: str, resolution: int) -> np.ndarray:

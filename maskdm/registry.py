@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -30,6 +30,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from maskdm.errors import MaskDMError
+from maskdm.report import FidScore, RunRecord, collect_scores, concat_frames, is_fid_metric, run_records, runs_by_id
+from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, get_upstream
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,7 @@ class Candidate:
     """A FINISHED finetune run with a model/ artifact and its FIDs."""
 
     run_id: str
-    fids: Mapping[str, "FidScore"]  # noqa: F821 - maskdm.report.FidScore
+    fids: Mapping[str, FidScore]
     sparsity: float | None
     params: Mapping[str, str]
     lineage: Mapping[str, str]
@@ -203,8 +205,6 @@ class Candidate:
 
 
 def check_metric(metric: str) -> str:
-    from maskdm.report import is_fid_metric
-
     metric = metric.strip()
     if not is_fid_metric(metric):
         raise MaskDMError(f"metric must be 'fid' or 'fid_<feature extractor>' (e.g. fid_shapes), got '{metric}'")
@@ -213,23 +213,17 @@ def check_metric(metric: str) -> str:
 
 def _scored_runs(fid_filter: str) -> pd.DataFrame:
     """FINISHED fid runs (any experiment) matching ``fid_filter``, with their sample runs."""
-    from maskdm.report import _concat, runs_by_id
-    from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX
-
     fids = mlflow.search_runs(
         search_all_experiments=True,
         filter_string=f"tags.`{STAGE_TAG}` = 'fid' and attributes.status = 'FINISHED' and {fid_filter}",
     )
     column = f"tags.{UPSTREAM_TAG_PREFIX}sample"
     sample_ids = set(fids[column].dropna()) if column in fids.columns else set()
-    return _concat([fids, runs_by_id(sample_ids) if sample_ids else None])
+    return concat_frames([fids, runs_by_id(sample_ids) if sample_ids else None])
 
 
 def fid_scores(finetune_run_id: str | None = None) -> dict:
     """``{model run id: ModelScores}`` from the fid runs of one finetune run (or of every finetune run)."""
-    from maskdm.report import collect_scores, run_records
-    from maskdm.tracking import UPSTREAM_TAG_PREFIX
-
     tag = f"tags.`{UPSTREAM_TAG_PREFIX}finetune`"
     fid_filter = f"{tag} = '{finetune_run_id}'" if finetune_run_id else f"{tag} LIKE '%'"
     return collect_scores(run_records(_scored_runs(fid_filter)))
@@ -237,9 +231,6 @@ def fid_scores(finetune_run_id: str | None = None) -> dict:
 
 def candidate(run_ref: str, metric: str) -> Candidate:
     """The finetune run ``run_ref`` as a candidate; a one-line MaskDMError if it cannot be one."""
-    from maskdm.report import RunRecord
-    from maskdm.tracking import get_upstream
-
     up = get_upstream(run_ref, ["finetune"], "model", "finetune_run_id")
     scores = fid_scores(up.run_id).get(up.run_id)
     fids = dict(scores.fids) if scores else {}
@@ -254,7 +245,7 @@ def candidate(run_ref: str, metric: str) -> Candidate:
     return _candidate_of(record, fids)
 
 
-def _candidate_of(record, fids: Mapping) -> Candidate:
+def _candidate_of(record: RunRecord, fids: Mapping[str, FidScore]) -> Candidate:
     return Candidate(
         run_id=record.run_id,
         fids=fids,
@@ -271,9 +262,6 @@ def best_candidate(experiment_ids: Sequence[str], metric: str, min_sparsity: flo
     Ties go to the sparser, then the newer run. A run that logged no ``sparsity`` counts only
     when ``min_sparsity`` is 0.
     """
-    from maskdm.report import run_records
-    from maskdm.tracking import STAGE_TAG, get_upstream
-
     finetunes = run_records(mlflow.search_runs(
         list(experiment_ids), filter_string=f"tags.`{STAGE_TAG}` = 'finetune' and attributes.status = 'FINISHED'"
     ))
@@ -352,8 +340,6 @@ def register(candidate: Candidate, registered_model: str, metric: str, promote_r
     An existing version gets its FID tags refreshed (a newer fid run may have scored the run) and
     nothing else: no second version, no second logged model. Needs an active run to log into.
     """
-    from maskdm.tracking import get_upstream
-
     client = mlflow.MlflowClient()
     tags = version_tags(candidate, metric, promote_run_id)
     existing = find_version(registered_model, candidate.run_id)
@@ -395,7 +381,6 @@ def alias_holder(registered_model: str, alias: str, metric: str) -> Holder | Non
 class Decision:
     promote: bool
     reason: str
-    detail: dict = field(default_factory=dict)
 
 
 def decide(

@@ -489,19 +489,21 @@ def fid_curves(table: pd.DataFrame, metric: str = FID_METRIC) -> dict[str, list[
     """``{series label: points sorted by pruning_ratio}`` of FID against pruning for each model stage.
 
     Series: ``dense`` (at ratio and sparsity 0), ``pruned``, ``masked``, ``finetuned`` (mask-trained)
-    and ``finetuned (no mask training)``; labels get ``[model dataset pruner pattern]`` when the
-    table holds more than one such combination. A model run appears once per series.
+    and ``finetuned (no mask training)``. When the rows differ in model, dataset, pruner or pattern,
+    the labels get the values of those that differ (``finetuned [2:4]``). A model run appears once
+    per series.
     """
     if table.empty or f"finetuned_{metric}" not in table.columns:
         return {}
     group_columns = [c for c in ("model", "dataset", "pruner", "pattern") if table[c].nunique(dropna=False) > 1]
     curves: dict[str, dict[str, CurvePoint]] = defaultdict(dict)
     order: dict[str, int] = {}
+    # The dense model does not depend on pruner or pattern: its series splits by model and dataset only.
+    dense_group_columns = [c for c in group_columns if c in ("model", "dataset")]
     for _, row in table.iterrows():
-        suffix = " [" + " ".join(str(row[c]) for c in group_columns) + "]" if group_columns else ""
-        dense_suffix = " [" + " ".join(str(row[c]) for c in ("model", "dataset") if c in group_columns) + "]"
+        suffix = _label_suffix(row, group_columns)
         series = {
-            "dense": ("dense" + (dense_suffix if dense_suffix != " []" else ""), "dense_run_id", 0.0, 0.0),
+            "dense": ("dense" + _label_suffix(row, dense_group_columns), "dense_run_id", 0.0, 0.0),
             "pruned": ("pruned" + suffix, "prune_run_id", row["pruning_ratio"], row["sparsity"]),
             "masked": ("masked" + suffix, "train_masks_run_id", row["pruning_ratio"], row["sparsity"]),
             "finetuned": (
@@ -519,6 +521,10 @@ def fid_curves(table: pd.DataFrame, metric: str = FID_METRIC) -> dict[str, list[
                 order.setdefault(label, MODEL_STAGE_NAMES.index(ms))
     labels = sorted(curves, key=lambda label: (order[label], label))
     return {label: sorted(curves[label].values(), key=lambda p: p.pruning_ratio) for label in labels}
+
+
+def _label_suffix(row: pd.Series, columns: Sequence[str]) -> str:
+    return " [" + " ".join(str(row[c]) for c in columns) + "]" if columns else ""
 
 
 def _is_false(value: object) -> bool:
@@ -628,7 +634,7 @@ def get_run_or_fail(run_id: str, what: str = "run_id"):
         raise MaskDMError(f"{what}: run '{run_id}' does not exist in the tracking store {mlflow.get_tracking_uri()}") from None
 
 
-def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+def concat_frames(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if f is not None and not f.empty]
     if not frames:
         return pd.DataFrame(columns=["run_id", "status", "start_time", "end_time"])
@@ -644,7 +650,7 @@ def runs_by_id(run_ids: Iterable[str]) -> pd.DataFrame:
     for start in range(0, len(ids), _IN_CHUNK):
         quoted = ", ".join(f"'{i}'" for i in ids[start:start + _IN_CHUNK])
         frames.append(mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})"))
-    return _concat(frames)
+    return concat_frames(frames)
 
 
 def with_ancestors(runs: pd.DataFrame) -> pd.DataFrame:
@@ -653,7 +659,7 @@ def with_ancestors(runs: pd.DataFrame) -> pd.DataFrame:
     named = {v for c in upstream_columns for v in runs[c] if _present(v)}
     missing = named - set(runs["run_id"])
     # Lineage tags hold every ancestor, so one round finds them all.
-    return _concat([runs, runs_by_id(missing)]) if missing else runs
+    return concat_frames([runs, runs_by_id(missing)]) if missing else runs
 
 
 def runs_frame(
@@ -683,4 +689,4 @@ def runs_frame(
         frames.append(runs_by_id(run_ids))
     if experiment_ids is not None or (not parent_run_id and run_ids is None):
         frames.append(mlflow.search_runs(list(experiment_ids) if experiment_ids is not None else None))
-    return with_ancestors(_concat(frames))
+    return with_ancestors(concat_frames(frames))

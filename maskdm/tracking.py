@@ -258,6 +258,8 @@ MODEL_STAGES = ("pretrain", "prune", "train_masks", "finetune")
 
 
 def _param_str(value: object) -> str:
+    if isinstance(value, bool):  # as MLproject spells them, so CLI and `mlflow run` runs match
+        return str(value).lower()
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)

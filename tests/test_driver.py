@@ -302,3 +302,309 @@ def test_run_plan_wires_upstream_run_ids_and_reruns_nothing(fake_project, parent
     # A reused run is tagged for the report of the driver that reused it.
     some = outcomes[plan[0].name].run_id
     assert client.get_run(some).data.tags[f"{driver.USED_BY_TAG_PREFIX}{parent.info.run_id}"] == "true"
+
+
+# --- end to end: `maskdm main` on the real stages ----------------------------------------------------
+
+#: Tiny step counts for a 16x16 model: a whole sweep is ~10 stage processes.
+TINY_SETS = ",".join([
+    "baseline_loss.dataset_size=32", "baseline_loss.batch_size=16", "baseline_loss.max_batches=2",
+    "train_masks.epoch=1", "train_masks.max_step=2", "train_masks.accumulation=1",
+    "finetune.num_iters=4", "finetune.train_batch_size=8", "finetune.save_model_steps=2",
+    "sample.total_samples=16", "sample.batch_size=16", "sample.ddim_steps=3",
+    "fid.batch_size=16",
+])
+#: For the kill test: long enough to be killed between checkpoints, short enough to finish after.
+KILL_SETS = "finetune.num_iters=60,finetune.save_model_steps=10"
+DRIVER_TIMEOUT_S = 1500
+
+
+def _main_args(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = ()) -> list[str]:
+    args = ["main", "--model", str(model_dir), "--dataset", "shapes", "--ratios", "0.5",
+            "--mask_training", mask_training, "--set", TINY_SETS]
+    for extra in extra_sets:
+        args += ["--set", extra]
+    return args
+
+
+def _config(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = ()):
+    return driver.resolve_config("demo", model=str(model_dir), dataset="shapes", ratios="0.5",
+                                 mask_training=mask_training, sets=[TINY_SETS, *extra_sets])
+
+
+def _env(tracking_uri: str) -> dict:
+    # One thread per stage process: several share two cores, and oversubscribed OpenMP threads
+    # make a tiny training loop ten times slower.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    return env
+
+
+def _start_driver(args: list[str], tracking_uri: str, cwd: Path, log_path: Path) -> subprocess.Popen:
+    """``maskdm main`` in its own process group, so that a kill reaches its stage processes too."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "entrypoints.cli", *args], cwd=cwd, env=_env(tracking_uri),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log_path: Path, timeout: float = DRIVER_TIMEOUT_S) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the driver did not finish in {timeout} s; its output: {log_path}")
+    output = log_path.read_text(errors="replace")
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _driver_run_id(output: str) -> str:
+    import re
+
+    found = re.findall(r"driver run ([0-9a-f]{32})", output)
+    assert found, output[-3000:]
+    return found[-1]
+
+
+def _stage_runs(driver_run_id: str) -> list[dict]:
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(run_id=driver_run_id, artifact_path="stage_runs.json")
+    return json.loads(Path(path).read_text())
+
+
+def _count_stage_runs(stage: str | None = None) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    query = f"tags.`{driver.CACHE_KEY_TAG}` LIKE '%'" + (f" and tags.`maskdm.stage` = '{stage}'" if stage else "")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(experiments, query, max_results=5000))
+
+
+def _results(driver_run_id: str):
+    import mlflow
+    import pandas as pd
+
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=driver_run_id, artifact_path="results.csv"))
+
+
+def _check_lineage(driver_run_id: str, plan: list) -> dict[str, str]:
+    """Every step of the plan has a FINISHED run of its stage, fed by the runs of the steps it needs,
+    and its ``maskdm.upstream.*`` tags name exactly its chain of ancestors in this sweep."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    step_runs = {s["step"]: s["run_id"] for s in _stage_runs(driver_run_id)}
+    assert set(step_runs) == {s.name for s in plan}
+    by_name = {s.name: s for s in plan}
+
+    def chain(step) -> dict[str, str]:
+        found = {}
+        for needed in step.needs.values():
+            found[by_name[needed].stage] = step_runs[needed]
+            found.update(chain(by_name[needed]))
+        return found
+
+    for step in plan:
+        run = client.get_run(step_runs[step.name])
+        assert run.info.status == "FINISHED", step.name
+        assert run.data.tags["maskdm.stage"] == step.stage
+        for param, needed in step.needs.items():
+            assert run.data.params[param] == step_runs[needed], (step.name, param)
+        upstream = {k[len("maskdm.upstream."):]: v for k, v in run.data.tags.items() if k.startswith("maskdm.upstream.")}
+        assert upstream == chain(step), step.name
+        for stage, run_id in upstream.items():
+            assert client.get_run(run_id).data.tags["maskdm.stage"] == stage
+    return step_runs
+
+
+def _assert_table_complete(driver_run_id: str, mask_training: bool) -> None:
+    table = _results(driver_run_id)
+    row = table[(table["pruning_ratio"] == 0.5) & (table["mask_training"] == mask_training)]
+    assert len(row) == 1, table.to_string()
+    stages = ("dense", "pruned", "finetuned") + (("masked",) if mask_training else ())
+    for stage in stages:
+        assert pd_present(row[f"{stage}_fid_shapes"].iloc[0]), (stage, table.to_string())
+
+
+def pd_present(value) -> bool:
+    import pandas as pd
+
+    return value is not None and not pd.isna(value)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One tracking store shared by the sequential end-to-end tests, and a first complete sweep in it."""
+    import mlflow
+
+    from tests.conftest import tiny_unet
+    from maskdm.models import DDPM, default_scheduler, save_ddpm
+
+    folder = tmp_path_factory.mktemp("sweep")
+    model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), folder / "tiny_model")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    log_path = folder / "first.log"
+    output = _finish(_start_driver(_main_args(model_dir), uri, folder, log_path), log_path)
+    yield {"folder": folder, "uri": uri, "model_dir": model_dir, "first_driver": _driver_run_id(output), "output": output}
+    mlflow.set_tracking_uri(previous)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def test_e2e_rerun_creates_no_stage_runs(sweep):
+    plan = driver.build_plan(_config(sweep["model_dir"]))
+    first = _check_lineage(sweep["first_driver"], plan)
+    _assert_table_complete(sweep["first_driver"], mask_training=False)
+    assert "fid_shapes" in sweep["output"] and "mlflow ui --backend-store-uri" in sweep["output"]
+    before = _count_stage_runs()
+    assert before == len(plan)
+
+    log_path = sweep["folder"] / "rerun.log"
+    output = _finish(_start_driver(_main_args(sweep["model_dir"]), sweep["uri"], sweep["folder"], log_path), log_path)
+    second_driver = _driver_run_id(output)
+    assert second_driver != sweep["first_driver"]
+    assert _count_stage_runs() == before
+    assert all(s["reused"] for s in _stage_runs(second_driver))
+    assert _check_lineage(second_driver, plan) == first
+    assert _results(second_driver).equals(_results(sweep["first_driver"]))
+
+
+def test_e2e_sigkill_mid_finetune_then_rerun_finishes(sweep):
+    from mlflow.tracking import MlflowClient
+
+    from maskdm.training import CHECKPOINT_DONE
+
+    client = MlflowClient()
+    args = _main_args(sweep["model_dir"], extra_sets=(KILL_SETS,))
+    prunes_before = _count_stage_runs("prune")
+    finetunes_before = {r.info.run_id for r in client.search_runs(["0"], "tags.`maskdm.stage` = 'finetune'")}
+    log_path = sweep["folder"] / "killed.log"
+    proc = _start_driver(args, sweep["uri"], sweep["folder"], log_path)
+
+    def complete_checkpoint() -> str | None:
+        for run in client.search_runs(["0"], "tags.`maskdm.stage` = 'finetune' and attributes.status = 'RUNNING'"):
+            if run.info.run_id in finetunes_before:
+                continue
+            for folder in client.list_artifacts(run.info.run_id, "checkpoints"):
+                if any(f.path.endswith(CHECKPOINT_DONE) for f in client.list_artifacts(run.info.run_id, folder.path)):
+                    return run.info.run_id
+        return None
+
+    killed = None
+    deadline = time.monotonic() + DRIVER_TIMEOUT_S
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+        killed = complete_checkpoint()
+    if killed is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"no finetune checkpoint appeared before the driver ended; output: {log_path.read_text()[-3000:]}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert client.get_run(killed).info.status == "RUNNING"  # a SIGKILL leaves it as it was
+
+    log_path = sweep["folder"] / "after_kill.log"
+    output = _finish(_start_driver(args, sweep["uri"], sweep["folder"], log_path), log_path)
+    driver_run = _driver_run_id(output)
+    plan = driver.build_plan(_config(sweep["model_dir"], extra_sets=(KILL_SETS,)))
+    step_runs = _check_lineage(driver_run, plan)
+    outcomes = {s["step"]: s for s in _stage_runs(driver_run)}
+    finetune_step = next(s.name for s in plan if s.stage == "finetune")
+    # Everything before the finetune was reused; the finetune continued from the killed run.
+    for step in plan[: [s.name for s in plan].index(finetune_step)]:
+        assert outcomes[step.name]["reused"], step.name
+    assert outcomes[finetune_step]["resumed_from"] == killed
+    resumed = client.get_run(step_runs[finetune_step])
+    assert resumed.data.params["resume_run_id"] == killed
+    resumed_step = int(resumed.data.tags["maskdm.resumed_from"].split(":")[1])
+    assert resumed.data.tags["maskdm.resumed_from"].startswith(killed + ":") and 10 <= resumed_step < 60
+    assert _count_stage_runs("prune") == prunes_before
+    _assert_table_complete(driver_run, mask_training=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped afterwards."""
+    import urllib.request
+
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+def test_e2e_two_drivers_at_once_against_a_tracking_server(tracking_server, tmp_path, monkeypatch):
+    import mlflow
+
+    from tests.conftest import tiny_unet
+    from maskdm.models import DDPM, default_scheduler, save_ddpm
+
+    model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), tmp_path / "tiny_model")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    mlflow.set_tracking_uri(tracking_server)
+    try:
+        args = _main_args(model_dir, mask_training="true")
+        logs = [tmp_path / "driver_a.log", tmp_path / "driver_b.log"]
+        procs = [_start_driver(args, tracking_server, tmp_path, path) for path in logs]
+        try:
+            outputs = [_finish(proc, path) for proc, path in zip(procs, logs)]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        drivers = [_driver_run_id(output) for output in outputs]
+        assert drivers[0] != drivers[1]
+        plan = driver.build_plan(_config(model_dir, mask_training="true"))
+        for driver_run in drivers:
+            _check_lineage(driver_run, plan)
+            _assert_table_complete(driver_run, mask_training=True)
+        # Each stage ran at most twice (once per driver), and every run was made by one of them.
+        from mlflow.tracking import MlflowClient
+
+        runs = MlflowClient().search_runs(["0"], f"tags.`{driver.CACHE_KEY_TAG}` LIKE '%'", max_results=1000)
+        assert len(plan) <= len(runs) <= 2 * len(plan)
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= set(drivers)
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -113,30 +113,6 @@ def test_register_alias_idempotent_best_and_predict(store):
     assert signature.outputs.inputs[0].shape == (-1, 16, 16, 3)
 
 
-def test_registered_model_loads_without_maskdm_installed(store, tmp_path):
-    """The model carries its own copy of maskdm (code_paths): load it with the installed one hidden."""
-    name = "portable"
-    code, _, err = promote("--finetune_run_id", finetune(store, 0.3), "--registered_model", name)
-    assert code == 0, err
-    script = (
-        "import sys\n"
-        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()\n"
-        "                    and 'editable' not in getattr(f, '__name__', '').lower()]\n"
-        "sys.path[:] = [p for p in sys.path if p not in ('', '.', %r)]\n"
-        "import mlflow, pandas as pd\n"
-        "model = mlflow.pyfunc.load_model('models:/%s@champion')\n"
-        "images = model.predict(pd.DataFrame({'num_images': [1], 'ddim_steps': [1], 'seed': [0]}))\n"
-        "import maskdm\n"
-        "print(images.shape, images.dtype, maskdm.__file__)\n"
-    ) % (str(REPO), name)
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]})
-    assert done.returncode == 0, done.stderr[-3000:]
-    shape, dtype, where = done.stdout.split(") ")[0] + ")", *done.stdout.split(") ")[1].split()
-    assert shape == "(1, 16, 16, 3)" and dtype == "uint8"
-    assert not where.startswith(str(REPO)) and f"{os.sep}code{os.sep}maskdm{os.sep}" in where
-
-
 # --------------------------------------------------------------------------------------------
 # The alias rules
 
@@ -256,22 +232,52 @@ def test_promote_bad_input(store, unscored_finetune, args, message):
 
 
 # --------------------------------------------------------------------------------------------
-# Through `mlflow run`
+# Through MLflow Projects, and loading the result where maskdm is not installed
+
+# One child interpreter for both checks: starting one costs tens of seconds on a loaded CPU.
+# It runs the promote entry point as `mlflow run` does (mlflow.projects.run, which spawns
+# `maskdm promote`), then, never having imported maskdm, hides the installed copy and loads the
+# registered model: it must run on the copy of maskdm it carries (code_paths).
+PROJECT_AND_PORTABLE_LOAD = """
+import json, sys
+import mlflow
+import pandas as pd
+
+repo, experiment_id, run_id = sys.argv[1:4]
+submitted = mlflow.projects.run(
+    repo, entry_point="promote", env_manager="local", experiment_id=experiment_id, synchronous=True,
+    parameters={"finetune_run_id": run_id, "registered_model": "e2e", "max_fid": "100"},
+)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", repo)]
+model = mlflow.pyfunc.load_model("models:/e2e@champion")
+images = model.predict(pd.DataFrame({"num_images": [1], "ddim_steps": [1], "seed": [0]}))
+import maskdm
+print(json.dumps({"run_id": submitted.run_id, "shape": list(images.shape), "dtype": str(images.dtype),
+                  "maskdm": maskdm.__file__}))
+"""
 
 
-def test_promote_through_mlflow_run(store, tmp_path):
+def test_promote_through_mlflow_projects_and_portable_load(store, tmp_path):
+    import json
+
     run_id = finetune(store, 0.3, mask_training=False)
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     done = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "promote", "--env-manager", "local",
-         "--experiment-id", store["experiment_id"], "-P", f"finetune_run_id={run_id}",
-         "-P", "registered_model=e2e", "-P", "max_fid=100"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        [sys.executable, "-c", PROJECT_AND_PORTABLE_LOAD, str(REPO), store["experiment_id"], run_id],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "e2e@champion -> version 1" in done.stdout
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
     (version,) = versions("e2e")
     assert version.tags["finetune_run_id"] == run_id and champion("e2e") == "1"
-    run = MlflowClient().get_run(version.run_id)
-    assert run.data.tags[STAGE_TAG] == "promote" and run.data.params["max_fid"] == "100"
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags[STAGE_TAG] == "promote"
+    assert run.data.params["max_fid"] == "100" and run.data.params["metric"] == "fid"
+
+    assert result["shape"] == [1, 16, 16, 3] and result["dtype"] == "uint8"
+    assert not result["maskdm"].startswith(str(REPO))
+    assert f"{os.sep}code{os.sep}maskdm{os.sep}" in result["maskdm"]

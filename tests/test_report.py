@@ -326,6 +326,22 @@ def test_fid_curves_and_ui_series(pipeline):
     assert "fid_by_ratio/finetuned_no_mask_training" in series
 
 
+def test_fid_curves_split_by_pruner_and_pattern(pipeline):
+    experiment_id, _ = pipeline
+    table = report.build_table(report.runs_frame([experiment_id]))
+    other = table.copy()
+    other["pattern"] = "2:4"
+    for column in ("prune_run_id", "train_masks_run_id", "finetune_run_id"):
+        other[column] = other[column] + "-2:4"
+    other["finetuned_fid"] = other["finetuned_fid"] + 1
+    curves = report.fid_curves(pd.concat([table, other], ignore_index=True))
+    # Only what differs between the rows (here the pattern) goes into the labels.
+    assert {"dense", "finetuned [unstructured]", "finetuned [2:4]", "pruned [2:4]"} <= set(curves)
+    assert [p.fid - 1 for p in curves["finetuned [2:4]"]] == [
+        pytest.approx(p.fid) for p in curves["finetuned [unstructured]"]]
+    assert len(curves["dense"]) == 1  # one dense model, whatever the pattern
+
+
 # --------------------------------------------------------------------------------------------
 # The entry point
 
