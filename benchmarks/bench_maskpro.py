@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--patterns", default="2:4,unstructured")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured
 
     torch.manual_seed(0)
     scheduler = default_scheduler()
@@ -163,7 +166,7 @@ def main() -> None:
     batches = ReplayBatches(data, ReplaySpec(needed, args.batch_size, 0, seed=0))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# {args.arch} ({count_parameters(dense) / 1e6:.1f}M params), device {args.device} ({device_name}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"# batch_size {args.batch_size}, accumulation {args.accumulation}, {args.updates} timed updates after 1 warm-up\n")
 
     print("| pattern | trained params | updates/s | forward s/update | mask s/update | mask share | "
@@ -176,6 +179,7 @@ def main() -> None:
 
     spread_batches = ReplayBatches(data, ReplaySpec(args.spread_batches * args.batch_size, args.batch_size, 0, seed=0))
     s = bench_spread(dense, scheduler, spread_batches, args)
+    print(f"\n# load average {os.getloadavg()[0]:.1f}")
     print(f"\nSpread of L - L_baseline at the initial 2:4 mask over {s['batches']} batches of {args.batch_size} "
           f"(mean baseline loss {s['baseline_mean']:.4f}):\n")
     print("| draws | std per batch | std per update window |")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import click
 import numpy as np
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 MASKS_FILE = "masks.safetensors"
 LOSSES_FILE = "baseline_losses.npy"
 SUMMARY_FILE = "baseline_summary.json"
+
+
+def quiet_downloads() -> None:
+    """No MLflow download progress bars on stderr, where a failing stage prints its one error line."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def replay_dataset(name: str, resolution: int):
@@ -66,6 +72,7 @@ def integer(name: str, value: str, minimum: int = 1) -> int:
 @click.option("--targets", default="all", show_default=True, help="all, or comma-separated prefixes (down_blocks, up_blocks, mid_block) train_masks will train.")
 @click.option("--seed", default="0", show_default=True, help="Seeds the subset and every batch's timesteps and noise.")
 def command(masks_run_id, original_model, dataset, dataset_size, batch_size, max_batches, targets, seed) -> None:
+    quiet_downloads()
     params = dict(
         masks_run_id=masks_run_id, original_model=original_model, dataset=dataset, dataset_size=dataset_size,
         batch_size=batch_size, max_batches=max_batches, targets=targets, seed=seed,

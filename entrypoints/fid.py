@@ -26,7 +26,7 @@ from mlflow.entities import RunStatus
 from entrypoints.common import optional, stage
 from maskdm import fid
 from maskdm.errors import MaskDMError
-from maskdm.tracking import STAGE_TAG, StageRun, client, find_runs, has_artifact
+from maskdm.tracking import STAGE_TAG, client, find_runs, has_artifact
 
 log = logging.getLogger(__name__)
 

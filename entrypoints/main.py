@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 @click.option("--set", "sets", multiple=True,
               help="Any stage parameter: stage.key=value[,stage.key=value...], repeatable; wins over the preset.")
 @click.option("--experiment", default=None, help="MLflow experiment name (created if missing) [default: MLflow's active one].")
-@click.option("--dry_run", is_flag=True, default=False, help="Print the plan (every stage with its parameters) and stop.")
+@click.option("--dry_run", type=click.BOOL, default=False, show_default=True, help="true: print the plan (every stage with its parameters) and stop.")
 def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_training, sets, experiment, dry_run) -> None:
     configure_logging()
     try:
@@ -61,8 +61,8 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
         experiment_id = run.run.info.experiment_id
         outcomes = driver.run_plan(plan, experiment_id=experiment_id, parent_run_id=run.run_id)
         (run.out / "stage_runs.json").write_text(json.dumps(
-            [{"step": o.step, "stage": o.stage, "run_id": o.run_id, "reused": o.reused, "resumed_from": o.resumed_from}
-             for o in outcomes.values()], indent=1) + "\n")
+            [{"step": o.step, "stage": o.stage, "run_id": o.run_id, "reused": o.reused, "resumed_from": o.resumed_from,
+              "wall_s": round(o.wall_s, 2), "cpu_s": round(o.cpu_s, 2)} for o in outcomes.values()], indent=1) + "\n")
         results = driver.write_results(
             driver.used_run_ids(outcomes), run.out, title=f"MaskDM results: driver run {run.run_id} ({config.preset} preset)"
         )
@@ -85,7 +85,7 @@ def describe_plan(plan: list[driver.Step]) -> str:
     lines = []
     for index, step in enumerate(plan, 1):
         upstream = [f"{k}=<{v}>" for k, v in step.needs.items()]
-        params = [f"{k}={v}" for k, v in sorted(driver.full_params(step.stage, step.params).items())]
+        params = [f"{k}={v}" for k, v in sorted(driver.full_params(step.stage, step.params).items()) if k not in step.needs]
         lines.append(f"{index:3d}. {step.name:<36} {step.stage:<14} " + " ".join(upstream + params))
     return "\n".join(lines)
 

@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import re
+import resource
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +89,7 @@ DEMO = {
         "pretrain": {},
         "prune": {"protect": "conv_in,conv_out,time_emb,class_emb", "seed": "0"},
         "baseline_loss": {"dataset_size": "256", "batch_size": "32", "max_batches": "8", "targets": "all", "seed": "0"},
-        "train_masks": {"lr": "1.0", "epoch": "5", "logits": "5.0", "max_step": "40", "accumulation": "4"},
+        "train_masks": {"lr": "1.0", "epoch": "20", "logits": "5.0", "max_step": "40", "accumulation": "4"},
         "finetune": {
             "num_iters": "60", "train_batch_size": "32", "learning_rate": "2e-4", "lr_warmup_steps": "0",
             "ema_max_decay": "0.99", "dropout": "0.1", "gradient_accumulation_steps": "1",
@@ -384,6 +386,9 @@ class StageOutcome:
     run_id: str
     reused: bool
     resumed_from: str | None = None
+    #: Wall and CPU seconds of the stage's processes (CPU summed over all of them; 0 when reused).
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 def _client():
@@ -482,6 +487,7 @@ def run_stage(
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in passed.items()])
     log.info("%s: running as run %s", step, run_id)
+    wall_start, cpu_start = time.perf_counter(), _children_cpu_s()
     try:
         mlflow.projects.run(
             uri=str(project_dir), entry_point=stage, parameters=passed, experiment_id=experiment_id,
@@ -489,7 +495,14 @@ def run_stage(
         )
     except ExecutionException:
         raise MaskDMError(f"stage {stage} failed in run {run_id} ({step}); its error is printed above") from None
-    return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from)
+    return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from,
+                        wall_s=time.perf_counter() - wall_start, cpu_s=_children_cpu_s() - cpu_start)
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU of every finished child process (a stage's own children are counted in it)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_plan(

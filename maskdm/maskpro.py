@@ -761,6 +761,7 @@ class MaskTrainer:
         start = time.perf_counter()
         sampled = self.policy.sample(mask_generator(cfg.seed, self.state.updates, self.device))
         set_masks(self.model, sampled)
+        self._sync()  # so that the timings below split mask work from forward passes on a GPU too
         mask_s = time.perf_counter() - start
 
         first = self.state.updates * cfg.accumulation
@@ -789,6 +790,10 @@ class MaskTrainer:
             mask_flip_rate=flips / self._total_entries,
             sparsity=1.0 - kept / self._total_entries,
         )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _mask_stats(self, sampled: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         flips = sum(int((m != self._initial_on_device[k]).sum()) for k, m in sampled.items())

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
-# Two cores on CI: keep each test process to one thread so parallel tests do not thrash.
-torch.set_num_threads(1)
+# Two cores on CI, two pytest workers: one thread per process, children (`mlflow run`) included.
+# Oversubscribed OpenMP threads on a busy 2-core machine run 10-100x slower, not 2x.
+os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def tiny_unet(resolution: int = 16, channels: int = 3):

@@ -451,7 +451,7 @@ def sweep(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     log_path = folder / "first.log"
-    output = _finish(_start_driver(_main_args(model_dir), uri, folder, log_path), log_path)
+    output = _finish(_start_driver(_main_args(model_dir, mask_training="both"), uri, folder, log_path), log_path)
     yield {"folder": folder, "uri": uri, "model_dir": model_dir, "first_driver": _driver_run_id(output), "output": output}
     mlflow.set_tracking_uri(previous)
     if previous is None:
@@ -461,15 +461,22 @@ def sweep(tmp_path_factory):
 
 
 def test_e2e_rerun_creates_no_stage_runs(sweep):
-    plan = driver.build_plan(_config(sweep["model_dir"]))
+    plan = driver.build_plan(_config(sweep["model_dir"], mask_training="both"))
     first = _check_lineage(sweep["first_driver"], plan)
     _assert_table_complete(sweep["first_driver"], mask_training=False)
+    _assert_table_complete(sweep["first_driver"], mask_training=True)
     assert "fid_shapes" in sweep["output"] and "mlflow ui --backend-store-uri" in sweep["output"]
     before = _count_stage_runs()
     assert before == len(plan)
 
+    # The same sweep through `mlflow run` (the other way in): same cache keys, so nothing runs.
+    command = ["mlflow", "run", str(REPO), "--env-manager", "local", "-P", f"model={sweep['model_dir']}",
+               "-P", "dataset=shapes", "-P", "ratios=0.5", "-P", "mask_training=both", "-P", f"set={TINY_SETS}"]
     log_path = sweep["folder"] / "rerun.log"
-    output = _finish(_start_driver(_main_args(sweep["model_dir"]), sweep["uri"], sweep["folder"], log_path), log_path)
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(command, cwd=sweep["folder"], env=_env(sweep["uri"]), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    output = _finish(proc, log_path)
     second_driver = _driver_run_id(output)
     assert second_driver != sweep["first_driver"]
     assert _count_stage_runs() == before
@@ -584,7 +591,7 @@ def test_e2e_two_drivers_at_once_against_a_tracking_server(tracking_server, tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     mlflow.set_tracking_uri(tracking_server)
     try:
-        args = _main_args(model_dir, mask_training="true")
+        args = _main_args(model_dir, mask_training="false")
         logs = [tmp_path / "driver_a.log", tmp_path / "driver_b.log"]
         procs = [_start_driver(args, tracking_server, tmp_path, path) for path in logs]
         try:
@@ -596,10 +603,10 @@ def test_e2e_two_drivers_at_once_against_a_tracking_server(tracking_server, tmp_
                     proc.wait()
         drivers = [_driver_run_id(output) for output in outputs]
         assert drivers[0] != drivers[1]
-        plan = driver.build_plan(_config(model_dir, mask_training="true"))
+        plan = driver.build_plan(_config(model_dir, mask_training="false"))
         for driver_run in drivers:
             _check_lineage(driver_run, plan)
-            _assert_table_complete(driver_run, mask_training=True)
+            _assert_table_complete(driver_run, mask_training=False)
         # Each stage ran at most twice (once per driver), and every run was made by one of them.
         from mlflow.tracking import MlflowClient
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from inception_fixture import _planted_torch_home, plant_inception_weights, planted_inception  # noqa: F401
+from inception_fixture import _planted_torch_home, planted_inception  # noqa: F401
 from PIL import Image
 
 from maskdm import fid

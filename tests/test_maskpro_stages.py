@@ -16,8 +16,10 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
 
+from conftest import tiny_unet
 from entrypoints.cli import cli
 from maskdm.maskpro import load_logits
+from maskdm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.masks import load_masks, maskable_modules
 from maskdm.tracking import MODEL_URI_TAG, STAGE_TAG
 
@@ -51,9 +53,9 @@ def ok(result) -> None:
     assert result.exit_code == 0, (result.output, result.stderr)
 
 
-def masks_run(model_dir: Path, pattern: str) -> tuple[str, str]:
+def masks_run(model_dir: Path, pattern: str, ratio: str = "0.5") -> tuple[str, str]:
     """A prune run and the extract_masks run of it (in process: these stages are tested elsewhere)."""
-    ok(invoke("prune", "--model", str(model_dir), "--dataset", "shapes", "--pruning_ratio", "0.5", "--pattern", pattern))
+    ok(invoke("prune", "--model", str(model_dir), "--dataset", "shapes", "--pruning_ratio", ratio, "--pattern", pattern))
     prune_id = runs_of("prune")[0].info.run_id
     ok(invoke("extract_masks", "--prune_run_id", prune_id))
     return prune_id, runs_of("extract_masks")[0].info.run_id
@@ -65,20 +67,45 @@ def baseline_run(masks_id: str, **overrides) -> str:
     return runs_of("baseline_loss")[0].info.run_id
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One tracking store for the module, so the upstream runs are made once (the ``tracking``
+    fixture of conftest is per test)."""
+    root = tmp_path_factory.mktemp("maskpro_stages")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    patch.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), root / "tiny_model")
+    yield uri, root, model_dir
+    mlflow.set_tracking_uri(None)
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def chain(store):
+    """(prune, extract_masks, baseline_loss) run IDs for a 2:4 pruning of the tiny model."""
+    _, _, model_dir = store
+    prune_id, masks_id = masks_run(model_dir, "2:4")
+    return prune_id, masks_id, baseline_run(masks_id)
+
+
 def metric_history(run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_both_stages_through_mlflow_run_replay_exactly(tracking, tiny_model_dir, tmp_path):
-    prune_id, masks_id = masks_run(tiny_model_dir, "2:4")
-    done = mlflow_run("baseline_loss", tracking, tmp_path, masks_run_id=masks_id, **SMALL)
+def test_both_stages_through_mlflow_run_replay_exactly(store, chain):
+    tracking, cwd, model_dir = store
+    prune_id, masks_id, _ = chain
+    done = mlflow_run("baseline_loss", tracking, cwd, masks_run_id=masks_id, **SMALL)
     assert done.returncode == 0, done.stderr[-3000:]
     baseline = runs_of("baseline_loss")[0]
     assert baseline.info.status == "FINISHED"
     bid = baseline.info.run_id
     tags, params = baseline.data.tags, baseline.data.params
     assert tags["maskdm.upstream.extract_masks"] == masks_id and tags["maskdm.upstream.prune"] == prune_id
-    assert tags[MODEL_URI_TAG] == str(tiny_model_dir) and params["pattern"] == "2:4"
+    assert tags[MODEL_URI_TAG] == str(model_dir) and params["pattern"] == "2:4"
     losses = np.load(mlflow.artifacts.download_artifacts(run_id=bid, artifact_path="baseline_losses.npy"))
     summary = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=bid, artifact_path="baseline_summary.json")).read_text())
     assert losses.shape == (4,) and summary["count"] == 4
@@ -88,7 +115,7 @@ def test_both_stages_through_mlflow_run_replay_exactly(tracking, tiny_model_dir,
 
     # lr=0 with saturated logits: every sampled mask is the initial one, so in another process the
     # training loss must equal the baseline to the last bit on every update.
-    done = mlflow_run("train_masks", tracking, tmp_path, baseline_run_id=bid, lr="0", logits="30", epoch="2",
+    done = mlflow_run("train_masks", tracking, cwd, baseline_run_id=bid, lr="0", logits="30", epoch="2",
                       max_step="0", accumulation="2")
     assert done.returncode == 0, done.stderr[-3000:]
     trained = runs_of("train_masks")[0]
@@ -104,9 +131,9 @@ def test_both_stages_through_mlflow_run_replay_exactly(tracking, tiny_model_dir,
     assert {"masks.safetensors", "logits.safetensors", "model", "training_curves.png"} <= names
 
 
-def test_train_masks_writes_n_m_masks_a_sparse_model_and_logits(tracking, tiny_model_dir):
-    _, masks_id = masks_run(tiny_model_dir, "2:4")
-    bid = baseline_run(masks_id)
+def test_train_masks_writes_n_m_masks_a_sparse_model_and_logits(store, chain):
+    _, _, model_dir = store
+    _, masks_id, bid = chain
     ok(invoke("train_masks", "--baseline_run_id", bid, "--lr", "500", "--logits", "0.5", "--epoch", "1", "--max_step", "0",
               "--accumulation", "2", "--targets", "down_blocks"))
     run = runs_of("train_masks")[0]
@@ -121,7 +148,7 @@ def test_train_masks_writes_n_m_masks_a_sparse_model_and_logits(tracking, tiny_m
             assert (mask.reshape(-1, 4).sum(-1) == 2).all(), name
 
     unet = DDPMPipeline.from_pretrained(mlflow.artifacts.download_artifacts(run_id=tid, artifact_path="model")).unet
-    dense = DDPMPipeline.from_pretrained(tiny_model_dir).unet
+    dense = DDPMPipeline.from_pretrained(model_dir).unet
     modules, originals = maskable_modules(unet), maskable_modules(dense)
     for name, mask in learned.items():
         # The original dense weights where the learned mask keeps, exactly zero elsewhere.
@@ -133,8 +160,8 @@ def test_train_masks_writes_n_m_masks_a_sparse_model_and_logits(tracking, tiny_m
     assert len(metric_history(tid, "loss")) == 2
 
 
-def test_unstructured_masks_keep_the_pruning_sparsity_per_layer(tracking, tiny_model_dir):
-    _, masks_id = masks_run(tiny_model_dir, "unstructured")
+def test_unstructured_masks_keep_the_pruning_sparsity_per_layer(store):
+    _, masks_id = masks_run(store[2], "unstructured")
     bid = baseline_run(masks_id, targets="up_blocks")
     ok(invoke("train_masks", "--baseline_run_id", bid, "--lr", "500", "--logits", "0.5", "--max_step", "2", "--accumulation", "2"))
     tid = runs_of("train_masks")[0].info.run_id
@@ -158,12 +185,6 @@ def assert_one_line_failure(result, stage: str, *fragments: str) -> None:
     run = runs_of(stage)[0]
     assert run.info.status == "FAILED"
     assert MlflowClient().list_artifacts(run.info.run_id) == []
-
-
-@pytest.fixture
-def chain(tracking, tiny_model_dir):
-    prune_id, masks_id = masks_run(tiny_model_dir, "2:4")
-    return prune_id, masks_id, baseline_run(masks_id)
 
 
 def test_baseline_loss_refuses_a_run_of_the_wrong_stage(chain):
@@ -205,8 +226,8 @@ def test_targets_that_match_no_layer_list_the_prefixes(chain):
     assert_one_line_failure(result, "train_masks", "'mid_blocks'", "available prefixes")
 
 
-def test_n_above_four_is_refused_before_any_work(tracking, tiny_model_dir):
-    _, masks_id = masks_run(tiny_model_dir, "5:8")
+def test_n_above_four_is_refused_before_any_work(store):
+    _, masks_id = masks_run(store[2], "5:8", ratio="0.375")
     result = invoke("baseline_loss", "--masks_run_id", masks_id, *sum(([f"--{k}", v] for k, v in SMALL.items()), []))
     assert_one_line_failure(result, "baseline_loss", "5:8", "N <= 4")
 

@@ -51,7 +51,8 @@ def half_masks(unet: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def weights(unet: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().clone() for n, m in maskable_modules(unet).items()}
+    """CPU copies (the live model may be on a GPU)."""
+    return {n: m.weight.detach().cpu().clone() for n, m in maskable_modules(unet).items()}
 
 
 def assert_zero_where_masked(named: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], what: str) -> None:
@@ -89,7 +90,7 @@ def test_masked_weights_stay_exactly_zero_live_ema_checkpoint_and_saved(images, 
     # Live model: the effective weight and the stored original are zero where masked.
     live = maskable_modules(ddpm.unet)
     assert_zero_where_masked(weights(ddpm.unet), masks, "live weight")
-    assert_zero_where_masked({n: live[n].parametrizations.weight.original.detach() for n in masks}, masks, "live original")
+    assert_zero_where_masked({n: live[n].parametrizations.weight.original.detach().cpu() for n in masks}, masks, "live original")
     # EMA model (what is returned and what on_checkpoint gets), its checkpoint copy, and the saved model.
     ema_weights = weights(result.ddpm.unet)
     assert_zero_where_masked(ema_weights, masks, "EMA model")
