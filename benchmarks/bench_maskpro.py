@@ -39,7 +39,6 @@ from maskdm.maskpro import (
     ReplaySpec,
     TrainConfig,
     compute_baseline_losses,
-    ensure_masks,
     make_policy,
     mask_generator,
     parse_pattern,

@@ -92,8 +92,7 @@ def command(**params) -> None:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     with tempfile.TemporaryDirectory(prefix="maskdm-finetune-") as workdir:
         if state.is_main_process:
-            # Unset options are not logged, so that the lineage values (dataset) take their place.
-            with stage("finetune", {k: v for k, v in params.items() if v is not None}) as run:
+            with stage("finetune", params) as run:
                 job = prepare(params, Path(workdir), run)
                 finetune(job, state, run)
         else:

@@ -71,6 +71,8 @@ DRIVER_OWNED = {
 PATH_PARAMS = ("model", "dataset", "reference", "weights", "original_model")
 
 MASK_TRAINING_CHOICES = ("true", "false", "both")
+#: The step that provides the demo model when ``model`` is ``demo``.
+DEMO_MODEL_STEP = "pretrain demo"
 
 # --- presets -------------------------------------------------------------------------------------
 
@@ -316,25 +318,27 @@ def build_plan(config: SweepConfig) -> list[Step]:
     needs_model: dict[str, str] = {}
     model = config.model
     if model == "demo":
-        # The demo model as a stage of its own: a cached child run, timed like the rest, and named
-        # by run ID downstream so the cache key pins exactly which demo model was pruned.
-        add(Step("pretrain demo", "pretrain", dict(p.get("pretrain", {}))))
-        needs_model = {"model": "pretrain demo"}
+        # The demo model as a step of its own (an existing demo model is reused, see run_plan;
+        # otherwise it is trained as a child run, timed like the rest), named by run ID downstream
+        # so that the cache keys pin exactly which demo model was pruned.
+        add(Step(DEMO_MODEL_STEP, "pretrain", dict(p.get("pretrain", {}))))
+        needs_model = {"model": DEMO_MODEL_STEP}
         model = ""
 
-    def prune_params(ratio: float, pattern: str, scope: str) -> dict[str, str]:
-        params = {**prune_base, "pruning_ratio": format_ratio(ratio), "pruner": config.pruner, "pattern": pattern, "scope": scope}
+    def prune_params(ratio: float, pruner: str, pattern: str, scope: str) -> dict[str, str]:
+        params = {**prune_base, "pruning_ratio": format_ratio(ratio), "pruner": pruner, "pattern": pattern, "scope": scope}
         if model:
             params["model"] = model
         return params
 
-    # The dense reference is pruning_ratio 0 with no pattern: one run shared by every sweep.
-    dense = add(Step("prune dense", "prune", prune_params(0.0, "unstructured", "layer"), dict(needs_model), 0.0, "dense"))
+    # The dense reference is pruning_ratio 0 whatever the pruner, pattern and scope: one run (and
+    # one score) shared by every sweep of the same model.
+    dense = add(Step("prune dense", "prune", prune_params(0.0, "magnitude", "unstructured", "layer"), dict(needs_model), 0.0, "dense"))
     score(dense, "dense", 0.0, "dense")
 
     for ratio in config.ratios:
         r = f"r={format_ratio(ratio)}"
-        pruned = add(Step(f"prune {r}", "prune", prune_params(ratio, config.pattern, config.scope), dict(needs_model), ratio, "pruned"))
+        pruned = add(Step(f"prune {r}", "prune", prune_params(ratio, config.pruner, config.pattern, config.scope), dict(needs_model), ratio, "pruned"))
         score(pruned, "pruned", ratio, f"{r} (pruned)")
         masks = add(Step(f"extract_masks {r}", "extract_masks", {}, {"prune_run_id": pruned.name}, ratio))
         if config.mask_training in ("true", "both"):
@@ -505,6 +509,18 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def find_demo_model() -> str | None:
+    """The newest FINISHED demo ``pretrain`` run of any experiment, as ``model=demo`` resolves it.
+
+    The demo model is trained once per tracking store and then reused whatever the code version
+    (the contract's rule for ``demo``), so editing the code does not retrain it.
+    """
+    from maskdm.tracking import DEMO_TAG, find_runs
+
+    runs = find_runs("pretrain", {DEMO_TAG: "true"})
+    return runs[0].info.run_id if runs else None
+
+
 def run_plan(
     plan: list[Step],
     *,
@@ -522,10 +538,16 @@ def run_plan(
         params = {**step.params, **{param: outcomes[needed].run_id for param, needed in step.needs.items()}}
         tags = {VARIANT_TAG: step.variant} if step.variant else {}
         log.info("[%d/%d] %s", index, len(plan), step.name)
-        outcome = run_stage(
-            step.stage, params, experiment_id=experiment_id, parent_run_id=parent_run_id, step=step.name,
-            tags=tags, project_dir=project_dir, code_version=version,
-        )
+        demo = find_demo_model() if step.name == DEMO_MODEL_STEP and not step.params else None
+        if demo:
+            log.info("%s: reusing the demo model, run %s", step.name, demo)
+            _client().set_tag(demo, f"{USED_BY_TAG_PREFIX}{parent_run_id}", "true")
+            outcome = StageOutcome(step.name, step.stage, demo, reused=True)
+        else:
+            outcome = run_stage(
+                step.stage, params, experiment_id=experiment_id, parent_run_id=parent_run_id, step=step.name,
+                tags=tags, project_dir=project_dir, code_version=version,
+            )
         outcomes[step.name] = outcome
         if on_outcome:
             on_outcome(outcome)

@@ -322,6 +322,10 @@ def dataset_images_uint8(dataset: torch.utils.data.Dataset, limit: int | None = 
     from maskdm.sampling import to_uint8
 
     count = len(dataset) if limit is None else min(limit, len(dataset))
+    stored = getattr(dataset, "images", None)
+    if isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.ndim == 4:
+        # In-memory datasets (the embedded shapes) hold the uint8 pixels already: no round trip.
+        return stored[:count]
     subset = torch.utils.data.Subset(dataset, range(count)) if count < len(dataset) else dataset
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
     if count == 0:

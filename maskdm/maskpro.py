@@ -301,13 +301,22 @@ def resolve_from_baseline(summary: Mapping, explicit: Mapping[str, object | None
     for key, value in explicit.items():
         if key not in recorded:
             raise MaskDMError(f"the baseline summary records no '{key}'; rerun baseline_loss with this code version")
-        if value is not None and str(value) != str(recorded[key]):
+        if value is not None and not _same(value, recorded[key]):
             raise MaskDMError(
                 f"{key}={value} contradicts the baseline run's {key}={recorded[key]}; leave {key} unset to use the "
                 f"baseline's, or run baseline_loss with {key}={value}"
             )
         resolved[key] = recorded[key]
     return resolved
+
+
+def _same(given: object, recorded: object) -> bool:
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        try:
+            return int(str(given).strip()) == recorded
+        except ValueError:
+            return False
+    return str(given).strip() == str(recorded)
 
 
 def check_protocol(summary: Mapping, batches: ReplayBatches, num_baseline_losses: int) -> None:

@@ -74,9 +74,9 @@ def _num_classes(dataset: Dataset, labels: torch.Tensor) -> int:
 def train_shapes_classifier(
     dataset: Dataset,
     epochs: int = 3,
-    batch_size: int = 128,
+    batch_size: int = 64,
     learning_rate: float = 3e-3,
-    max_images: int | None = 8000,
+    max_images: int | None = 4000,
     seed: int = 0,
     progress: bool = False,
 ) -> ShapesClassifier:

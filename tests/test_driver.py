@@ -121,6 +121,15 @@ def test_plan_scores_dense_once_and_every_model_per_ratio(tiny_model_dir, mask_t
     assert all(s.params["model"] == str(tiny_model_dir) for s in plan if s.stage == "prune")
 
 
+def test_the_dense_reference_is_the_same_whatever_the_pruning_setup(tiny_model_dir):
+    def dense(**options):
+        plan = driver.build_plan(driver.resolve_config("demo", model=str(tiny_model_dir), **options))
+        return next(s.params for s in plan if s.variant == "dense" and s.stage == "prune")
+
+    assert dense() == dense(pruner="random", scope="global", pattern="1:4")
+    assert dense()["pruning_ratio"] == "0.0" and dense()["pattern"] == "unstructured"
+
+
 def test_demo_model_is_a_pretrain_step_named_by_run_id():
     plan = driver.build_plan(driver.resolve_config("demo"))
     assert plan[0].stage == "pretrain"
@@ -154,6 +163,7 @@ def test_full_params_fill_in_the_mlproject_defaults():
 
 FAKE_STAGES = {
     # stage: (declared params with defaults, upstream param)
+    "pretrain": ({"num_iters": "3"}, None),
     "prune": ({"pruning_ratio": "0.3", "seed": "0"}, None),
     "extract_masks": ({}, "prune_run_id"),
     "baseline_loss": ({"dataset_size": "8"}, "masks_run_id"),
@@ -302,6 +312,42 @@ def test_run_plan_wires_upstream_run_ids_and_reruns_nothing(fake_project, parent
     # A reused run is tagged for the report of the driver that reused it.
     some = outcomes[plan[0].name].run_id
     assert client.get_run(some).data.tags[f"{driver.USED_BY_TAG_PREFIX}{parent.info.run_id}"] == "true"
+
+
+def _prune_models(outcomes, plan, client) -> set[str]:
+    return {client.get_run(outcomes[s.name].run_id).data.params["model"] for s in plan if s.stage == "prune"}
+
+
+def test_demo_model_is_trained_as_a_child_run_when_there_is_none(fake_project, parent):
+    from mlflow.tracking import MlflowClient
+
+    plan = driver.build_plan(driver.resolve_config("demo", ratios="0.5", mask_training="false"))
+    outcomes = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    demo = outcomes[driver.DEMO_MODEL_STEP]
+    assert not demo.reused
+    client = MlflowClient()
+    assert client.get_run(demo.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert _prune_models(outcomes, plan, client) == {demo.run_id}
+
+
+def test_an_existing_demo_model_is_reused_whatever_the_code_version(fake_project, parent):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    elsewhere = client.create_experiment("where the demo model was trained")
+    made = client.create_run(elsewhere, tags={"maskdm.stage": "pretrain", "maskdm.demo": "true"})
+    client.set_terminated(made.info.run_id, "FINISHED")
+    plan = driver.build_plan(driver.resolve_config("demo", ratios="0.5", mask_training="false"))
+    outcomes = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    assert outcomes[driver.DEMO_MODEL_STEP].reused and outcomes[driver.DEMO_MODEL_STEP].run_id == made.info.run_id
+    assert _prune_models(outcomes, plan, client) == {made.info.run_id}
+    assert _runs("pretrain") == []  # nothing trained in the driver's experiment
+
+    # A pretrain configured away from the demo defaults is a stage like any other.
+    custom = driver.build_plan(driver.resolve_config("demo", ratios="0.5", mask_training="false", sets=["pretrain.num_iters=3"]))
+    custom_outcomes = driver.run_plan(custom, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    assert not custom_outcomes[driver.DEMO_MODEL_STEP].reused
+    assert custom_outcomes[driver.DEMO_MODEL_STEP].run_id != made.info.run_id
 
 
 # --- end to end: `maskdm main` on the real stages ----------------------------------------------------

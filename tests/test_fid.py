@@ -182,9 +182,12 @@ def test_reference_key_names_every_input():
 def test_dataset_images_come_back_as_their_original_pixels():
     from maskdm.data import render_shapes, shapes_dataset
 
-    dataset = shapes_dataset("eval", resolution=16, size=12)
-    images = fid.dataset_images_uint8(dataset, limit=10, batch_size=4)
-    np.testing.assert_array_equal(images, render_shapes(12, seed=1, resolution=16)[0][:10])
+    dataset = shapes_dataset("train", resolution=16, size=12)
+    expected = render_shapes(12, seed=0, resolution=16)[0][:10]
+    # Through the dataset's [-1, 1] tensors (a Subset hides the stored pixels), and the stored pixels.
+    through_tensors = fid.dataset_images_uint8(torch.utils.data.Subset(shapes_dataset("eval", 16, 12), range(12)), limit=10, batch_size=4)
+    np.testing.assert_array_equal(through_tensors, render_shapes(12, seed=1, resolution=16)[0][:10])
+    np.testing.assert_array_equal(fid.dataset_images_uint8(dataset, limit=10), expected)  # unflipped
 
 
 # --- bad samples ----------------------------------------------------------------------------------
