@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from maskdm.tracking import StageRun, stage_run
 
 
 def configure_logging() -> None:
+    # Download progress bars would otherwise stand between a user and the one error line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # MLflow and diffusers are chatty at INFO; their warnings still show.
     for noisy in ("mlflow", "diffusers", "urllib3", "httpx", "alembic", "accelerate"):

@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import mlflow
 import numpy as np
 import torch
-from mlflow.entities import RunStatus
 
 from entrypoints.common import optional, stage
 from maskdm import fid
 from maskdm.errors import MaskDMError
-from maskdm.tracking import STAGE_TAG, client, find_runs, has_artifact
+from maskdm.report import MODEL_STAGE_TAG, model_stage_of
+from maskdm.tracking import cached_artifact, log_side_run
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,8 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
     with stage("fid", params) as run:
         check_params(features, dims, batch_size)
         up = run.upstream(sample_run_id, ["sample"], SAMPLES, "sample_run_id")
+        # dense / pruned / masked / finetuned: what the MLflow UI groups FID-vs-ratio charts by.
+        run.set_tags({MODEL_STAGE_TAG: model_stage_of(up.tags, up.params) or "unknown"})
         reference = optional(reference) or up.params.get("dataset")
         if not reference:
             raise MaskDMError("the sample run's lineage names no dataset: pass reference=<dataset name or .npz of mu and sigma>")
@@ -161,41 +162,6 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
 # --- cached side runs (the reference statistics, the shapes classifier) ---------------------------
 
 
-def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> tuple[str, Path] | None:
-    """(run ID, downloaded artifact) of the newest FINISHED ``stage_name`` run tagged ``key_tag=key``, if any."""
-    for cached in find_runs(stage_name, {key_tag: key}):
-        run_id = cached.info.run_id
-        if has_artifact(run_id, artifact):
-            log.info("reusing %s run %s (%s)", stage_name, run_id, key)
-            dst = tempfile.mkdtemp(prefix=f"maskdm-{stage_name}-")
-            return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst))
-    return None
-
-
-def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, object], metrics: Mapping[str, float], files: list[Path]) -> str:
-    """A FINISHED run of ``stage_name`` beside the active run (same experiment, not its child).
-
-    Cache runs are shared by every later fid run, so they must not live and die with this one.
-    """
-    active = mlflow.active_run()
-    experiment_id = active.info.experiment_id if active else None
-    mlflow_client = client()
-    created = mlflow_client.create_run(experiment_id or "0", tags={STAGE_TAG: stage_name, **tags})
-    run_id = created.info.run_id
-    try:
-        for key, value in params.items():
-            mlflow_client.log_param(run_id, key, str(value))
-        for key, value in metrics.items():
-            mlflow_client.log_metric(run_id, key, float(value))
-        for path in files:
-            mlflow_client.log_artifact(run_id, str(path))
-    except BaseException:
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    return run_id
-
-
 def _source_digest(*modules: str) -> str:
     sha = hashlib.sha256()
     for module in modules:
@@ -254,21 +220,7 @@ def reference_images(dataset: str, resolution: int) -> np.ndarray:
     """A dataset's training images, unflipped, as uint8 NHWC (for cifar10: the 50,000 training images)."""
     from maskdm.data import load_dataset
 
-    images = load_dataset(dataset, resolution, split="train")
-    _without_flips(images)
-    return fid.dataset_images_uint8(images)
-
-
-def _without_flips(dataset) -> None:
-    # Reference statistics are of the images as they are; load_dataset's train split flips at
-    # random (augmentation), and has no switch for that (yet), so take the flips out here.
-    from torchvision import transforms
-
-    if hasattr(dataset, "train") and hasattr(dataset, "images"):  # maskdm.data.ArrayImageDataset
-        dataset.train = False
-    transform = getattr(dataset, "transform", None)
-    if isinstance(transform, transforms.Compose):
-        transform.transforms = [t for t in transform.transforms if not isinstance(t, transforms.RandomHorizontalFlip)]
+    return fid.dataset_images_uint8(load_dataset(dataset, resolution, split="train", augment=False))
 
 
 __all__ = ["command"]

@@ -95,10 +95,11 @@ class ArrayImageDataset(Dataset):
         return image, int(self.labels[i])
 
 
-def shapes_dataset(split: str, resolution: int = 32, size: int | None = None) -> ArrayImageDataset:
+def shapes_dataset(split: str, resolution: int = 32, size: int | None = None, augment: bool | None = None) -> ArrayImageDataset:
     size = size or (SHAPES_TRAIN_SIZE if split == "train" else SHAPES_EVAL_SIZE)
     images, labels = render_shapes(size, _SHAPES_SPLIT_SEED[split], resolution)
-    return ArrayImageDataset(images, labels, train=split == "train", classes=SHAPE_CLASSES)
+    augment = split == "train" if augment is None else augment
+    return ArrayImageDataset(images, labels, train=augment, classes=SHAPE_CLASSES)
 
 
 # --- torchvision / folder datasets ----------------------------------------------------------------
@@ -114,12 +115,12 @@ def _transform(resolution: int, train: bool):
     return transforms.Compose(steps)
 
 
-def cifar10_dataset(split: str, resolution: int, cache_dir: Path) -> Dataset:
+def cifar10_dataset(split: str, resolution: int, cache_dir: Path, augment: bool) -> Dataset:
     from torchvision.datasets import CIFAR10
 
     root = cache_dir / "cifar10"
     try:
-        return CIFAR10(root, train=split == "train", transform=_transform(resolution, split == "train"), download=True)
+        return CIFAR10(root, train=split == "train", transform=_transform(resolution, augment), download=True)
     except Exception as exc:
         raise MaskDMError(
             f"cannot download CIFAR-10 into {root} ({type(exc).__name__}); offline, put the extracted "
@@ -151,16 +152,27 @@ class ImageFolderDataset(Dataset):
         return image, self._class_index[self.paths[i].parent.name]
 
 
-def load_dataset(name: str, resolution: int = 32, split: str = "train", cache_dir: str | os.PathLike | None = None) -> Dataset:
-    """A dataset by name: ``shapes``, ``cifar10`` or ``imagefolder:<path>``; split ``train`` or ``eval``."""
+def load_dataset(
+    name: str,
+    resolution: int = 32,
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    augment: bool | None = None,
+) -> Dataset:
+    """A dataset by name: ``shapes``, ``cifar10`` or ``imagefolder:<path>``; split ``train`` or ``eval``.
+
+    ``augment`` (random horizontal flip) defaults to on for ``train`` and off for ``eval``; FID
+    reference statistics take the training images without it.
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    augment = split == "train" if augment is None else augment
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name == "shapes":
-        return shapes_dataset(split, resolution)
+        return shapes_dataset(split, resolution, augment=augment)
     if name == "cifar10":
-        return cifar10_dataset(split, resolution, cache)
+        return cifar10_dataset(split, resolution, cache, augment)
     if name.startswith("imagefolder:"):
         # An image folder has no held-out split of its own: eval is the same images, unflipped.
-        return ImageFolderDataset(Path(os.path.expanduser(name.split(":", 1)[1])), resolution, split == "train")
+        return ImageFolderDataset(Path(os.path.expanduser(name.split(":", 1)[1])), resolution, augment)
     raise MaskDMError(f"unknown dataset '{name}': use one of {', '.join(DATASET_NAMES)}")

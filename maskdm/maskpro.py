@@ -483,88 +483,116 @@ def bernoulli_score(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # --- policies over a model's layers --------------------------------------------------------------
 
-#: Bounds the (orders x draws x groups) float64 temporaries of the N:M score (4:8: 96 per group) to about 64 MB each.
-_SCORE_CHUNK_ELEMENTS = 1 << 23
+#: Bounds the (orders x draws x groups) float64 temporaries of the N:M score (2:4: 4 per group,
+#: 4:8: 96) to about 32 MB each.
+_SCORE_CHUNK_ELEMENTS = 1 << 22
 
 
 class MaskPolicy:
-    """Logits for the trained layers (shaped like their weights) and the pattern's estimator."""
+    """Logits of all trained layers in one flat buffer, and the pattern's estimator.
+
+    One buffer for every layer means a handful of kernels per update instead of a handful per
+    layer: on a GPU the per-layer launches would otherwise cost more than the arithmetic.
+    ``flat`` is the buffer; ``logits`` gives each layer's logits shaped like its weight.
+    """
 
     def __init__(self, initial_masks: Mapping[str, torch.Tensor], logits: Mapping[str, torch.Tensor]):
-        self.initial = {k: initial_masks[k] for k in logits}
-        self.logits = {k: v.to(torch.float32).contiguous() for k, v in logits.items()}
+        self.names = list(logits)
+        self.shapes = {k: tuple(v.shape) for k, v in logits.items()}
+        self.initial = {k: initial_masks[k] for k in self.names}
+        self.flat = self._flatten({k: v.to(torch.float32) for k, v in logits.items()})
+        self.flat_initial = self._flatten(self.initial)
+
+    def _flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-layer, weight-shaped tensors of a flat buffer (views where the layout allows)."""
+        raise NotImplementedError
 
     @property
-    def names(self) -> list[str]:
-        return list(self.logits)
+    def logits(self) -> dict[str, torch.Tensor]:
+        return self.unflatten(self.flat)
 
     def to(self, device: torch.device | str) -> "MaskPolicy":
         self.initial = {k: v.to(device) for k, v in self.initial.items()}
-        self.logits = {k: v.to(device) for k, v in self.logits.items()}
+        self.flat = self.flat.to(device)
+        self.flat_initial = self.flat_initial.to(device)
         return self
 
-    def sample(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_flat(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One mask sample of every trained layer, in the flat layout."""
         raise NotImplementedError
 
-    def score(self, name: str, mask: torch.Tensor) -> torch.Tensor:
-        """d log P(mask) / d logits for one layer, shaped like the layer's weight."""
+    def score_flat(self, mask: torch.Tensor) -> torch.Tensor:
+        """d log P(mask) / d logits, in the flat layout."""
         raise NotImplementedError
 
     def final_masks(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def step(self, sampled: Mapping[str, torch.Tensor], coefficient: float) -> None:
-        """``logits <- logits - coefficient * score(sampled)``, one layer at a time (no full copy of the score)."""
-        for name, mask in sampled.items():
-            self.logits[name].sub_(self.score(name, mask), alpha=coefficient)
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return self.unflatten(self.sample_flat(generator))
+
+    def step(self, mask: torch.Tensor, coefficient: float) -> None:
+        """``logits <- logits - coefficient * score(mask)`` for a flat sampled ``mask``."""
+        self.flat.sub_(self.score_flat(mask), alpha=coefficient)
 
 
 class NMPolicy(MaskPolicy):
     """N:M: per group of M consecutive entries of ``weight.reshape(out, -1)``, N kept (Plackett-Luce).
 
-    Layers whose flattened input size is not a multiple of M (left dense by N:M pruning) are not
-    trained: :func:`make_policy` leaves them out.
+    The flat layout is columns-first, (M, all groups of all layers). Layers whose flattened input
+    size is not a multiple of M (left dense by N:M pruning) are not trained: :func:`make_policy`
+    leaves them out.
     """
 
     def __init__(self, pattern: NMPattern, initial_masks, logits):
-        super().__init__(initial_masks, logits)
         self.pattern = pattern
+        super().__init__(initial_masks, logits)
 
-    def _columns(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(-1, self.pattern.m).T.contiguous()
+    def _flatten(self, tensors):
+        return torch.cat([tensors[k].reshape(-1, self.pattern.m).T for k in self.names], 1).contiguous()
 
-    def _weight_shaped(self, columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return columns.T.reshape(like.shape)
+    def unflatten(self, flat):
+        out, start = {}, 0
+        for name in self.names:
+            groups = math.prod(self.shapes[name]) // self.pattern.m
+            out[name] = flat[:, start : start + groups].T.reshape(self.shapes[name])
+            start += groups
+        return out
 
-    def sample(self, generator=None):
-        return {
-            name: self._weight_shaped(_gumbel_top_n_columns(self._columns(lg), self.pattern.n, generator), lg)
-            for name, lg in self.logits.items()
-        }
+    def sample_flat(self, generator=None):
+        return _gumbel_top_n_columns(self.flat, self.pattern.n, generator)
 
-    def score(self, name, mask):
-        logits, mask = self._columns(self.logits[name]), self._columns(mask)
+    def score_flat(self, mask):
         groups = max(1, _SCORE_CHUNK_ELEMENTS // (math.factorial(self.pattern.n) * self.pattern.n))
-        parts = [_nm_score_columns(lg, mk, self.pattern.n) for lg, mk in zip(logits.split(groups, 1), mask.split(groups, 1))]
-        return self._weight_shaped(torch.cat(parts, 1), self.logits[name])
+        parts = [_nm_score_columns(lg, mk, self.pattern.n) for lg, mk in zip(self.flat.split(groups, 1), mask.split(groups, 1))]
+        return torch.cat(parts, 1)
 
     def final_masks(self):
-        return {
-            name: self._weight_shaped(
-                _rank_top(self._columns(lg), self.pattern.n, self._columns(self.initial[name])), lg
-            )
-            for name, lg in self.logits.items()
-        }
+        return self.unflatten(_rank_top(self.flat, self.pattern.n, self.flat_initial))
 
 
 class BernoulliPolicy(MaskPolicy):
     """Unstructured: one Bernoulli(sigmoid(logit)) per weight; final mask keeps the initial count per layer."""
 
-    def sample(self, generator=None):
-        return {name: bernoulli_sample(lg, generator) for name, lg in self.logits.items()}
+    def _flatten(self, tensors):
+        return torch.cat([tensors[k].reshape(-1) for k in self.names]).contiguous()
 
-    def score(self, name, mask):
-        return bernoulli_score(self.logits[name], mask)
+    def unflatten(self, flat):
+        out, start = {}, 0
+        for name in self.names:
+            size = math.prod(self.shapes[name])
+            out[name] = flat[start : start + size].view(self.shapes[name])
+            start += size
+        return out
+
+    def sample_flat(self, generator=None):
+        return bernoulli_sample(self.flat, generator)
+
+    def score_flat(self, mask):
+        return bernoulli_score(self.flat, mask)
 
     def final_masks(self):
         final = {}
@@ -738,9 +766,9 @@ class MaskTrainer:
         ensure_masks(model, self.initial)
         self.device = next(model.parameters()).device
         self.policy.to(self.device)
-        self._initial_on_device = {k: v.to(self.device) for k, v in self.initial.items() if k in policy.logits}
+        trained = set(policy.names)
         self._total_entries = sum(m.numel() for m in self.initial.values())
-        self._fixed_kept = sum(int(m.sum()) for k, m in self.initial.items() if k not in policy.logits)
+        self._fixed_kept = sum(int(m.sum()) for k, m in self.initial.items() if k not in trained)
 
     @property
     def num_batches(self) -> int:
@@ -768,8 +796,8 @@ class MaskTrainer:
     def update(self) -> UpdateMetrics:
         cfg = self.config
         start = time.perf_counter()
-        sampled = self.policy.sample(mask_generator(cfg.seed, self.state.updates, self.device))
-        set_masks(self.model, sampled)
+        sampled = self.policy.sample_flat(mask_generator(cfg.seed, self.state.updates, self.device))
+        set_masks(self.model, self.policy.unflatten(sampled))
         self._sync()  # so that the timings below split mask work from forward passes on a GPU too
         mask_s = time.perf_counter() - start
 
@@ -804,10 +832,10 @@ class MaskTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _mask_stats(self, sampled: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        flips = sum(int((m != self._initial_on_device[k]).sum()) for k, m in sampled.items())
-        kept = self._fixed_kept + sum(int(m.sum()) for m in sampled.values())
-        return flips, kept
+    def _mask_stats(self, sampled: torch.Tensor) -> tuple[int, int]:
+        # Untrained layers keep their initial masks: no flips, a fixed kept count.
+        flips = int((sampled != self.policy.flat_initial).sum())
+        return flips, self._fixed_kept + int(sampled.sum())
 
     def final_masks(self) -> dict[str, torch.Tensor]:
         """The learned masks of every masked layer (untrained ones keep their initial mask), on the CPU."""

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -145,6 +145,44 @@ def find_runs(stage: str, tags: Mapping[str, str] | None = None, status: str = "
     )
 
 
+# --- cached side runs: results shared by many stage runs (FID reference statistics, classifiers) ---
+
+
+def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> tuple[str, Path] | None:
+    """(run ID, downloaded artifact) of the newest FINISHED ``stage_name`` run tagged ``key_tag=key``, if any."""
+    for cached in find_runs(stage_name, {key_tag: key}):
+        run_id = cached.info.run_id
+        if has_artifact(run_id, artifact):
+            log.info("reusing %s run %s (%s)", stage_name, run_id, key)
+            dst = tempfile.mkdtemp(prefix=f"maskdm-{stage_name}-")
+            return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst))
+    return None
+
+
+def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, object], metrics: Mapping[str, float], files: list[Path]) -> str:
+    """A FINISHED run of ``stage_name`` beside the active run (same experiment, not its child).
+
+    Cache runs are shared by every later fid run, so they must not live and die with this one.
+    """
+    active = mlflow.active_run()
+    experiment_id = active.info.experiment_id if active else None
+    mlflow_client = client()
+    created = mlflow_client.create_run(experiment_id or "0", tags={STAGE_TAG: stage_name, **tags})
+    run_id = created.info.run_id
+    try:
+        for key, value in params.items():
+            mlflow_client.log_param(run_id, key, str(value))
+        for key, value in metrics.items():
+            mlflow_client.log_metric(run_id, key, float(value))
+        for path in files:
+            mlflow_client.log_artifact(run_id, str(path))
+    except BaseException:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
 def _experiment_id() -> str | None:
     run = mlflow.active_run()
     return run.info.experiment_id if run else None
@@ -236,7 +274,7 @@ class StageRun:
         return load_ddpm(ref)
 
     # -- models ----------------------------------------------------------------------------------
-    def log_model(self, ddpm, dataset, device="cpu") -> float:
+    def log_model(self, ddpm, dataset, device="cpu", step: int | None = None) -> float:
         """Save ``ddpm`` to ``out/model`` (logged on success) and log its ``eval_loss``.
 
         ``dataset`` is a dataset name or an already loaded evaluation split.
@@ -249,7 +287,7 @@ class StageRun:
         if isinstance(dataset, str):
             dataset = load_dataset(dataset, ddpm.resolution, split="eval")
         loss = eval_loss(ddpm.unet.to(device), ddpm.scheduler, eval_images(dataset), device)
-        self.log_metrics({"eval_loss": loss})
+        self.log_metrics({"eval_loss": loss}, step=step)
         return loss
 
 

@@ -363,6 +363,8 @@ TINY_SETS = ",".join([
 #: For the kill test: long enough to be killed between checkpoints, short enough to finish after.
 KILL_SETS = "finetune.num_iters=60,finetune.save_model_steps=10"
 DRIVER_TIMEOUT_S = 1500
+#: pytest-timeout's limit for one end-to-end test, its fixture's sweep included.
+E2E_TIMEOUT_S = 3600
 
 
 def _main_args(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = ()) -> list[str]:
@@ -506,6 +508,7 @@ def sweep(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+@pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_rerun_creates_no_stage_runs(sweep):
     plan = driver.build_plan(_config(sweep["model_dir"], mask_training="both"))
     first = _check_lineage(sweep["first_driver"], plan)
@@ -531,6 +534,7 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
     assert _results(second_driver).equals(_results(sweep["first_driver"]))
 
 
+@pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_sigkill_mid_finetune_then_rerun_finishes(sweep):
     from mlflow.tracking import MlflowClient
 
@@ -627,6 +631,7 @@ def tracking_server(tmp_path):
             server.wait(timeout=30)
 
 
+@pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_two_drivers_at_once_against_a_tracking_server(tracking_server, tmp_path, monkeypatch):
     import mlflow
 
