@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -26,6 +27,9 @@ from maskdm.errors import MaskDMError
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = 64
+#: The classifier is trained on the shapes dataset at its default resolution; images of any other
+#: size (the demo model samples 16x16) are resized to it first, references and samples alike.
+CLASSIFIER_RESOLUTION = 32
 
 
 class ShapesClassifier(nn.Module):
@@ -127,6 +131,8 @@ def shapes_features(images: np.ndarray, model: ShapesClassifier, batch_size: int
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
             batch = batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            if batch.shape[-1] != CLASSIFIER_RESOLUTION:
+                batch = F.interpolate(batch, size=CLASSIFIER_RESOLUTION, mode="bilinear", align_corners=False)
             chunks.append(model.eval().features(batch).numpy())
     return np.concatenate(chunks) if chunks else np.empty((0, model.config["feature_dim"]), np.float32)
 
