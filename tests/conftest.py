@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 # Two cores on CI, two pytest workers: one thread per process, children (`mlflow run`) included.
 # Oversubscribed OpenMP threads on a busy 2-core machine run 10-100x slower, not 2x.
@@ -48,14 +49,27 @@ def tiny_model_dir(tmp_path, tiny_ddpm):
     return save_ddpm(tiny_ddpm, tmp_path / "tiny_model")
 
 
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    """A fresh SQLite tracking store and artifact root in tmp_path, used by in-process and child runs."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
+@contextmanager
+def tracking_store(folder):
+    """A SQLite tracking store (and artifact root) in ``folder``, for in-process and child runs.
+
+    Module-scoped fixtures share one (creating a store costs seconds); each yields its URI.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    """A fresh tracking store in tmp_path."""
+    with tracking_store(tmp_path) as uri:
+        yield uri

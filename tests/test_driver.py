@@ -380,10 +380,36 @@ def _config(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str
                                  mask_training=mask_training, sets=[TINY_SETS, *extra_sets])
 
 
+#: Set by the ``code`` fixture: the frozen copy of the project every end-to-end driver runs.
+_SNAPSHOT: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> Path:
+    """A frozen copy of the project (maskdm/, entrypoints/, MLproject) that the drivers and stages import.
+
+    The cache key includes the code version, a digest of maskdm/ and entrypoints/. Run from the
+    working tree, a rerun would (rightly) reuse nothing whenever a file changed in between, which
+    in a tree being edited is any time; a copy keeps the code fixed for the whole module.
+    """
+    import shutil
+
+    folder = tmp_path_factory.mktemp("code")
+    for name in ("maskdm", "entrypoints"):
+        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("MLproject", "conda.yaml"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, folder / name)
+    _SNAPSHOT["dir"] = folder
+    return folder
+
+
 def _env(tracking_uri: str) -> dict:
     # One thread per stage process: several share two cores, and oversubscribed OpenMP threads
     # make a tiny training loop ten times slower.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # PYTHONPATH comes before the editable install, so the driver and every stage import the copy.
+    env["PYTHONPATH"] = os.pathsep.join([str(_SNAPSHOT["dir"]), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     return env
@@ -485,7 +511,7 @@ def pd_present(value) -> bool:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, code):
     """One tracking store shared by the sequential end-to-end tests, and a first complete sweep in it."""
     import mlflow
 
@@ -519,7 +545,7 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
     assert before == len(plan)
 
     # The same sweep through `mlflow run` (the other way in): same cache keys, so nothing runs.
-    command = ["mlflow", "run", str(REPO), "--env-manager", "local", "-P", f"model={sweep['model_dir']}",
+    command = ["mlflow", "run", str(_SNAPSHOT["dir"]), "--env-manager", "local", "-P", f"model={sweep['model_dir']}",
                "-P", "dataset=shapes", "-P", "ratios=0.5", "-P", "mask_training=both", "-P", f"set={TINY_SETS}"]
     log_path = sweep["folder"] / "rerun.log"
     with open(log_path, "wb") as out:
@@ -632,7 +658,7 @@ def tracking_server(tmp_path):
 
 
 @pytest.mark.timeout(E2E_TIMEOUT_S)
-def test_e2e_two_drivers_at_once_against_a_tracking_server(tracking_server, tmp_path, monkeypatch):
+def test_e2e_two_drivers_at_once_against_a_tracking_server(code, tracking_server, tmp_path, monkeypatch):
     import mlflow
 
     from tests.conftest import tiny_unet

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_unet
+from conftest import tiny_unet, tracking_store
 from entrypoints.cli import cli
 from maskdm.masks import DEFAULT_PROTECT, load_masks, mask_sparsity, maskable_modules, prunable_modules, save_masks
 from maskdm.models import DDPM, build_unet, default_scheduler, save_ddpm
@@ -34,13 +34,8 @@ QUICK = ["--train_batch_size", "4", "--ema_max_decay", "0.9", "--mixed_precision
 def store(tmp_path_factory):
     """A tracking store for the module (the chain is built once), used in-process and by child processes."""
     root = tmp_path_factory.mktemp("finetune")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with tracking_store(root) as uri:
         yield root, uri
-    mlflow.set_tracking_uri(None)
 
 
 def child_env(tracking_uri: str) -> dict:

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_unet
+from conftest import tiny_unet, tracking_store
 from tests.test_report import FakeStore, build_pipeline, fid_of
 
 from maskdm import registry
@@ -30,17 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 def store(tmp_path_factory):
     """One SQLite store for the module (creating one costs seconds); tests use their own model names."""
     folder = tmp_path_factory.mktemp("promote-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+    with tracking_store(folder) as uri, pytest.MonkeyPatch.context() as patch:
         experiment_id = mlflow.create_experiment("promote")
         patch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
         model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), folder / "tiny_model")
         made = build_pipeline(FakeStore(experiment_id), model_dir=model_dir)
         yield dict(uri=uri, experiment_id=experiment_id, made=made, model_dir=model_dir, folder=folder)
-    mlflow.set_tracking_uri(None)
 
 
 def finetune(store, ratio: float, mask_training: bool = True) -> str:

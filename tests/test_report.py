@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import tracking_store
 from maskdm import report
 from maskdm.errors import MaskDMError
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX
@@ -129,14 +130,8 @@ def build_pipeline(store: FakeStore, model_dir: Path | None = None, ratios=RATIO
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory):
     """One SQLite store for the module: creating one costs seconds; each test uses its own experiment."""
-    folder = tmp_path_factory.mktemp("report-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+    with tracking_store(tmp_path_factory.mktemp("report-store")) as uri:
         yield uri
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import tiny_unet
+from conftest import tiny_unet, tracking_store
 
 from maskdm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.sampling import sample_images
@@ -31,14 +31,8 @@ slow = pytest.mark.skipif(not os.environ.get("MASKDM_SLOW_TESTS"), reason="child
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One SQLite store for the module: creating one costs seconds, and each test finds its own runs."""
-    folder = tmp_path_factory.mktemp("sample-stage")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+    with tracking_store(tmp_path_factory.mktemp("sample-stage")) as uri:
         yield uri
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
