@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import click
 import numpy as np
 import torch
 
 from entrypoints.common import optional, stage
-from maskdm.data import ArrayImageDataset, load_dataset
+from maskdm.data import load_dataset
 from maskdm.errors import MaskDMError
 from maskdm.maskpro import ReplayBatches, ReplaySpec, baseline_summary, compute_baseline_losses, parse_pattern, select_targets
 from maskdm.masks import check_masks_fit, load_masks
@@ -29,22 +28,9 @@ LOSSES_FILE = "baseline_losses.npy"
 SUMMARY_FILE = "baseline_summary.json"
 
 
-def quiet_downloads() -> None:
-    """No MLflow download progress bars on stderr, where a failing stage prints its one error line."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
 def replay_dataset(name: str, resolution: int):
-    """The training split with evaluation transforms: the replay needs the same pixels every pass."""
-    from maskdm import data
-
-    dataset = load_dataset(name, resolution, split="train")
-    if isinstance(dataset, ArrayImageDataset):
-        dataset.train = False
-    elif hasattr(dataset, "transform"):
-        # torchvision datasets and image folders: the same pipeline without the random flip.
-        dataset.transform = data._transform(resolution, train=False)
-    return dataset
+    """The training split without augmentation: the replay needs the same pixels every pass."""
+    return load_dataset(name, resolution, split="train", augment=False)
 
 
 def device() -> torch.device:
@@ -72,7 +58,6 @@ def integer(name: str, value: str, minimum: int = 1) -> int:
 @click.option("--targets", default="all", show_default=True, help="all, or comma-separated prefixes (down_blocks, up_blocks, mid_block) train_masks will train.")
 @click.option("--seed", default="0", show_default=True, help="Seeds the subset and every batch's timesteps and noise.")
 def command(masks_run_id, original_model, dataset, dataset_size, batch_size, max_batches, targets, seed) -> None:
-    quiet_downloads()
     params = dict(
         masks_run_id=masks_run_id, original_model=original_model, dataset=dataset, dataset_size=dataset_size,
         batch_size=batch_size, max_batches=max_batches, targets=targets, seed=seed,

@@ -17,7 +17,7 @@ import logging
 import click
 import numpy as np
 
-from entrypoints.baseline_loss import LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, integer, quiet_downloads, replay_dataset
+from entrypoints.baseline_loss import LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, integer, replay_dataset
 from entrypoints.common import optional, stage
 from maskdm.errors import MaskDMError
 from maskdm.maskpro import (
@@ -65,7 +65,6 @@ def read_baseline(up) -> tuple[dict, np.ndarray]:
 @click.option("--batch_size", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--seed", default="", help="[default: the baseline run's; another value is an error]")
 def command(baseline_run_id, lr, epoch, logits, max_step, accumulation, targets, dataset, dataset_size, batch_size, seed) -> None:
-    quiet_downloads()
     params = dict(
         baseline_run_id=baseline_run_id, lr=lr, epoch=epoch, logits=logits, max_step=max_step, accumulation=accumulation,
         targets=targets, dataset=dataset, dataset_size=dataset_size, batch_size=batch_size, seed=seed,
