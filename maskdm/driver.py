@@ -79,7 +79,7 @@ DEMO_MODEL_STEP = "pretrain demo"
 #: ``demo``: the embedded model and dataset; step counts sized so the whole sweep (3 ratios,
 #: mask_training=both, 45 stage runs) fits 15 minutes on an unloaded 2-core CPU, once the demo
 #: model exists (training it is a one-time cost per tracking store). How that was measured and
-#: estimated: docs/parts/main.md.
+#: estimated: docs/details/main.md.
 DEMO = {
     "model": "demo",
     "dataset": "shapes",

@@ -56,15 +56,20 @@ def tracking_store(folder):
     Module-scoped fixtures share one (creating a store costs seconds); each yields its URI.
     """
     import mlflow
+    from mlflow.tracking import fluent
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)
         mlflow.set_tracking_uri(uri)
+        # mlflow.set_experiment in one test would otherwise pick the experiment of every later
+        # in-process run of the same pytest worker (MLflow keeps it in a module global).
+        fluent._active_experiment_id = None
         try:
             yield uri
         finally:
+            fluent._active_experiment_id = None
             mlflow.set_tracking_uri(None)
 
 

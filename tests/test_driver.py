@@ -288,7 +288,7 @@ def test_finetune_continues_from_a_killed_run_with_checkpoints(fake_project, par
 def test_run_plan_wires_upstream_run_ids_and_reruns_nothing(fake_project, parent, tiny_model_dir):
     from mlflow.tracking import MlflowClient
 
-    config = driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.4,0.8", mask_training="both")
+    config = driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.4", mask_training="both")
     plan = driver.build_plan(config)
     outcomes = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
     assert len(_runs()) == len(plan) and not any(o.reused for o in outcomes.values())

@@ -178,7 +178,7 @@ def wait_for_complete_checkpoint(proc: subprocess.Popen, timeout_s: float = 300)
 def fake_run(stage: str, params: dict | None = None, artifact: Path | None = None, tags: dict | None = None) -> str:
     """A FINISHED run of ``stage`` made directly in the store (for inputs a real chain cannot produce)."""
     client = MlflowClient()
-    experiment_id = mlflow.set_experiment("Default").experiment_id
+    experiment_id = "0"  # MLflow's Default experiment (set_experiment would leak into later tests)
     run = client.create_run(experiment_id, tags={STAGE_TAG: stage, **(tags or {})})
     for key, value in (params or {}).items():
         client.log_param(run.info.run_id, key, value)
