@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 
 import click
@@ -12,8 +11,6 @@ import mlflow
 from entrypoints.common import configure_logging, fail, stage
 from maskdm import driver
 from maskdm.errors import MaskDMError
-
-log = logging.getLogger(__name__)
 
 
 @click.command("main", help="Sweep pruning ratios: prune -> masks -> finetune, sample and score each model; print the table.")
