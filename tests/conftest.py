@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from contextlib import contextmanager
+from pathlib import Path
 
 # Two cores on CI, two pytest workers: one thread per process, children (`mlflow run`) included.
 # Oversubscribed OpenMP threads on a busy 2-core machine run 10-100x slower, not 2x.
@@ -47,6 +49,18 @@ def tiny_model_dir(tmp_path, tiny_ddpm):
     from maskdm.models import save_ddpm
 
     return save_ddpm(tiny_ddpm, tmp_path / "tiny_model")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mlflow_run(entry_point: str, tracking_uri: str, cwd, **params) -> subprocess.CompletedProcess:
+    """``mlflow run . -e <entry_point> --env-manager local -P k=v ...`` as a user types it."""
+    cmd = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @contextmanager

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -14,20 +12,11 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
 
+from conftest import mlflow_run
 from entrypoints.cli import cli
 from maskdm.masks import DEFAULT_PROTECT, load_masks, maskable_modules
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG, STAGE_TAG
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def mlflow_run(entry_point: str, tracking_uri: str, cwd: Path, **params) -> subprocess.CompletedProcess:
-    """``mlflow run . -e <entry_point> --env-manager local -P k=v ...`` as a user types it."""
-    cmd = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def only_run(stage: str):

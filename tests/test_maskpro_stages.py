@@ -4,8 +4,6 @@ processes, artifacts, lineage, and the user-error boundary."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -16,26 +14,16 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_unet
+from conftest import mlflow_run, tiny_unet
 from entrypoints.cli import cli
 from maskdm.maskpro import load_logits
 from maskdm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.masks import load_masks, maskable_modules
 from maskdm.tracking import MODEL_URI_TAG, STAGE_TAG
 
-REPO = Path(__file__).resolve().parents[1]
 
 #: A replay small enough for a tiny UNet on a CPU: 4 batches of 8 images.
 SMALL = dict(dataset_size="32", batch_size="8", seed="7")
-
-
-def mlflow_run(entry_point: str, tracking_uri: str, cwd: Path, **params) -> subprocess.CompletedProcess:
-    """``mlflow run . -e <entry_point> --env-manager local -P k=v ...`` as a user types it."""
-    cmd = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def runs_of(stage: str) -> list:
