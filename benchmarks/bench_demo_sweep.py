@@ -9,6 +9,7 @@ there is about its CPU time; a stage using both cores of a 2-core machine takes 
     python benchmarks/bench_demo_sweep.py                        # the whole demo sweep
     python benchmarks/bench_demo_sweep.py -- --ratios 0.5        # extra args go to `maskdm main`
     python benchmarks/bench_demo_sweep.py --keep /tmp/demo-store -- --ratios 0.5
+    python benchmarks/bench_demo_sweep.py --quickstart           # the README's `mlflow run . --env-manager local`
 
 The store is a fresh SQLite file in a temporary folder (or --keep FOLDER), so nothing is cached:
 the demo model is pretrained, the shapes classifier and reference statistics are computed once.
@@ -34,6 +35,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", default=None, help="use (and keep) this folder for the tracking store and the log")
+    p.add_argument("--quickstart", action="store_true",
+                   help="run the README's Quickstart job, `mlflow run <repo> --env-manager local`, instead of `maskdm main`")
     p.add_argument("--json", default=None, help="also write the per-stage timings here as JSON")
     p.add_argument("main_args", nargs="*", help="extra arguments for `maskdm main` (after --)")
     return p.parse_args()
@@ -46,12 +49,17 @@ def load_average() -> str:
         return "n/a"
 
 
-def run_sweep(folder: Path, main_args: list[str]) -> tuple[str, float, str]:
+def sweep_command(main_args: list[str], quickstart: bool) -> list[str]:
+    if quickstart:
+        return ["mlflow", "run", str(REPO), "--env-manager", "local", *(f"-P{a}" for a in main_args)]
+    return [sys.executable, "-m", "entrypoints.cli", "main", "--preset", "demo", *main_args]
+
+
+def run_sweep(folder: Path, command: list[str]) -> tuple[str, float, str]:
     """Run the driver; return (tracking URI, driver wall seconds, driver run ID)."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env["MLFLOW_TRACKING_URI"] = uri
-    command = [sys.executable, "-m", "entrypoints.cli", "main", "--preset", "demo", *main_args]
     log_path = folder / "sweep.log"
     start = time.perf_counter()
     with open(log_path, "wb") as log:
@@ -101,9 +109,10 @@ def main() -> None:
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="maskdm-bench-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
-    uri, wall, driver_run_id = run_sweep(folder, args.main_args)
+    command = sweep_command(args.main_args, args.quickstart)
+    uri, wall, driver_run_id = run_sweep(folder, command)
     steps = stage_timings(driver_run_id)
-    print(f"maskdm main --preset demo {' '.join(args.main_args)}".rstrip())
+    print(" ".join(command))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"load average before {load_before}, after {load_average()}")

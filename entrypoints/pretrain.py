@@ -22,12 +22,14 @@ DEMO = dict(
     arch="tiny",
     resolution=16,
     num_iters=2000,
-    train_batch_size=64,
+    train_batch_size=32,
     learning_rate=2e-3,
     lr_warmup_steps=100,
+    lr_scheduler="cosine",
+    beta_schedule="squaredcos_cap_v2",
     ema_max_decay=0.995,
     gradient_accumulation_steps=1,
-    save_model_steps=500,
+    save_model_steps=1000,
     mixed_precision="auto",
     seed=0,
 )
@@ -41,6 +43,8 @@ DEMO = dict(
 @click.option("--train_batch_size", type=int, default=DEMO["train_batch_size"], show_default=True)
 @click.option("--learning_rate", type=float, default=DEMO["learning_rate"], show_default=True)
 @click.option("--lr_warmup_steps", type=int, default=DEMO["lr_warmup_steps"], show_default=True)
+@click.option("--lr_scheduler", default=DEMO["lr_scheduler"], show_default=True, help="diffusers get_scheduler name: cosine, constant_with_warmup, linear, ...")
+@click.option("--beta_schedule", default=DEMO["beta_schedule"], show_default=True, help="Noise schedule saved with the model: squaredcos_cap_v2 (cosine) or linear (google/ddpm-cifar10-32's).")
 @click.option("--ema_max_decay", type=float, default=DEMO["ema_max_decay"], show_default=True)
 @click.option("--gradient_accumulation_steps", type=int, default=DEMO["gradient_accumulation_steps"], show_default=True)
 @click.option("--save_model_steps", type=int, default=DEMO["save_model_steps"], show_default=True)
@@ -53,7 +57,7 @@ def command(**params) -> None:
         run.set_tags({DEMO_TAG: str(is_demo).lower(), MODEL_URI_TAG: f"runs:/{run.run_id}/model"})
 
         dataset = load_dataset(params["dataset"], params["resolution"], split="train")
-        ddpm = DDPM(build_unet(params["arch"], params["resolution"]), default_scheduler())
+        ddpm = DDPM(build_unet(params["arch"], params["resolution"]), default_scheduler(beta_schedule=params["beta_schedule"]))
         run.log_params({"params_total": count_parameters(ddpm.unet)})
         config = TrainConfig(**{k: params[k] for k in TrainConfig.__dataclass_fields__ if k in params})
 

@@ -117,7 +117,7 @@ def make_samples(up: Upstream, params: dict, state: PartialState) -> Samples:
         batch_size=params["batch_size"],
         device=state.device,
         mixed_precision=mixed_precision,
-        # NHWC convolutions are faster on GPUs and on oneDNN CPUs alike (docs/parts/sample.md).
+        # NHWC convolutions are faster on GPUs and on oneDNN CPUs alike (docs/details/sample.md).
         channels_last=True,
         compile=params["compile"],
     )

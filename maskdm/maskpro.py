@@ -5,7 +5,7 @@ over masks whose samples lower the diffusion loss. The gradient estimate is REIN
 initial mask's loss on the same minibatch as the baseline, plus a moving average of the remaining
 reward (``delta``) as a second baseline.
 
-The two estimators (see docs/parts/maskpro.md for the formulas):
+The two estimators (see docs/details/maskpro.md for the formulas):
 
 * **N:M** (:class:`NMPolicy`): per group of M consecutive entries of ``weight.reshape(out, -1)``,
   N kept entries drawn without replacement from ``softmax(logits)`` (Plackett-Luce; sampled as
@@ -442,7 +442,7 @@ def nm_log_prob(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tenso
 
 
 def nm_score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
-    """(G, M) exact gradient of log P(kept set) w.r.t. the logits (see docs/parts/maskpro.md).
+    """(G, M) exact gradient of log P(kept set) w.r.t. the logits (see docs/details/maskpro.md).
 
     With w the posterior over orders and 1/(1 - c_k) the inverse mass left before draw k:
     an entry outside the set gets ``-p_j E_w[sum_k 1/(1 - c_k)]``; a kept entry drawn at position

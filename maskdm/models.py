@@ -57,9 +57,17 @@ def build_unet(arch: str, resolution: int = 32, in_channels: int = 3) -> UNet2DM
     return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
 
 
-def default_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    # The linear-beta schedule of Ho et al. (2020), which google/ddpm-cifar10-32 uses.
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear")
+#: Noise (beta) schedules a model can be trained with: ``linear`` is Ho et al. (2020), which
+#: google/ddpm-cifar10-32 uses; ``squaredcos_cap_v2`` is the cosine schedule of Nichol & Dhariwal
+#: (2021), which destroys a small image's content more gradually and trains the demo model faster.
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+
+
+def default_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> DDPMScheduler:
+    """The DDPM noise scheduler a model is trained with (saved with it; every later stage reads it)."""
+    if beta_schedule not in BETA_SCHEDULES:
+        raise MaskDMError(f"unknown beta_schedule '{beta_schedule}': choose one of {', '.join(BETA_SCHEDULES)}")
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
 
 @dataclass

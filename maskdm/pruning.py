@@ -8,7 +8,7 @@ Pruning is split into three steps so that each can be checked on its own:
 * :func:`pruning_stats` describes the result as a JSON-serialisable dict, including the measured
   size of a compact sparse checkpoint (:func:`compact_state_dict`) against the dense one.
 
-Rules where a choice had to be made (``docs/parts/prune.md`` has the full text):
+Rules where a choice had to be made (``docs/details/prune.md`` has the full text):
 
 * Count: a layer (or, with ``scope="global"``, the pool of all prunable weights) of ``n`` weights
   loses exactly ``k = floor(ratio * n)`` of them, ``ratio * n`` evaluated exactly on the decimal
@@ -401,7 +401,7 @@ def checkpoint_sizes(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dic
 
 
 def pruning_stats(model: nn.Module, result: PruneResult) -> dict:
-    """A JSON-serialisable description of ``model`` pruned with ``result`` (fields in docs/parts/prune.md).
+    """A JSON-serialisable description of ``model`` pruned with ``result`` (fields in docs/details/prune.md).
 
     Sparsities are shares of weights masked out (by ``result.masks``); ``params_nonzero`` counts the
     model's actual nonzero parameter values, so the two agree only once the pruning is applied.

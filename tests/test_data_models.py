@@ -6,9 +6,9 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
-from maskdm.data import SHAPE_CLASSES, load_dataset, render_shapes
+from maskdm.data import SHAPE_CLASSES, SHAPES_RADIUS, load_dataset, render_shapes
 from maskdm.errors import MaskDMError
-from maskdm.models import ARCHS, build_unet, count_parameters, load_ddpm, save_ddpm
+from maskdm.models import ARCHS, build_unet, count_parameters, default_scheduler, load_ddpm, save_ddpm
 
 
 def test_shapes_are_deterministic_labelled_and_varied():
@@ -22,6 +22,33 @@ def test_shapes_are_deterministic_labelled_and_varied():
     # Each image holds a shape: the foreground covers a real share of pixels but not all of them.
     centre_vs_corner = np.abs(a[:, 16, 16].astype(int) - a[:, 0, 0].astype(int)).sum(1)
     assert (centre_vs_corner > 30).mean() > 0.8
+
+
+def foreground_pixels(images: np.ndarray) -> np.ndarray:
+    # A shape's colour has one channel at 255; the gradient backgrounds stay at or below 0.6 * 255.
+    return (images.max(axis=-1) == 255).sum(axis=(1, 2))
+
+
+def test_shapes_are_large_enough_to_recognise_at_16x16():
+    images, labels = render_shapes(600, seed=5, resolution=16)
+    area = foreground_pixels(images)
+    # The smallest shape (a triangle or cross of radius 0.25 = 4 pixels, cut at the border) still
+    # covers a dozen pixels; none fills the image.
+    assert area.min() >= 12 and area.max() < 16 * 16
+    # Rings have a hole: at the same radius they cover less than circles.
+    assert np.median(area[labels == SHAPE_CLASSES.index("ring")]) < np.median(area[labels == SHAPE_CLASSES.index("circle")])
+    # The radius range is what sets the size: the old, smaller range gives smaller shapes.
+    small = foreground_pixels(render_shapes(600, seed=5, resolution=16, radius=(0.15, 0.3))[0])
+    assert SHAPES_RADIUS == (0.25, 0.4) and small.mean() < 0.6 * area.mean()
+
+
+def test_noise_schedules():
+    assert default_scheduler().config.beta_schedule == "linear"
+    cosine = default_scheduler(beta_schedule="squaredcos_cap_v2")
+    # The cosine schedule keeps more signal at mid noise levels than the linear one.
+    assert cosine.alphas_cumprod[500] > default_scheduler().alphas_cumprod[500]
+    with pytest.raises(MaskDMError, match="unknown beta_schedule 'sigmoid'"):
+        default_scheduler(beta_schedule="sigmoid")
 
 
 def test_shapes_train_flips_eval_does_not():

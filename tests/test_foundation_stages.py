@@ -87,7 +87,10 @@ def test_pretrain_through_mlflow_run_and_demo_resolution(tracking, tmp_path):
     assert run.data.params["pruning_ratio"] == "0"
     client = MlflowClient()
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]
-    DDPMPipeline.from_pretrained(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model"))
+    pipeline = DDPMPipeline.from_pretrained(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model"))
+    # The noise schedule is saved with the model, so every later stage trains and samples with it.
+    assert run.data.params["beta_schedule"] == pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert run.data.params["lr_scheduler"] == "cosine"
 
     # model=demo resolves to the newest FINISHED demo pretrain run: mark this one as such.
     client.set_tag(run.info.run_id, DEMO_TAG, "true")
@@ -124,6 +127,24 @@ def test_prune_bad_input_is_one_line_and_a_failed_run(tracking, tiny_model_dir, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
     run = only_run("prune")
+    assert run.info.status == "FAILED"
+    assert MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--beta_schedule", "sigmoid"], "unknown beta_schedule 'sigmoid'"),
+        (["--lr_scheduler", "exponential"], "lr_scheduler must be one of"),
+        (["--arch", "huge"], "unknown arch 'huge'"),
+    ],
+)
+def test_pretrain_bad_input_is_one_line_and_a_failed_run(tracking, args, message):
+    result = CliRunner().invoke(cli, ["pretrain", "--num_iters", "2", *args])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
+    run = only_run("pretrain")
     assert run.info.status == "FAILED"
     assert MlflowClient().list_artifacts(run.info.run_id) == []
 
