@@ -37,7 +37,7 @@ REFERENCE_KEY_TAG = "maskdm.fid_reference_key"
 CLASSIFIER_KEY_TAG = "maskdm.shapes_classifier_key"
 #: Training of the shapes classifier (maskdm.shapes_features): 99.3% eval accuracy measured, about
 #: 30 s on one core of a loaded 2-core CPU.
-CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 64, "max_images": 4000, "seed": 0}
+CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed": 0}
 
 
 @click.command("fid", help="FID of a sample run's samples.npz against a dataset or a .npz of statistics.")

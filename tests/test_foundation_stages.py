@@ -25,6 +25,17 @@ def only_run(stage: str):
     return runs[0]
 
 
+def assert_user_error(stage: str, args: list[str], message: str) -> None:
+    """The stage fails with one ``maskdm: error:`` line, exit 1, a FAILED run and no artifacts."""
+    result = CliRunner().invoke(cli, [stage, *args])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
+    run = only_run(stage)
+    assert run.info.status == "FAILED"
+    assert MlflowClient().list_artifacts(run.info.run_id) == []
+
+
 def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
@@ -122,13 +133,7 @@ def test_prune_bad_input_is_one_line_and_a_failed_run(tracking, tiny_model_dir, 
         args = ["--model", str(tiny_model_dir), *args]
     if "--dataset" not in args:
         args += ["--dataset", "shapes"]
-    result = CliRunner().invoke(cli, ["prune", *args])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
-    run = only_run("prune")
-    assert run.info.status == "FAILED"
-    assert MlflowClient().list_artifacts(run.info.run_id) == []
+    assert_user_error("prune", args, message)
 
 
 @pytest.mark.parametrize(
@@ -140,13 +145,7 @@ def test_prune_bad_input_is_one_line_and_a_failed_run(tracking, tiny_model_dir, 
     ],
 )
 def test_pretrain_bad_input_is_one_line_and_a_failed_run(tracking, args, message):
-    result = CliRunner().invoke(cli, ["pretrain", "--num_iters", "2", *args])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("maskdm: error: ") and message in lines[0], result.stderr
-    run = only_run("pretrain")
-    assert run.info.status == "FAILED"
-    assert MlflowClient().list_artifacts(run.info.run_id) == []
+    assert_user_error("pretrain", ["--num_iters", "2", *args], message)
 
 
 def _fake_run(stage: str, status: str = "FINISHED") -> str:
