@@ -8,6 +8,7 @@ equally. Results and the picture: docs/details/pretrain.md.
 
     python benchmarks/demo_model_variants.py --out /tmp/variants                 # all variants
     python benchmarks/demo_model_variants.py --out /tmp/variants --only E,D      # some of them
+    python benchmarks/demo_model_variants.py --out /tmp/spacing --spacing <model folder>  # preview step spacing
 
 Variant letters:
   A  shapes radius 0.15-0.3, linear noise schedule, batch 64 x 1700 steps
@@ -79,14 +80,38 @@ def side_by_side(letters: list[str], out: Path) -> Path:
     return path
 
 
+SPACINGS = (("uniform", 25), ("quad", 25), ("uniform", 100))
+
+
+def compare_spacing(model_dir: str, out: Path) -> Path:
+    """One model's 64-image preview (seed 0) with 25 uniform, 25 quad and 100 uniform DDIM steps."""
+    from maskdm.models import load_ddpm
+    from maskdm.sampling import sample_images, save_grid
+
+    ddpm = load_ddpm(model_dir)
+    letters = []
+    for skip_type, steps in SPACINGS:
+        start = time.perf_counter()
+        images = sample_images(ddpm.unet, ddpm.scheduler.config, range(64), steps=steps, skip_type=skip_type, seed=0, batch_size=64)
+        name = f"{steps}-{skip_type}"
+        save_grid(images, out / f"{name}.png")
+        print(f"{name}: {time.perf_counter() - start:.1f} s")
+        letters.append(name)
+    return side_by_side(letters, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the grids, the timings and variants.png")
     p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variant letters")
+    p.add_argument("--spacing", default=None, metavar="MODEL", help="instead: compare preview step spacings of one model folder")
     p.add_argument("--train", default=None, help=argparse.SUPPRESS)  # internal: train one variant here
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.spacing:
+        print(f"side by side: {compare_spacing(args.spacing, out)}")
+        return
     if args.train:
         train_one(args.train, out)
         return
