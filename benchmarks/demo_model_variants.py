@@ -1,6 +1,6 @@
 """Side-by-side demo-model candidates: train each at equal CPU cost, save their preview grids in one picture.
 
-How the demo configuration (entrypoints/pretrain.py ``DEMO``) was chosen: every variant trains the
+How the demo configuration (``maskdm.training.DEMO_PRETRAIN``) was chosen: every variant trains the
 ``tiny`` UNet at 16x16 on ``shapes`` with the library's trainer, then draws the same 64-image,
 25-step DDIM preview that ``pretrain`` logs. Two variants run at a time, one thread each (on a
 2-core CPU that is twice the throughput of one two-thread run), so a pair shares the machine

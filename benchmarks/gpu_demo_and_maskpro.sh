@@ -11,15 +11,11 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 OUT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'PY' 2>&1 | tee "$OUT/demo_on_cuda.txt"
-import ast, os, time, torch
-# The demo configuration, read from entrypoints/pretrain.py without importing it (that needs mlflow).
-tree = ast.parse(open("entrypoints/pretrain.py").read())
-[call] = [n.value for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEMO"]
-DEMO = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+import os, time, torch
 from maskdm.data import load_dataset
 from maskdm.models import DDPM, build_unet, default_scheduler
 from maskdm.sampling import sample_images, save_grid
-from maskdm.training import TrainConfig, train_ddpm
+from maskdm.training import DEMO_PRETRAIN as DEMO, TrainConfig, train_ddpm
 print("torch", torch.__version__, torch.cuda.get_device_name())
 ddpm = DDPM(build_unet(DEMO["arch"], DEMO["resolution"]), default_scheduler(beta_schedule=DEMO["beta_schedule"]))
 config = TrainConfig(**{k: DEMO[k] for k in TrainConfig.__dataclass_fields__ if k in DEMO})

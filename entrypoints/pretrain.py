@@ -11,28 +11,8 @@ from entrypoints.common import save_preview, stage
 from maskdm.data import load_dataset
 from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
+from maskdm.training import DEMO_PRETRAIN as DEMO
 from maskdm.training import TrainConfig, train_ddpm
-
-#: The demo configuration: a 0.7M-parameter UNet on the embedded shapes at 16x16, a few minutes on 2
-#: CPU cores. 16x16 rather than the dataset's default 32x32 makes every later demo stage 4x cheaper,
-#: which is what lets the whole demo sweep run on a laptop-class CPU.
-#: ``model=demo`` resolves to the newest FINISHED pretrain run made with exactly these values.
-DEMO = dict(
-    dataset="shapes",
-    arch="tiny",
-    resolution=16,
-    num_iters=2000,
-    train_batch_size=32,
-    learning_rate=2e-3,
-    lr_warmup_steps=100,
-    lr_scheduler="cosine",
-    beta_schedule="squaredcos_cap_v2",
-    ema_max_decay=0.995,
-    gradient_accumulation_steps=1,
-    save_model_steps=1000,
-    mixed_precision="auto",
-    seed=0,
-)
 
 
 @click.command("pretrain", help="Train a DDPM from scratch (defaults: the embedded demo model).")
@@ -56,10 +36,12 @@ def command(**params) -> None:
         run.log_params({"model": "demo" if is_demo else f"runs:/{run.run_id}/model", "pruning_ratio": 0, "pruner": "none", "pattern": "dense"})
         run.set_tags({DEMO_TAG: str(is_demo).lower(), MODEL_URI_TAG: f"runs:/{run.run_id}/model"})
 
-        dataset = load_dataset(params["dataset"], params["resolution"], split="train")
+        # Model and settings first: a bad arch, schedule or setting fails before the data is built.
         ddpm = DDPM(build_unet(params["arch"], params["resolution"]), default_scheduler(beta_schedule=params["beta_schedule"]))
-        run.log_params({"params_total": count_parameters(ddpm.unet)})
         config = TrainConfig(**{k: params[k] for k in TrainConfig.__dataclass_fields__ if k in params})
+        config.validate()
+        run.log_params({"params_total": count_parameters(ddpm.unet)})
+        dataset = load_dataset(params["dataset"], params["resolution"], split="train")
 
         def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
             run.log_artifact_now(path, f"checkpoints/{path.name}")
