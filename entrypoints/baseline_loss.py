@@ -3,7 +3,7 @@
 The original dense model of the masks run's lineage (or ``original_model``) carries the extracted
 masks as a parametrization. Batch ``b`` is a fixed slice of a fixed subset of the training images
 (evaluation transforms: no random flip), noised with the timesteps and noise drawn from
-``(seed, b)``: the same draw train_masks replays for batch ``b`` (see :mod:`maskdm.maskpro`).
+``(seed, b)``: the same draw train_masks replays for batch ``b`` (see :mod:`maskdm.replay`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import click
 import numpy as np
 import torch
 
-from entrypoints.common import optional, stage
+from entrypoints.common import integer, optional, stage
 from maskdm.data import load_dataset
 from maskdm.errors import MaskDMError
-from maskdm.maskpro import ReplayBatches, ReplaySpec, baseline_summary, compute_baseline_losses, parse_pattern, select_targets
+from maskdm.mask_policy import parse_pattern, select_targets
+from maskdm.replay import ReplayBatches, ReplaySpec, baseline_summary, compute_baseline_losses
 from maskdm.masks import check_masks_fit, load_masks
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,6 @@ def replay_dataset(name: str, resolution: int):
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def integer(name: str, value: str, minimum: int = 1) -> int:
-    """An integer option, checked inside the run so a bad value fails it with one line."""
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise MaskDMError(f"{name} must be an integer >= {minimum}, not '{value}'")
-    return number
 
 
 @click.command("baseline_loss", help="Loss of the original dense model x the extracted masks on every replayed minibatch.")

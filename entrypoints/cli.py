@@ -20,6 +20,7 @@ COMMANDS = {
     "main": "main",
     "report": "report",
     "promote": "promote",
+    "reap": "reap",
 }
 
 

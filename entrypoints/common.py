@@ -50,6 +50,46 @@ def optional(value: str | None) -> str | None:
 
 
 
+def integer(name: str, value: str, minimum: int = 1) -> int:
+    """An integer option, checked inside the run so a bad value fails it with one line."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise MaskDMError(f"{name} must be an integer >= {minimum}, not '{value}'")
+    return number
+
+
+def number(name: str, value: str) -> float:
+    """A finite float option, checked inside the run."""
+    try:
+        parsed = float(str(value).strip())
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed != parsed or parsed in (float("inf"), float("-inf")):
+        raise MaskDMError(f"{name} must be a number, not '{value}'")
+    return parsed
+
+
+def boolean(name: str, value: str) -> bool:
+    """``true``/``false`` (as MLproject spells them; also 1/0, yes/no), checked inside the run."""
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise MaskDMError(f"{name} must be true or false, not '{value}'")
+
+
+def choice(name: str, value: str, choices) -> str:
+    """One of ``choices``, checked inside the run."""
+    text = str(value).strip()
+    if text not in choices:
+        raise MaskDMError(f"{name} must be one of {', '.join(choices)}, not '{value}'")
+    return text
+
+
 def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: int = 0) -> None:
     """A fixed-seed DDIM sample grid: the quick look at a model that every model stage logs.
 
@@ -66,4 +106,4 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     save_grid(images, path)
 
 
-__all__ = ["StageRun", "configure_logging", "fail", "optional", "save_preview", "stage"]
+__all__ = ["StageRun", "boolean", "choice", "configure_logging", "fail", "integer", "number", "optional", "save_preview", "stage"]

@@ -5,12 +5,19 @@ lineage's ``dataset``) whose training images are scored once and cached as a ``f
 run, found again by :func:`maskdm.fid.reference_key` (dataset, resolution, features, dims,
 weights digest). ``features=shapes`` scores with a small classifier of the embedded shapes
 dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
-``fid``.
+``fid``. ``fid`` is Inception pool3 (2048 dims) only; other Inception sizes log ``fid_inception_<dims>``.
+
+Every fid run records its FID protocol (:class:`maskdm.report.FidProtocol`: features and dims,
+number of samples, reference, weights digest, and the sample run's sampler, steps, skip type, eta,
+x0 clipping and seed) in the tags ``maskdm.fid_protocol`` (``part=value;...``),
+``maskdm.fid_protocol_id`` (its digest) and ``maskdm.fid_protocol.<part>``; report and promote
+compare FIDs only under one protocol.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Callable, Mapping
@@ -24,8 +31,8 @@ import torch
 from entrypoints.common import optional, stage
 from maskdm import fid
 from maskdm.errors import MaskDMError
-from maskdm.report import MODEL_STAGE_TAG, model_stage_of
-from maskdm.tracking import cached_artifact, log_side_run
+from maskdm.report import MODEL_STAGE_TAG, UNKNOWN, FidProtocol, model_stage_of
+from maskdm.tracking import Upstream, cached_artifact, log_side_run, parse_run_ref
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,10 @@ CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed"
     "name (cifar10, shapes, imagefolder:<path>) whose training images are scored once and cached. "
     "Default: the lineage's dataset.",
 )
-@click.option("--dims", type=int, default=2048, show_default=True, help="Inception features: 2048 (pool3, the FID), 768, 192 or 64.")
+@click.option(
+    "--dims", type=int, default=2048, show_default=True,
+    help="Inception features: 2048 (pool3: logs fid), 768, 192 or 64 (log fid_inception_<dims>).",
+)
 @click.option("--batch_size", type=int, default=200, show_default=True, help="Images per forward pass.")
 @click.option(
     "--features", default="inception", show_default=True,
@@ -63,14 +73,15 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
     with stage("fid", params) as run:
         check_params(features, dims, batch_size)
         up = run.upstream(sample_run_id, ["sample"], SAMPLES, "sample_run_id")
-        # dense / pruned / masked / finetuned: what the MLflow UI groups FID-vs-ratio charts by.
+        # dense / pruned / masked / finetuned / finetuned_no_mask_training (the arm, from the lineage):
+        # what the MLflow UI groups FID-vs-ratio charts by.
         run.set_tags({MODEL_STAGE_TAG: model_stage_of(up.tags, up.params) or "unknown"})
         reference = optional(reference) or up.params.get("dataset")
         if not reference:
             raise MaskDMError("the sample run's lineage names no dataset: pass reference=<dataset name or .npz of mu and sigma>")
         # Everything a user can get wrong is checked before the (long) feature extraction starts.
         given_stats = check_reference(reference, features, dims)
-        images = load_samples(up.download(SAMPLES))
+        images, saved = load_samples(up.download(SAMPLES))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extractor = load_extractor(features, dims, optional(weights), batch_size, device)
 
@@ -79,21 +90,31 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
         tags = {}
         if given_stats is not None:
             reference_stats = given_stats
-            tags["maskdm.fid_reference"] = str(Path(reference).expanduser().resolve())
+            stats_path = Path(reference).expanduser().resolve()
+            tags["maskdm.fid_reference"] = str(stats_path)
+            # A file is named by its content: the same statistics under another path compare.
+            reference_part = f"sha256:{fid.weights_digest(stats_path)}"
         else:
             reference_stats, tags["maskdm.fid_reference_run"] = dataset_statistics(reference, images.shape[1], extractor)
             tags["maskdm.fid_reference"] = reference
+            reference_part = f"{reference}:train"
         value = fid.fid_from_stats(*sample_stats, *reference_stats)
 
-        metric = "fid" if features == "inception" else f"fid_{features}"
+        protocol = FidProtocol.of(
+            features=extractor.name, dims=extractor.dims, samples=len(images), reference=reference_part,
+            resolution=images.shape[1], weights=extractor.digest, **sampling_settings(up, saved),
+        )
+        metric = protocol.metric
         run.set_tags({
             **tags,
+            **protocol.tags(),
             "maskdm.fid_features": extractor.name,
             "maskdm.fid_weights_digest": extractor.digest,
             "maskdm.device": device,
         })
         run.log_metrics({metric: value, "num_samples": len(images)})
-        log.info("%s = %.4f (%d samples against %s)", metric, value, len(images), tags["maskdm.fid_reference"])
+        log.info("%s = %.4f (%d samples against %s; protocol %s)", metric, value, len(images),
+                 tags["maskdm.fid_reference"], protocol.id)
 
 
 def check_params(features: str, dims: int, batch_size: int) -> None:
@@ -116,18 +137,84 @@ def check_reference(reference: str, features: str, dims: int) -> tuple[np.ndarra
     return None
 
 
-def load_samples(path: Path) -> np.ndarray:
+#: The sampling settings samples.npz records beside the images (written by the sample stage).
+SAVED_SETTINGS = ("seed", "ddim_steps", "skip_type", "eta", "clip_sample")
+
+
+def load_samples(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """The images of a samples.npz, and the sampling settings it records (those present)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "images" not in f.files:
                 raise MaskDMError(f"{SAMPLES} of the sample run holds no 'images' array (it has {', '.join(f.files)})")
             images = f["images"]
+            saved = {k: str(f[k].item()) for k in SAVED_SETTINGS if k in f.files and f[k].size == 1}
     except MaskDMError:
         raise
     except Exception as exc:
         raise MaskDMError(f"cannot read the sample run's {SAMPLES} ({type(exc).__name__})") from None
     fid.check_samples(images)
-    return images
+    return images, saved
+
+
+# --- the sampling half of the protocol ------------------------------------------------------------
+
+
+def _number(value: str | None, integer: bool) -> str | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return value
+    return str(int(number)) if integer and number == int(number) else format(number, "g")
+
+
+def sampling_settings(up: Upstream, saved: dict[str, str]) -> dict[str, str]:
+    """How the sample run drew its images: its params, else what its samples.npz records, else unknown."""
+
+    def setting(key: str) -> str | None:
+        value = up.params.get(key)
+        return value if value not in (None, "") else saved.get(key)
+
+    return {
+        # The sample stage has one sampler, DDIM over the original code's timestep sequences.
+        "sampler": up.params.get("sampler") or "ddim",
+        "steps": _number(setting("ddim_steps"), integer=True) or UNKNOWN,
+        "skip": setting("skip_type") or UNKNOWN,
+        "eta": _number(setting("eta"), integer=False) or UNKNOWN,
+        "clip": clip_setting(up, saved),
+        "seed": _number(setting("seed"), integer=True) or UNKNOWN,
+    }
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "y", "t", "on"), ("false", "0", "no", "n", "f", "off")
+
+
+def clip_setting(up: Upstream, saved: dict[str, str]) -> str:
+    """``true``/``false``: whether the sample run clipped DDIM's predicted x0 to [-1, 1].
+
+    The sample run's ``clip_sample`` param, else the ``clip_sample`` its samples.npz records. A
+    sample run made before the stage had that option followed the model's scheduler config, as
+    DDIMPipeline does: then ``clip_sample`` of the sampled model run's
+    ``model/scheduler/scheduler_config.json`` (diffusers' default, true, when the key is absent).
+    ``unknown`` when none of these can be read.
+    """
+    for given in (up.params.get("clip_sample"), saved.get("clip_sample")):
+        given = str(given).strip().lower()
+        if given in _TRUE or given in _FALSE:
+            return "true" if given in _TRUE else "false"
+    model_ref = up.params.get("model_run_id")
+    if model_ref:
+        import mlflow
+
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=parse_run_ref(model_ref)[0], artifact_path="model/scheduler/scheduler_config.json",
+                dst_path=tempfile.mkdtemp(prefix="maskdm-fid-scheduler-"),
+            )
+            return str(bool(json.loads(Path(path).read_text()).get("clip_sample", True))).lower()
+        except Exception as exc:  # the protocol says so; the FID itself does not depend on it
+            log.warning("cannot read the sampled model's scheduler config (%s): x0 clipping recorded as unknown", exc)
+    return UNKNOWN
 
 
 # --- feature extractors ---------------------------------------------------------------------------
@@ -192,7 +279,8 @@ def shapes_classifier_file() -> Path:
         "shapes_classifier", {CLASSIFIER_KEY_TAG: key}, {"dataset": "shapes", **CLASSIFIER_TRAINING}, {"eval_accuracy": accuracy}, [path]
     )
     log.info("shapes classifier: eval accuracy %.4f, cached as run %s", accuracy, run_id)
-    return path
+    # Another process may have cached one first (two drivers at once): every process uses that one.
+    return cached_artifact("shapes_classifier", CLASSIFIER_KEY_TAG, key, CLASSIFIER_FILE)[1]
 
 
 def is_stats_file(reference: str) -> bool:
@@ -213,7 +301,9 @@ def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> t
               "weights_digest": extractor.digest}
     run_id = log_side_run("fid_reference", {REFERENCE_KEY_TAG: key}, params, {"num_images": len(images)}, [path])
     log.info("reference statistics cached as fid_reference run %s", run_id)
-    return stats, run_id
+    # As for the classifier: the statistics cached first are the ones every process uses.
+    first_id, first_path = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
+    return (stats if first_id == run_id else fid.load_reference_stats(first_path, extractor.dims)), first_id
 
 
 def reference_images(dataset: str, resolution: int) -> np.ndarray:

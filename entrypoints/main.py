@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+from pathlib import Path
 
 import click
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from entrypoints.common import configure_logging, fail, stage
 from maskdm import driver
 from maskdm.errors import MaskDMError
+from maskdm.tracking import runs_view_url
 
 
 @click.command("main", help="Sweep pruning ratios: prune -> masks -> finetune, sample and score each model; print the table.")
@@ -55,6 +59,7 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
     if sets:
         main_params["set"] = ";".join(sets)
     with stage("main", main_params) as run:
+        run.set_tags({MLFLOW_RUN_NAME: run_name(config)})
         experiment_id = run.run.info.experiment_id
         outcomes = driver.run_plan(plan, experiment_id=experiment_id, parent_run_id=run.run_id)
         (run.out / "stage_runs.json").write_text(json.dumps(
@@ -76,6 +81,23 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
     click.echo("")
     click.echo(results.markdown)
     click.echo(driver.ui_hint(tracking_uri, experiment_id, experiment_name, run.run_id))
+    click.echo(f"  its runs in the UI:    {runs_view_url(tracking_uri, experiment_id)}")
+
+
+def run_name(config: driver.SweepConfig) -> str:
+    """The driver run's name: what it swept, e.g. ``main demo magnitude unstructured 0.3,0.5,0.7``.
+
+    Model (a local folder by its name), pruner, pattern and ratios; scope and mask_training only
+    where they are not the defaults (``layer``, ``both``).
+    """
+    model = Path(config.model).name if os.path.isabs(config.model) else config.model
+    parts = ["main", model, config.pruner, config.pattern]
+    if config.scope != "layer":
+        parts.append(f"scope={config.scope}")
+    parts.append(",".join(driver.format_ratio(r) for r in config.ratios))
+    if config.mask_training != "both":
+        parts.append(f"mask_training={config.mask_training}")
+    return " ".join(parts)
 
 
 def describe_plan(plan: list[driver.Step]) -> str:

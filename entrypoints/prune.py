@@ -8,7 +8,7 @@ import click
 
 from entrypoints.common import optional, save_preview, stage
 from maskdm.data import load_dataset
-from maskdm.masks import DEFAULT_PROTECT
+from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, save_masks
 from maskdm.pruning import PruneConfig, prune, pruning_stats, summarize, write_stats
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ def command(**params) -> None:
         stats = pruning_stats(ddpm.unet, result)
         log.info(summarize(stats))
         write_stats(stats, run.out / "pruning_stats.json")
+        # The exact masks applied (True = kept): extract_masks reads them rather than re-deriving them
+        # from zeros, which would count a kept weight that happens to be 0 as pruned.
+        save_masks(result.masks, run.out / MASKS_FILE)
         run.log_metrics({
             "sparsity": stats["sparsity"],
             "params_total": stats["params_total"],

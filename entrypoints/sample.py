@@ -55,6 +55,10 @@ class Samples:
 @click.option("--ddim_steps", type=int, default=100, show_default=True, help="DDIM steps S (at most the training steps T).")
 @click.option("--skip_type", default="uniform", show_default=True, help="uniform (every T//S-th step) or quad.")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="0 = deterministic DDIM, 1 = DDPM-like noise.")
+@click.option(
+    "--clip_sample", type=click.BOOL, default=False, show_default=True,
+    help="Clip the predicted x0 to [-1, 1] at every step (false: never, as the original DDIM code).",
+)
 @click.option("--seed", type=int, default=42, show_default=True, help="Image i is determined by (seed, i).")
 @click.option("--save_png", type=click.BOOL, default=False, show_default=True, help="Also log pngs/<index>.png.")
 @click.option("--mixed_precision", default="auto", show_default=True, help="auto (bf16 on CUDA, no on CPU), no, bf16 or fp16.")
@@ -114,6 +118,9 @@ def make_samples(up: Upstream, params: dict, state: PartialState) -> Samples:
         skip_type=params["skip_type"],
         eta=params["eta"],
         seed=params["seed"],
+        # Always explicit: the stage never falls back on the model's scheduler config, whose
+        # clip_sample is True for every DDPMScheduler-made model (docs/details/sample.md).
+        clip_sample=params["clip_sample"],
         batch_size=params["batch_size"],
         device=state.device,
         mixed_precision=mixed_precision,
@@ -151,6 +158,7 @@ def write_outputs(out, images: np.ndarray, params: dict) -> None:
         ddim_steps=np.int64(params["ddim_steps"]),
         skip_type=np.str_(params["skip_type"]),
         eta=np.float64(params["eta"]),
+        clip_sample=np.bool_(params["clip_sample"]),
     )
     save_grid(images[:GRID_IMAGES], out / "grid.png", nrow=8)
     if params["save_png"]:

@@ -2,8 +2,9 @@
 
 Everything that fixes the minibatches (dataset, dataset_size, batch_size, max_batches, seed and
 the sampling protocol) comes from the baseline run; a given value that contradicts it is an error.
-Each update samples one mask from the logits, measures it on ``accumulation`` replayed batches and
-moves the logits against the reward ``loss - baseline_loss`` (see :mod:`maskdm.maskpro`).
+Each update samples ``samples`` masks from the logits, measures each on the same ``accumulation``
+replayed batches and moves the logits against its advantage (see :mod:`maskdm.maskpro`). The
+current final mask is scored on held-out images every ``eval_every`` updates.
 ``max_step`` counts updates and ``epoch`` passes over the subset; training stops at whichever comes
 first (0 = no limit for that one).
 """
@@ -13,37 +14,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 
 import click
 import numpy as np
 
-from entrypoints.baseline_loss import LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, integer, replay_dataset
-from entrypoints.common import optional, stage
+from entrypoints.baseline_loss import LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, replay_dataset
+from entrypoints.common import boolean, choice, integer, number, optional, stage
 from maskdm.errors import MaskDMError
-from maskdm.maskpro import (
-    MaskTrainer,
+from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, select_targets
+from maskdm.maskpro import REWARD_BASELINES, MaskTrainer, TrainConfig, auto_eval_every, plot_training_curves, save_logits
+from maskdm.masks import assert_sparse_as, bake_masks, check_masks_fit, load_masks, mask_sparsity, save_masks, set_masks
+from maskdm.replay import (
     ReplayBatches,
     ReplaySpec,
-    TrainConfig,
     check_protocol,
-    make_policy,
-    plot_training_curves,
+    heldout_batches,
+    images_outside_subset,
     replayed_loss,
     resolve_from_baseline,
-    save_logits,
-    select_targets,
 )
-from maskdm.masks import assert_sparse_as, bake_masks, check_masks_fit, load_masks, mask_sparsity, save_masks, set_masks
 from maskdm.tracking import get_upstream
 
 log = logging.getLogger(__name__)
 
-
-def number(name: str, value: str) -> float:
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        raise MaskDMError(f"{name} must be a number, not '{value}'") from None
+#: heldout_size=auto takes this many images outside the subset (or as many as there are).
+AUTO_HELDOUT = 512
 
 
 def read_baseline(up) -> tuple[dict, np.ndarray]:
@@ -54,27 +50,47 @@ def read_baseline(up) -> tuple[dict, np.ndarray]:
 
 @click.command("train_masks", help="Learn masks for the original dense weights by policy gradient (MaskPro).")
 @click.option("--baseline_run_id", required=True, help="MLflow run ID of a baseline_loss run.")
-@click.option("--lr", default="1.0", show_default=True, help="Learning rate of the logits.")
+@click.option("--lr", default="1.0", show_default=True, help="Learning rate of the logits (in units of the advantage's spread with normalize=true).")
 @click.option("--epoch", default="2000", show_default=True, help="At most this many passes over the subset (0 = no limit).")
-@click.option("--logits", default="5.0", show_default=True, help="Initial logit magnitude: +logits where the initial mask keeps, -logits elsewhere.")
+@click.option("--logits", default="5.0", show_default=True, help="init=constant: +logits where the initial mask keeps, -logits elsewhere.")
 @click.option("--max_step", default="15000", show_default=True, help="At most this many updates (0 = no limit).")
 @click.option("--accumulation", default="16", show_default=True, help="Batches per update.")
+@click.option("--init", "init", default="constant", show_default=True, help="Initial logits: constant (+-logits) or magnitude (the pruner's score through temperature).")
+@click.option("--temperature", default="0.05", show_default=True, help="init=magnitude: logit = log(|w| / layer threshold) / temperature.")
+@click.option("--samples", default="1", show_default=True, help="Masks sampled and measured per update, on the same batches.")
+@click.option("--reward_baseline", default="delta", show_default=True, help="delta (moving average of the reward) or loo (leave-one-out over the update's samples; samples >= 2).")
+@click.option("--normalize", default="false", show_default=True, help="Divide advantages by a running estimate of their spread.")
+@click.option("--heldout_size", default="auto", show_default=True, help="Training images outside the subset to score masks on (auto: up to 512, as many as there are; 0: no held-out scoring).")
+@click.option("--eval_every", default="auto", show_default=True, help="Updates between held-out scores of the current final mask (auto: within 10 % of the forward passes; 0: before and after only).")
 @click.option("--targets", default="", help="Layers to train: all or prefixes [default: the baseline run's].")
 @click.option("--dataset", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--dataset_size", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--batch_size", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--seed", default="", help="[default: the baseline run's; another value is an error]")
-def command(baseline_run_id, lr, epoch, logits, max_step, accumulation, targets, dataset, dataset_size, batch_size, seed) -> None:
+def command(
+    baseline_run_id, lr, epoch, logits, max_step, accumulation, init, temperature, samples, reward_baseline, normalize,
+    heldout_size, eval_every, targets, dataset, dataset_size, batch_size, seed,
+) -> None:
     params = dict(
         baseline_run_id=baseline_run_id, lr=lr, epoch=epoch, logits=logits, max_step=max_step, accumulation=accumulation,
-        targets=targets, dataset=dataset, dataset_size=dataset_size, batch_size=batch_size, seed=seed,
+        init=init, temperature=temperature, samples=samples, reward_baseline=reward_baseline, normalize=normalize,
+        heldout_size=heldout_size, eval_every=eval_every, targets=targets, dataset=dataset, dataset_size=dataset_size,
+        batch_size=batch_size, seed=seed,
     )
     with stage("train_masks", params) as run:
         config = TrainConfig(
             lr=number("lr", lr), epoch=integer("epoch", epoch, minimum=0), max_step=integer("max_step", max_step, minimum=0),
-            accumulation=integer("accumulation", accumulation), seed=0,
+            accumulation=integer("accumulation", accumulation), seed=0, samples=integer("samples", samples),
+            reward_baseline=choice("reward_baseline", reward_baseline, REWARD_BASELINES), normalize=boolean("normalize", normalize),
         )
-        magnitude = number("logits", logits)
+        init_kind = choice("init", init, INIT_CHOICES)
+        magnitude, temp = number("logits", logits), number("temperature", temperature)
+        if init_kind == "magnitude" and temp <= 0:
+            raise MaskDMError(f"temperature must be positive, not '{temperature}'")
+        # None = auto: up to AUTO_HELDOUT images outside the subset, none if fewer than a batch are left.
+        heldout_images = None if str(heldout_size).strip().lower() == "auto" else integer("heldout_size", heldout_size, minimum=0)
+        # None = auto: the smallest interval whose held-out scoring stays within 10 % of the forward passes.
+        every = None if str(eval_every).strip().lower() == "auto" else integer("eval_every", eval_every, minimum=0)
         up = run.upstream(baseline_run_id, ["baseline_loss"], [SUMMARY_FILE, LOSSES_FILE], "baseline_run_id")
         summary, baseline = read_baseline(up)
         given = {k: optional(v) for k, v in dict(dataset=dataset, dataset_size=dataset_size, batch_size=batch_size, seed=seed).items()}
@@ -87,32 +103,65 @@ def command(baseline_run_id, lr, epoch, logits, max_step, accumulation, targets,
 
         masks_run = get_upstream(recorded["masks_run_id"], ["extract_masks"], MASKS_FILE, "the baseline run's masks run")
         masks = load_masks(masks_run.download(MASKS_FILE))
-        policy = make_policy(pattern, masks, select_targets(masks, target_spec), magnitude)
-
+        names = select_targets(masks, target_spec)
         ddpm = run.load_lineage_model()
         check_masks_fit(ddpm.unet, masks)
+        initial_logits = None
+        if init_kind == "magnitude":
+            modules = dict(ddpm.unet.named_modules())
+            initial_logits = magnitude_logits({n: modules[n].weight for n in names}, masks, names, pattern, temp)
+        policy = make_policy(pattern, masks, names, magnitude, logits=initial_logits)
+
         if int(ddpm.scheduler.config.num_train_timesteps) != int(recorded["num_train_timesteps"]):
             raise MaskDMError("the model's scheduler has another num_train_timesteps than the baseline run's: the draws would differ")
         spec = ReplaySpec(int(replay["dataset_size"]), int(replay["batch_size"]), int(recorded["max_batches"]), int(replay["seed"]))
-        batches = ReplayBatches(replay_dataset(replay["dataset"], ddpm.resolution), spec)
+        images = replay_dataset(replay["dataset"], ddpm.resolution)
+        batches = ReplayBatches(images, spec)
         check_protocol(summary, batches, len(baseline))
+        if heldout_images is None:
+            left = images_outside_subset(len(images), spec)
+            heldout_images = min(AUTO_HELDOUT, left) if left >= spec.batch_size else 0
+            if not heldout_images:
+                log.warning("no held-out scoring: only %d images lie outside the training subset", left)
+        held = heldout_batches(images, spec, heldout_images) if heldout_images else None
 
         on = device()
         unet = ddpm.unet.to(on)
-        trainer = MaskTrainer(unet, masks, policy, lambda b: replayed_loss(unet, ddpm.scheduler, batches, b, on), baseline, config)
-        log.info(
-            "train_masks: %d layers, %d updates of %d batches of %d on %s",
-            len(policy.names), trainer.total_updates(), config.accumulation, spec.batch_size, on,
+        trainer = MaskTrainer(
+            unet, masks, policy, lambda b: replayed_loss(unet, ddpm.scheduler, batches, b, on), baseline, config,
+            heldout_loss=(lambda b: replayed_loss(unet, ddpm.scheduler, held, b, on)) if held else None,
+            heldout_batches=len(held) if held else 0,
         )
-        trainer.run(on_update=lambda m: run.log_metrics(m.as_metrics(), step=m.step))
-        log.info("mask work %.1f%% of the time (forward passes %.1f s, masks %.1f s)",
-                 100 * trainer.timings.mask_share, trainer.timings.forward_s, trainer.timings.mask_s)
+        if every is None:
+            update_images = config.accumulation * spec.batch_size * config.samples
+            every = auto_eval_every(len(held) * spec.batch_size if held else 0, update_images, trainer.total_updates())
+        trainer.eval_every = every
+        run.log_metrics({"heldout_images": len(held) * spec.batch_size if held else 0, "eval_every_updates": every})
+        log.info(
+            "train_masks: %d layers, %d updates of %d sample(s) x %d batches of %d on %s; held-out %d batches, scored every %s updates",
+            len(policy.names), trainer.total_updates(), config.samples, config.accumulation, spec.batch_size, on,
+            len(held) if held else 0, trainer.eval_every or "-",
+        )
+        started = time.perf_counter()
+        trainer.run(
+            on_update=lambda m: run.log_metrics(m.as_metrics(), step=m.step),
+            on_heldout=lambda h: run.log_metrics({"heldout_loss": h.loss}, step=h.step),
+        )
+        run.log_metrics({"train_wall_s": time.perf_counter() - started})
+        log.info("mask work %.1f%%, held-out scoring %.1f%% of the time (forward passes %.1f s, masks %.1f s, held-out %.1f s)",
+                 100 * trainer.timings.mask_share, 100 * trainer.timings.heldout_share, trainer.timings.forward_s,
+                 trainer.timings.mask_s, trainer.timings.heldout_s)
 
         learned = trainer.final_masks()
+        if held:
+            result = trainer.heldout_result()
+            run.log_metrics(result.as_metrics())
+            log.info("held-out loss: initial mask %.5f, final mask %.5f (improvement %.2e +- %.1e)",
+                     *(result.as_metrics()[k] for k in ("heldout_loss_initial", "heldout_loss_final", "heldout_improvement", "heldout_improvement_se")))
         save_masks(learned, run.out / MASKS_FILE)
         save_logits(run.out / "logits.safetensors", policy, trainer.state, pattern, {"baseline_run_id": up.run_id, "targets": target_spec})
         if trainer.history:
-            plot_training_curves(trainer.history, run.out / "training_curves.png")
+            plot_training_curves(trainer.history, run.out / "training_curves.png", trainer.heldout_history)
         flips = sum(int((learned[k] != masks[k]).sum()) for k in masks) / sum(m.numel() for m in masks.values())
         run.log_metrics({"final_mask_flip_rate": flips, "final_sparsity": mask_sparsity(learned)})
 

@@ -23,9 +23,11 @@ EVAL_BATCH_SIZE = 64
 EVAL_SEED = 20240917
 
 
-def batch_generator(seed: int, batch_index: int) -> torch.Generator:
-    """A CPU generator determined by ``(seed, batch_index)`` alone."""
-    state = np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(2, dtype=np.uint64)
+def batch_generator(seed: int, batch_index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator determined by ``(seed, batch_index)`` alone, or by ``(seed, batch_index,
+    stream)``: a nonzero ``stream`` gives draws independent of stream 0's for the same seed."""
+    entropy = [int(seed), int(batch_index)] + ([int(stream)] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] % (2**63 - 1)))
 
 
@@ -39,10 +41,11 @@ class NoiseDraw:
 
 
 def draw_noise_and_timesteps(
-    seed: int, batch_index: int, shape: tuple[int, ...], num_train_timesteps: int
+    seed: int, batch_index: int, shape: tuple[int, ...], num_train_timesteps: int, stream: int = 0
 ) -> NoiseDraw:
-    """The timesteps and noise for batch ``batch_index`` of a replayable pass seeded by ``seed``."""
-    gen = batch_generator(seed, batch_index)
+    """The timesteps and noise for batch ``batch_index`` of a replayable pass seeded by ``seed``
+    (on draw stream ``stream``, see :func:`batch_generator`)."""
+    gen = batch_generator(seed, batch_index, stream)
     timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=gen, dtype=torch.int64)
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
     return NoiseDraw(timesteps, noise)

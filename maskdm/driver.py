@@ -91,9 +91,16 @@ DEMO = {
         # Empty: the pretrain entry point's defaults are the demo model's configuration.
         "pretrain": {},
         "prune": {"protect": "conv_in,conv_out,time_emb,class_emb", "seed": "0"},
-        "baseline_loss": {"dataset_size": "128", "batch_size": "32", "max_batches": "4", "targets": "all", "seed": "0"},
-        # 4 batches per pass, 4 per update: one update per epoch, 20 updates.
-        "train_masks": {"lr": "1.0", "epoch": "20", "logits": "5.0", "max_step": "20", "accumulation": "4"},
+        # 1,024 images in 32 batches; an update measures 2 of them, so the stream passes over the
+        # subset about 9 times in 150 updates.
+        "baseline_loss": {"dataset_size": "1024", "batch_size": "32", "max_batches": "0", "targets": "all", "seed": "0"},
+        # The best configuration of the study in docs/details/maskpro.md that fits the demo's budget:
+        # logits from the magnitude score, normalised advantages, one sample per update.
+        "train_masks": {
+            "lr": "0.05", "epoch": "1000", "logits": "5.0", "max_step": "150", "accumulation": "2", "init": "magnitude",
+            "temperature": "0.05", "samples": "1", "reward_baseline": "delta", "normalize": "true", "heldout_size": "256",
+            "eval_every": "auto",
+        },
         "finetune": {
             "num_iters": "40", "train_batch_size": "32", "learning_rate": "2e-4", "lr_warmup_steps": "0",
             "ema_max_decay": "0.99", "dropout": "0.1", "gradient_accumulation_steps": "1",
@@ -433,6 +440,20 @@ def find_resumable_run(experiment_id: str, key: str) -> str | None:
     return None
 
 
+def end_dead_runs_of_step(experiment_id: str, key: str, parent_run_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run with cache key ``key`` whose process is dead; their IDs.
+
+    Only what this host can prove (:func:`maskdm.liveness.judge` without ``stale_after``): a run
+    recorded by a process on another host is left alone, and the stage is run again beside it, as
+    with two drivers at once. ``maskdm reap --stale_after`` ends those.
+    """
+    from maskdm.tracking import end_dead_runs, running_runs
+
+    running = running_runs([experiment_id], f"tags.`{CACHE_KEY_TAG}` = '{key}'")
+    checks = end_dead_runs(running, ended_by=f"maskdm main (driver run {parent_run_id})") if running else []
+    return [c.run.info.run_id for c in checks if c.ended]
+
+
 def run_stage(
     stage: str,
     params: Mapping[str, str],
@@ -455,6 +476,7 @@ def run_stage(
         MLFLOW_SOURCE_TYPE,
     )
 
+    from maskdm.liveness import process_tags
     from maskdm.tracking import STAGE_TAG
     from maskdm.tracking import code_version as current_code_version
 
@@ -468,6 +490,7 @@ def run_stage(
         _client().set_tag(cached, f"{USED_BY_TAG_PREFIX}{parent_run_id}", "true")
         return StageOutcome(step, stage, cached, reused=True)
 
+    end_dead_runs_of_step(experiment_id, key, parent_run_id)
     passed = dict(full)
     resumed_from = find_resumable_run(experiment_id, key) if stage == "finetune" else None
     if resumed_from:
@@ -490,6 +513,9 @@ def run_stage(
             MLFLOW_SOURCE_TYPE: "PROJECT",
             MLFLOW_SOURCE_NAME: str(project_dir),
             MLFLOW_PROJECT_ENTRY_POINT: stage,
+            # This (driver) process until the stage's own process records itself: a run whose
+            # driver is killed before the stage starts is still judged dead (maskdm.liveness).
+            **process_tags(),
             **{k: str(v) for k, v in (tags or {}).items()},
         },
     )
@@ -607,6 +633,6 @@ def ui_hint(tracking_uri: str, experiment_id: str, experiment_name: str, driver_
         f"  experiment '{experiment_name}' (id {experiment_id}); driver run {driver_run_id}: results.md, results.csv, fid_vs_sparsity.png, stage_runs.json",
         f"  stage runs it made:    tags.`{PARENT_RUN_TAG}` = '{driver_run_id}'",
         f"  stage runs it reused:  tags.`{USED_BY_TAG_PREFIX}{driver_run_id}` = 'true'   (all of them: stage_runs.json)",
-        f"  scores of every sweep: tags.`maskdm.stage` = 'fid'  (chart fid against params.pruning_ratio, grouped by tags.`{VARIANT_TAG}`)",
+        "  scores of every sweep: tags.`maskdm.stage` = 'fid'  (chart fid against params.pruning_ratio, grouped by tags.`maskdm.model_stage`)",
     ]
     return "\n".join(lines)

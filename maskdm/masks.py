@@ -138,7 +138,11 @@ def bake_masks(model: nn.Module) -> nn.Module:
 
 
 def masks_from_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Masks of the nonzero pattern of the named layers' weights (True = nonzero = kept)."""
+    """Masks of the nonzero pattern of the named layers' weights (True = nonzero = kept).
+
+    Only a fallback for masks nobody recorded: a kept weight that happens to be exactly zero comes
+    out as pruned. Prefer the masks the pruner applied (``prune`` logs them).
+    """
     modules = maskable_modules(model)
     return {name: (_weight(modules[name]).detach() != 0).cpu() for name in names}
 
@@ -153,11 +157,37 @@ def assert_sparse_as(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Non
             raise AssertionError(f"layer '{name}' has {leaked} nonzero weights where its mask is False")
 
 
+def check_masks_match_weights(model: nn.Module, masks: Mapping[str, torch.Tensor], what: str = "masks") -> None:
+    """Check that ``masks`` can be the masks ``model`` was pruned with: every masked-out weight is
+    exactly zero. A kept weight may be zero as well (a weight can be 0 and still be kept), so this
+    is a one-way check, not an equality with the nonzero pattern.
+
+    Raises a one-line :class:`MaskDMError` (``what`` names the masks) for the first layer that
+    does not fit the model or holds a nonzero weight where its mask is False.
+    """
+    check_masks_fit(model, masks)
+    modules = maskable_modules(model)
+    for name, mask in masks.items():
+        weight = _weight(modules[name]).detach()
+        leaked = (weight != 0) & ~mask.to(device=weight.device, dtype=torch.bool)
+        count = int(leaked.sum())
+        if count:
+            first = tuple(int(i) for i in torch.nonzero(leaked)[0].tolist())
+            raise MaskDMError(
+                f"{what} contradict the model's weights: layer '{name}' has {count} nonzero weight(s) where the "
+                f"mask says pruned (first at index {first}, value {float(weight[first]):.6g})"
+            )
+
+
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
     """Share of masked-out entries over all entries of ``masks`` (0.0 for no masks)."""
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     return 0.0 if total == 0 else 1.0 - kept / total
+
+
+#: The file name of a masks artifact (``prune``, ``extract_masks`` and ``train_masks`` runs).
+MASKS_FILE = "masks.safetensors"
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

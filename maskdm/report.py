@@ -12,16 +12,22 @@ nothing is read from files on disk. Runs are joined through their lineage tags
   model, preferring the same dataset), ``pruned`` (the prune run), ``masked`` (the train_masks run)
   and ``finetuned`` (the finetune run).
 * A model run's FID is the metric of the newest FINISHED ``fid`` run of any ``sample`` run of it,
-  per FID metric (``fid`` for Inception, ``fid_<name>`` for other feature extractors); its sampling
-  speed is the ``images_per_s`` of the sample run behind its ``fid`` (else of its newest sample run).
+  per FID metric (``fid`` for Inception pool3, ``fid_inception_<dims>``, ``fid_<name>`` for other
+  feature extractors) and per FID protocol (:class:`FidProtocol`: features, samples, reference,
+  weights and the sampling settings, recorded by the fid stage in the tag ``maskdm.fid_protocol``).
+  Each FID column holds one protocol: a metric's main protocol (the one that scores the most model
+  runs) gets the column named by the metric, every other protocol its own ``<metric>@<protocol id>``
+  column, and ``protocol_<column>`` names it. The sampling speed is the ``images_per_s`` of the
+  sample run behind the first FID column with a value (else of the newest sample run).
 
 :func:`model_stage_of` names the model stage of any run from its tags, for the ``fid`` stage to tag
 its runs with (:data:`MODEL_STAGE_TAG`), so that FID can be charted against ``pruning_ratio`` per
-model stage in the MLflow UI without joins.
+model stage (the two finetune arms apart) in the MLflow UI without joins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -36,12 +42,16 @@ import numpy as np
 import pandas as pd
 
 from maskdm.errors import MaskDMError
-from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, parse_run_ref
+from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, lineage_stages, masks_source_of, parse_run_ref
 
 log = logging.getLogger(__name__)
 
 #: The tag the ``fid`` (and ``sample``) stage should set to :func:`model_stage_of` of its run.
 MODEL_STAGE_TAG = "maskdm.model_stage"
+#: The values of :data:`MODEL_STAGE_TAG`: one per model of a row, the two finetune arms apart
+#: (``finetuned``: from the masks train_masks learned; ``finetuned_no_mask_training``: straight
+#: from extract_masks), named as the driver's ``maskdm.variant`` and the ``fid_by_ratio/*`` series.
+MODEL_STAGE_VALUES = ("dense", "pruned", "masked", "finetuned", "finetuned_no_mask_training")
 #: The model stages of a row, in pipeline order.
 MODEL_STAGE_NAMES = ("dense", "pruned", "masked", "finetuned")
 #: The stages of one ratio's chain, whose run IDs and wall times a row carries.
@@ -157,17 +167,17 @@ def newest_first(records: Iterable[RunRecord]) -> list[RunRecord]:
 
 
 def model_stage_of(tags: Mapping[str, str], params: Mapping[str, str]) -> str | None:
-    """``dense``/``pruned``/``masked``/``finetuned`` for a model run or any run descending from one.
+    """One of :data:`MODEL_STAGE_VALUES` for a model run or any run descending from one.
 
     The newest stage of the run's lineage among finetune > train_masks > prune decides; a prune
-    run with pruning_ratio 0 (and a bare pretrain run) is the dense reference. For a sample or fid
-    run pass its own tags and params (the lineage params include pruning_ratio).
+    run with pruning_ratio 0 (and a bare pretrain run) is the dense reference. A finetune is
+    ``finetuned`` when its lineage holds train_masks and ``finetuned_no_mask_training`` when it
+    holds only extract_masks (:func:`maskdm.tracking.masks_source_of`), whoever made it. For a
+    sample or fid run pass its own tags and params (the lineage params include pruning_ratio).
     """
-    stages = {k[len(UPSTREAM_TAG_PREFIX):] for k in tags if k.startswith(UPSTREAM_TAG_PREFIX)}
-    if tags.get(STAGE_TAG):
-        stages.add(tags[STAGE_TAG])
+    stages = lineage_stages(tags)
     if "finetune" in stages:
-        return "finetuned"
+        return "finetuned_no_mask_training" if masks_source_of(stages) == "extract_masks" else "finetuned"
     if "train_masks" in stages:
         return "masked"
     if "prune" in stages:
@@ -186,16 +196,105 @@ def model_run_of_sample(sample: RunRecord) -> str | None:
     return next((upstream[s] for s in ("finetune", "train_masks", "prune", "pretrain") if s in upstream), None)
 
 
+_FID_METRIC_NAME = re.compile(r"^fid(_[A-Za-z0-9_]+)?$")
+
+
 def is_fid_metric(name: str) -> bool:
     """``fid`` and ``fid_<feature extractor>``; ``fid_*_s`` (timings) and ``fid_*_id`` are not FIDs."""
-    return name == FID_METRIC or (name.startswith(FID_METRIC + "_") and not name.endswith(("_s", "_id")))
+    return bool(_FID_METRIC_NAME.match(name)) and not name.endswith(("_s", "_id"))
 
 
-def fid_metric_names(records: Iterable[RunRecord]) -> list[str]:
-    """The FID metrics the fid runs logged: ``fid`` first, then the others alphabetically."""
-    names = {m for r in records if r.stage == "fid" for m in r.metrics if is_fid_metric(m)}
-    names.discard(FID_METRIC)
-    return [FID_METRIC, *sorted(names)]
+# --------------------------------------------------------------------------------------------
+# FID protocols: what must match for two FIDs to be compared
+
+#: Tags of a fid run: the protocol as ``part=value;...`` (readable, filterable with LIKE), its short
+#: digest, and each part on its own (``maskdm.fid_protocol.<part>``).
+FID_PROTOCOL_TAG = "maskdm.fid_protocol"
+FID_PROTOCOL_ID_TAG = "maskdm.fid_protocol_id"
+FID_PROTOCOL_PART_PREFIX = "maskdm.fid_protocol."
+#: The parts of a protocol, in the order of its key.
+PROTOCOL_PARTS = (
+    "features", "dims", "samples", "reference", "resolution", "weights",
+    "sampler", "steps", "skip", "eta", "clip", "seed",
+)
+#: The protocol id of fid runs made before protocols were recorded.
+UNRECORDED = "unrecorded"
+UNKNOWN = "unknown"
+#: Inception pool3: the field's FID, the only protocol whose metric is named ``fid``.
+FID_FEATURES, FID_DIMS = "inception", 2048
+
+
+def fid_metric_name(features: str, dims: int | str) -> str:
+    """``fid`` for Inception pool3 (2048), ``fid_inception_<dims>`` for other Inception features, else ``fid_<features>``."""
+    if features == FID_FEATURES:
+        return FID_METRIC if int(dims) == FID_DIMS else f"fid_inception_{int(dims)}"
+    return f"fid_{features}"
+
+
+def _part_value(value: object) -> str:
+    text = UNKNOWN if value is None or str(value).strip() == "" else str(value).strip()
+    return text.replace(";", "%3B")  # ';' separates the parts of a key
+
+
+@dataclass(frozen=True)
+class FidProtocol:
+    """Everything two FIDs must share to be compared: feature extractor and size, number of samples,
+    reference statistics (``<dataset>:train``, or ``sha256:<digest>`` of a stats file) and their
+    resolution, the feature weights' digest, and how the samples were drawn (sampler, steps, skip
+    type, eta, x0 clipping, seed). ``unknown`` marks a part the runs did not record."""
+
+    parts: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, **parts: object) -> "FidProtocol":
+        missing = [p for p in PROTOCOL_PARTS if p not in parts]
+        extra = [p for p in parts if p not in PROTOCOL_PARTS]
+        if missing or extra:
+            raise ValueError(f"FID protocol parts: missing {missing}, unexpected {extra}")
+        return cls(tuple((p, _part_value(parts[p])) for p in PROTOCOL_PARTS))
+
+    @classmethod
+    def parse(cls, key: str | None) -> "FidProtocol | None":
+        """The protocol of a :attr:`key`; None for an empty or malformed one."""
+        if not key or not str(key).strip():
+            return None
+        parts = dict(item.partition("=")[::2] for item in str(key).split(";"))
+        if set(parts) != set(PROTOCOL_PARTS):
+            return None
+        return cls(tuple((p, parts[p]) for p in PROTOCOL_PARTS))
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> "FidProtocol | None":
+        return cls.parse(tags.get(FID_PROTOCOL_TAG))
+
+    def get(self, part: str) -> str:
+        return dict(self.parts)[part]
+
+    @property
+    def key(self) -> str:
+        return ";".join(f"{part}={value}" for part, value in self.parts)
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.key.encode()).hexdigest()[:10]
+
+    @property
+    def metric(self) -> str:
+        return fid_metric_name(self.get("features"), self.get("dims"))
+
+    def tags(self) -> dict[str, str]:
+        tags = {FID_PROTOCOL_TAG: self.key, FID_PROTOCOL_ID_TAG: self.id}
+        tags.update({FID_PROTOCOL_PART_PREFIX + part: value for part, value in self.parts})
+        return tags
+
+    def differences(self, other: "FidProtocol | None") -> list[tuple[str, str, str]]:
+        """``(part, this value, other value)`` for every part that differs (all of them against None)."""
+        theirs = dict(other.parts) if other else {}
+        return [(p, v, theirs.get(p, UNRECORDED)) for p, v in self.parts if theirs.get(p) != v]
+
+
+def describe_protocol(protocol: "FidProtocol | None") -> str:
+    return f"{protocol.id} ({protocol.key})" if protocol else f"{UNRECORDED} (fid runs made before protocols were recorded)"
 
 
 @dataclass(frozen=True)
@@ -203,15 +302,25 @@ class FidScore:
     value: float
     fid_run_id: str
     sample_run_id: str | None
+    metric: str = FID_METRIC
+    protocol: FidProtocol | None = None
+    start_time: float = 0.0
+
+    @property
+    def protocol_id(self) -> str:
+        return self.protocol.id if self.protocol else UNRECORDED
 
 
 @dataclass(frozen=True)
 class ModelScores:
     """What the sample and fid runs of one model run measured."""
 
-    fids: Mapping[str, FidScore]  # newest value per FID metric
-    sample: RunRecord | None  # the sample run behind the primary FID, else the newest sample run
-    fid_run: RunRecord | None  # the newest fid run with ``fid``, else the newest with any FID
+    fids: Mapping[tuple[str, str], FidScore]  # newest value per (FID metric, protocol id)
+    newest_sample: RunRecord | None  # the newest sample run of the model
+
+    def of_metric(self, metric: str) -> list[FidScore]:
+        """The model's scores under ``metric``, one per protocol, newest first."""
+        return sorted((s for (m, _), s in self.fids.items() if m == metric), key=lambda s: s.start_time, reverse=True)
 
 
 def collect_scores(records: Mapping[str, RunRecord]) -> dict[str, ModelScores]:
@@ -230,17 +339,67 @@ def collect_scores(records: Mapping[str, RunRecord]) -> dict[str, ModelScores]:
     scores = {}
     for model_run, samples in samples_by_model.items():
         fid_runs = newest_first(f for s in samples for f in fids_by_sample.get(s.run_id, ()))
-        fids: dict[str, FidScore] = {}
+        fids: dict[tuple[str, str], FidScore] = {}
         for fid_run in fid_runs:
+            protocol = FidProtocol.from_tags(fid_run.tags)
             for name, value in fid_run.metrics.items():
-                if is_fid_metric(name) and name not in fids:
-                    fids[name] = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"))
-        primary = next((f for f in fid_runs if FID_METRIC in f.metrics), None) or next(
-            (f for f in fid_runs if any(is_fid_metric(m) for m in f.metrics)), None
-        )
-        sample = records.get(primary.upstream.get("sample", "")) if primary else None
-        scores[model_run] = ModelScores(fids, sample or newest_first(samples)[0], primary)
+                if is_fid_metric(name):
+                    score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, protocol, fid_run.start_time)
+                    fids.setdefault((name, score.protocol_id), score)
+        scores[model_run] = ModelScores(fids, newest_first(samples)[0])
     return scores
+
+
+@dataclass(frozen=True)
+class FidColumn:
+    """One FID column group of the table: one metric under one protocol."""
+
+    name: str  # the metric for its main protocol, else "<metric>@<protocol id>"
+    metric: str
+    protocol_id: str
+    protocol: FidProtocol | None
+
+
+def fid_columns(scores: Mapping[str, ModelScores], model_runs: Iterable[str] | None = None) -> list[FidColumn]:
+    """The FID column groups of the model runs' scores: ``fid`` first, then the other metrics by name.
+
+    Per metric, the main protocol (the column named by the metric) is the recorded protocol that
+    scores the most model runs (ties: the newest fid run); the others follow, the same way ordered,
+    each as ``<metric>@<protocol id>``. Runs with no recorded protocol never take the metric's name.
+    """
+    wanted = set(scores) if model_runs is None else set(model_runs) & set(scores)
+    coverage: dict[tuple[str, str], list] = {}
+    for model_run in wanted:
+        for key, score in scores[model_run].fids.items():
+            entry = coverage.setdefault(key, [0, -math.inf, score.protocol])
+            entry[0] += 1
+            entry[1] = max(entry[1], score.start_time)
+    metrics = sorted({m for m, _ in coverage}, key=lambda m: (m != FID_METRIC, m))
+    columns = []
+    for metric in metrics:
+        ranked = sorted(
+            (k for k in coverage if k[0] == metric),
+            key=lambda k: (k[1] != UNRECORDED, coverage[k][0], coverage[k][1], k[1]),
+            reverse=True,
+        )
+        for i, (_, protocol_id) in enumerate(ranked):
+            main = i == 0 and protocol_id != UNRECORDED
+            name = metric if main else f"{metric}@{protocol_id}"
+            columns.append(FidColumn(name, metric, protocol_id, coverage[(metric, protocol_id)][2]))
+    if not any(c.metric == FID_METRIC for c in columns):
+        # The Inception column is always there (empty when nothing was scored with it).
+        columns.insert(0, FidColumn(FID_METRIC, FID_METRIC, "", None))
+    return columns
+
+
+def split_fid_column(name: str) -> tuple[str, str | None]:
+    """``fid_shapes@1a2b3c4d5e`` -> (``fid_shapes``, ``1a2b3c4d5e``); ``fid`` -> (``fid``, None)."""
+    metric, at, protocol_id = name.partition("@")
+    return metric, (protocol_id if at else None)
+
+
+def is_fid_column(name: str) -> bool:
+    return is_fid_metric(split_fid_column(name)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +407,10 @@ def collect_scores(records: Mapping[str, RunRecord]) -> dict[str, ModelScores]:
 
 
 def table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
-    """The columns of :func:`build_table`, in order (``fid_<name>`` ones only for names given)."""
+    """The columns of :func:`build_table`, in order (FID ones only for the FID column names given)."""
     columns = [*KEY_COLUMNS, *SIZE_COLUMNS]
     columns += [f"{ms}_{name}" for name in fid_names for ms in MODEL_STAGE_NAMES]
+    columns += [f"protocol_{name}" for name in fid_names]
     columns += [f"{ms}_eval_loss" for ms in MODEL_STAGE_NAMES]
     columns += [f"{ms}_images_per_s" for ms in MODEL_STAGE_NAMES]
     columns += [f"{stage}_wall_s" for stage in PIPELINE_STAGES]
@@ -264,24 +424,28 @@ def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:
     """One row per (model, dataset, pruning_ratio, pruner, pattern, mask_training); see the module doc."""
     records = run_records(runs)
     scores = collect_scores(records)
-    fid_names = fid_metric_names(records.values())
     dense_runs = newest_first(r for r in records.values() if r.stage == "prune" and r.pruning_ratio == 0)
 
-    rows = []
+    # Which rows (and so which model runs) there are comes first: the FID columns are chosen from
+    # the scores of those model runs only.
+    planned = []
     used_dense = set()
     for key, anchor in _row_anchors(records):
         dense = _dense_for(key, dense_runs)
         used_dense.add(dense.run_id if dense else None)
-        rows.append(_row(key, anchor.lineage, dense, records, scores, fid_names))
+        planned.append((key, anchor.lineage, dense))
     # A dense reference that no pruned row points at still gets a row, so a dense-only store reports.
     for dense in dense_runs:
         key = _key(dense, mask_training=None)
-        if dense.run_id not in used_dense and not any(_same_model(r, key) for r in rows):
-            rows.append(_row(key, {}, dense, records, scores, fid_names))
+        if dense.run_id not in used_dense and not any(_same_model(k, key) for k, _, _ in planned):
+            planned.append((key, {}, dense))
             used_dense.add(dense.run_id)
 
+    model_runs = {run_id for _, lineage, dense in planned for run_id in _model_runs(lineage, dense).values() if run_id}
+    columns = fid_columns(scores, model_runs)
+    rows = [_row(key, lineage, dense, records, scores, columns) for key, lineage, dense in planned]
     rows.sort(key=_sort_key)
-    table = pd.DataFrame(rows, columns=table_columns(fid_names))
+    table = pd.DataFrame(rows, columns=table_columns([c.name for c in columns]))
     table["mask_training"] = table["mask_training"].astype("boolean")
     table["pruning_ratio"] = table["pruning_ratio"].astype("float64")
     for column in INTEGER_COLUMNS:
@@ -337,13 +501,22 @@ def _same_model(row: Mapping, key: Mapping) -> bool:
     return row["model"] == key["model"] and row["dataset"] == key["dataset"]
 
 
+def _model_runs(lineage: Mapping[str, str], dense: RunRecord | None) -> dict[str, str | None]:
+    return {
+        "dense": dense.run_id if dense else None,
+        "pruned": lineage.get("prune"),
+        "masked": lineage.get("train_masks"),
+        "finetuned": lineage.get("finetune"),
+    }
+
+
 def _row(
     key: Mapping,
     lineage: Mapping[str, str],
     dense: RunRecord | None,
     records: Mapping[str, RunRecord],
     scores: Mapping[str, ModelScores],
-    fid_names: Sequence[str],
+    fid_columns_: Sequence[FidColumn],
 ) -> dict:
     row: dict = dict(key)
     # A dense-only row (no lineage) describes the dense run itself.
@@ -355,21 +528,22 @@ def _row(
         later = [records.get(lineage.get(s, "")) for s in ("finetune", "train_masks")]
         row["sparsity"] = next((r.metrics["sparsity"] for r in later if r and "sparsity" in r.metrics), None)
 
-    model_runs = {
-        "dense": dense.run_id if dense else None,
-        "pruned": lineage.get("prune"),
-        "masked": lineage.get("train_masks"),
-        "finetuned": lineage.get("finetune"),
-    }
+    model_runs = _model_runs(lineage, dense)
+    for column in fid_columns_:
+        row[f"protocol_{column.name}"] = column.protocol.key if column.protocol else column.protocol_id or None
     for ms, run_id in model_runs.items():
         record = records.get(run_id or "")
         score = scores.get(run_id or "")
         fids = score.fids if score else {}
-        for name in fid_names:
-            row[f"{ms}_{name}"] = fids[name].value if name in fids else None
+        behind = None  # the first FID column's score: its sample and fid runs are the row's
+        for column in fid_columns_:
+            found = fids.get((column.metric, column.protocol_id))
+            row[f"{ms}_{column.name}"] = found.value if found else None
+            behind = behind or found
         row[f"{ms}_eval_loss"] = record.metrics.get("eval_loss") if record else None
-        sample = score.sample if score else None
-        fid_run = score.fid_run if score else None
+        sample = records.get(behind.sample_run_id or "") if behind else None
+        sample = sample or (score.newest_sample if score else None)
+        fid_run = records.get(behind.fid_run_id) if behind else None
         row[f"{ms}_images_per_s"] = sample.metrics.get("images_per_s") if sample else None
         row[f"{ms}_sample_wall_s"] = sample.wall_s if sample else None
         row[f"{ms}_fid_wall_s"] = fid_run.wall_s if fid_run else None
@@ -408,6 +582,22 @@ def _format(value: object, column: str) -> str:
     return str(value)
 
 
+def _protocol_note(table: pd.DataFrame, name: str) -> str:
+    values = [v for v in table.get(f"protocol_{name}", pd.Series(dtype=object)) if _present(v)]
+    metric, protocol_id = split_fid_column(name)
+    if protocol_id == UNRECORDED:
+        note = "Protocol: not recorded (fid runs made before protocols were recorded; they compare with nothing)."
+    elif values:
+        protocol = FidProtocol.parse(str(values[0]))
+        note = f"Protocol `{protocol.id if protocol else values[0]}`: `{values[0]}`."
+    else:
+        note = ""
+    others = [n for n in table_fid_names(table) if n != name and split_fid_column(n)[0] == metric]
+    if protocol_id is None and others:
+        note += " Scores of the same metric under other protocols are in their own tables: " + ", ".join(f"`{n}`" for n in others) + "."
+    return note.strip()
+
+
 def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """(title, [(header, column)]) of each table in results.md."""
     yield "Size", [
@@ -419,7 +609,7 @@ def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, s
         ("dense ckpt (MiB)", "dense_checkpoint_bytes"),
     ]
     for name in fid_names:
-        title = "FID (Inception, `fid`)" if name == FID_METRIC else f"FID (`{name}`)"
+        title = "FID (Inception pool3, `fid`)" if name == FID_METRIC else f"FID (`{name}`)"
         yield title, [(ms, f"{ms}_{name}") for ms in MODEL_STAGE_NAMES]
     yield "eval_loss", [(ms, f"{ms}_eval_loss") for ms in MODEL_STAGE_NAMES]
     yield "Sampling speed (images/s)", [(ms, f"{ms}_images_per_s") for ms in MODEL_STAGE_NAMES]
@@ -452,10 +642,14 @@ def to_markdown(table: pd.DataFrame, title: str = "MaskDM results") -> str:
     if constant:
         lines += [", ".join(f"{c}: `{_format(table[c].iloc[0], c) or '-'}`" for c in constant), ""]
     keys = [(c, c) for c in KEY_COLUMNS if c not in constant]
+    fid_titles = {f"{ms}_{name}": name for name in table_fid_names(table) for ms in MODEL_STAGE_NAMES}
     for title_, columns in _sections(table_fid_names(table)):
         filled = [(h, c) for h, c in columns if c in table.columns and table[c].map(_present).any()]
         if filled:
-            lines += [f"## {title_}", "", _markdown_table(table, keys + filled), ""]
+            lines += [f"## {title_}", ""]
+            if filled[0][1] in fid_titles and (note := _protocol_note(table, fid_titles[filled[0][1]])):
+                lines += [note, ""]
+            lines += [_markdown_table(table, keys + filled), ""]
     return "\n".join(lines)
 
 
@@ -472,15 +666,18 @@ class CurvePoint:
 
 
 def table_fid_names(table: pd.DataFrame) -> list[str]:
-    """The FID metrics a :func:`build_table` table has columns for, ``fid`` first."""
+    """The FID column names a :func:`build_table` table has (``fid``, ``fid_shapes``, ``fid@<id>``), ``fid`` first."""
     prefix = "finetuned_"
-    return [c[len(prefix):] for c in table.columns if c.startswith(prefix) and is_fid_metric(c[len(prefix):])]
+    return [c[len(prefix):] for c in table.columns if c.startswith(prefix) and is_fid_column(c[len(prefix):])]
 
 
 def chart_metric(table: pd.DataFrame) -> str:
-    """``fid`` if any model has it, else the first ``fid_<name>`` that has values, else ``fid``."""
+    """``fid`` if any model has it, else the first other main-protocol column with values, else ``fid``.
+
+    Only a metric's main-protocol column (named by the metric alone) is charted.
+    """
     for name in table_fid_names(table):
-        if any(table[f"{ms}_{name}"].map(_present).any() for ms in MODEL_STAGE_NAMES):
+        if split_fid_column(name)[1] is None and any(table[f"{ms}_{name}"].map(_present).any() for ms in MODEL_STAGE_NAMES):
             return name
     return FID_METRIC
 
@@ -572,7 +769,8 @@ def ui_series(table: pd.DataFrame, metric: str | None = None) -> dict[str, dict[
     series = {}
     for label, points in fid_curves(table, metric).items():
         slug = re.sub(r"[^\w.\-/]+", "_", label).strip("_")
-        series[f"{metric}_by_ratio/{slug}"] = {
+        name = re.sub(r"[^\w.\-]+", "_", metric)  # an MLflow metric name has no '@'
+        series[f"{name}_by_ratio/{slug}"] = {
             int(round(p.pruning_ratio * 100)): p.fid for p in points
         }
     return series

@@ -3,8 +3,9 @@
 diffusers' ``DDIMScheduler`` only knows evenly spaced timesteps and derives the previous timestep
 as ``t - T // S``, which is wrong for the ``quad`` sequence; so the update (eq. 12 of the paper,
 with ``eta``) is done here over an explicit sequence, with the scheduler's own ``alphas_cumprod``,
-``final_alpha_cumprod``, ``prediction_type`` and ``clip_sample`` settings (built with
-``DDIMScheduler.from_config`` from the model's scheduler config, as ``DDIMPipeline`` does).
+``final_alpha_cumprod`` and ``prediction_type`` (built with ``DDIMScheduler.from_config`` from the
+model's scheduler config, as ``DDIMPipeline`` does). Clipping the predicted x_0 is an explicit
+choice (``clip_sample``); only ``clip_sample=None`` takes it from the scheduler config.
 
 Reproducibility is per image: image ``i`` draws its initial noise, and then one noise tensor per
 step when ``eta > 0``, from a CPU generator seeded by ``(seed, i)`` alone (the draws are moved
@@ -38,6 +39,8 @@ SKIP_TYPES = ("uniform", "quad")
 #: The UNet's autocast dtype per ``mixed_precision`` choice; the DDIM update always runs in float32.
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIXED_PRECISIONS = tuple(AUTOCAST_DTYPES)
+#: ``clip_sample=True`` clamps the predicted x_0 to [-CLIP_RANGE, CLIP_RANGE]: the data range.
+CLIP_RANGE = 1.0
 
 #: A function of the step number (0 for the first, noisiest step) returning the eta noise of the
 #: whole batch for that step.
@@ -145,8 +148,10 @@ def ddim_schedule(
 ) -> DDIMSchedule:
     """The DDIM schedule of a model, from its scheduler (or scheduler config).
 
-    ``clip_sample=None`` follows the model's scheduler config (``clip_sample``, ``clip_sample_range``),
-    which is what ``DDIMPipeline`` does; ``False`` gives the original DDIM code, which never clips.
+    ``clip_sample``: ``False`` never clips the predicted x_0, as the original DDIM code
+    (``generalized_steps``); ``True`` clamps it to [-1, 1], the data range, whatever the config says;
+    ``None`` follows the model's scheduler config (``clip_sample``, ``clip_sample_range``), which is
+    what ``DDIMPipeline`` does (and clips for every ``DDPMScheduler`` made with its defaults).
     """
     check_eta(eta)
     config = getattr(scheduler_config, "config", scheduler_config)
@@ -156,11 +161,14 @@ def ddim_schedule(
     if ddim.config.prediction_type not in ("epsilon", "sample", "v_prediction"):
         raise MaskDMError(f"unsupported prediction_type '{ddim.config.prediction_type}' in the model's scheduler")
     timesteps = ddim_timesteps(int(ddim.config.num_train_timesteps), steps, skip_type)
-    clip = ddim.config.clip_sample if clip_sample is None else clip_sample
+    if clip_sample is None:
+        clip_range = float(ddim.config.clip_sample_range) if ddim.config.clip_sample else None
+    else:
+        clip_range = CLIP_RANGE if clip_sample else None
     return DDIMSchedule(
         steps=make_steps(timesteps, ddim.alphas_cumprod, float(ddim.final_alpha_cumprod), eta),
         prediction_type=ddim.config.prediction_type,
-        clip_sample_range=float(ddim.config.clip_sample_range) if clip else None,
+        clip_sample_range=clip_range,
     )
 
 
@@ -326,12 +334,12 @@ def make_run(
     )
     schedule = ddim_schedule(config, steps, skip_type, eta, clip_sample)
     log.info(
-        "DDIM: %d %s steps from t=%d, eta=%g, x0 clipped to %s",
+        "DDIM: %d %s steps from t=%d, eta=%g, %s",
         len(schedule.steps),
         skip_type,
         schedule.timesteps[0],
         eta,
-        schedule.clip_sample_range,
+        "x0 not clipped" if schedule.clip_sample_range is None else f"x0 clipped to +-{schedule.clip_sample_range:g}",
     )
     return SamplingRun(
         schedule=schedule,

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from maskdm import liveness
 from maskdm.errors import MaskDMError
 
 log = logging.getLogger(__name__)
@@ -43,18 +45,40 @@ CODE_VERSION_TAG = "maskdm.code_version"
 #: Marks a ``pretrain`` run made with the demo configuration, which ``model=demo`` resolves to.
 DEMO_TAG = "maskdm.demo"
 LINEAGE_PARAMS = ("model", "dataset", "pruning_ratio", "pruner", "pattern")
+#: Where the masks of a finetuned model came from, set on the finetune run and on every run
+#: descending from it (sample, fid, promote): ``train_masks`` (learned) or ``extract_masks``
+#: (the pruning masks, no mask training). Derived from the lineage by :func:`masks_source_of`.
+MASKS_SOURCE_TAG = "maskdm.masks_source"
+MASKS_SOURCES = ("train_masks", "extract_masks")
+#: The experiment tag where MLflow 3 records what kind an experiment is; ``custom_model_development``
+#: is "Machine learning" (runs), ``genai_development`` GenAI (traces). MLflow 3.17's UI picks its
+#: view from the link instead (:func:`runs_view_url`); the tag says what the experiment is.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
-def code_version() -> str:
-    """A digest of the library and entry-point sources: what a cached run must have been made by."""
+#: Project files besides the ``.py`` sources that decide what a stage run does: the entry points'
+#: commands and parameter defaults, and the environment they run in.
+CODE_VERSION_FILES = ("MLproject", "conda.yaml")
+
+
+def code_version(project_dir: str | os.PathLike | None = None) -> str:
+    """A digest of what a cached run must have been made by: every ``.py`` file under ``maskdm/``
+    and ``entrypoints/`` and the files :data:`CODE_VERSION_FILES` (an absent one counts as absent),
+    each with its path. ``project_dir``: the project folder (default: the one this module is in)."""
+    root = Path(project_dir) if project_dir is not None else _PACKAGE_ROOT.parent
+    files = [p for package in ("maskdm", "entrypoints") for p in sorted((root / package).rglob("*.py"))]
+    files += [root / name for name in CODE_VERSION_FILES]
     digest = hashlib.sha256()
-    for root in (_PACKAGE_ROOT, _PACKAGE_ROOT.parent / "entrypoints"):
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root.parent)).encode())
-            digest.update(path.read_bytes())
+    for path in files:
+        data = path.read_bytes() if path.is_file() else None
+        # Length-prefixed, so that no two trees give the same byte stream.
+        header = f"{path.relative_to(root).as_posix()}\0{-1 if data is None else len(data)}\0"
+        digest.update(header.encode())
+        digest.update(data or b"")
     return digest.hexdigest()[:16]
 
 
@@ -98,6 +122,27 @@ class Upstream:
         return has_artifact(self.run_id, artifact_path)
 
 
+def lineage_stages(tags: Mapping[str, str]) -> set[str]:
+    """The stages of a run's lineage, its own included, from its tags."""
+    stages = {k[len(UPSTREAM_TAG_PREFIX):] for k in tags if k.startswith(UPSTREAM_TAG_PREFIX)}
+    if tags.get(STAGE_TAG):
+        stages.add(tags[STAGE_TAG])
+    return stages
+
+
+def masks_source_of(stages: Iterable[str]) -> str | None:
+    """``train_masks`` or ``extract_masks`` for a finetune run or a run descending from one; else None.
+
+    ``stages`` is the run's lineage (:func:`lineage_stages`). A finetune from learned masks has
+    ``train_masks`` in its lineage (and ``extract_masks`` before it); one straight from the pruning
+    masks has only ``extract_masks``. So a finetune made by hand is told apart like the driver's.
+    """
+    stages = set(stages)
+    if "finetune" not in stages:
+        return None
+    return next((source for source in MASKS_SOURCES if source in stages), None)
+
+
 def has_artifact(run_id: str, artifact_path: str) -> bool:
     parent, _, _ = artifact_path.rstrip("/").rpartition("/")
     listed = client().list_artifacts(run_id, parent or None)
@@ -134,14 +179,18 @@ def get_upstream(
     return Upstream(run_id, stage, dict(run.data.params), dict(run.data.tags))
 
 
-def find_runs(stage: str, tags: Mapping[str, str] | None = None, status: str = "FINISHED", experiment_ids=None) -> list:
-    """Runs of ``stage`` with the given tags and status, newest first, across the given (default: all) experiments."""
+def find_runs(
+    stage: str, tags: Mapping[str, str] | None = None, status: str = "FINISHED", experiment_ids=None,
+    order_by: str = "attributes.start_time DESC",
+) -> list:
+    """Runs of ``stage`` with the given tags and status, newest first (or in ``order_by``), across the
+    given (default: all) experiments."""
     clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", f"attributes.status = '{status}'"]
     clauses += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client().search_experiments()]
     return client().search_runs(
-        experiment_ids, " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=50
+        experiment_ids, " and ".join(clauses), order_by=[order_by], max_results=50
     )
 
 
@@ -149,8 +198,13 @@ def find_runs(stage: str, tags: Mapping[str, str] | None = None, status: str = "
 
 
 def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> tuple[str, Path] | None:
-    """(run ID, downloaded artifact) of the newest FINISHED ``stage_name`` run tagged ``key_tag=key``, if any."""
-    for cached in find_runs(stage_name, {key_tag: key}):
+    """(run ID, downloaded artifact) of the FIRST FINISHED ``stage_name`` run tagged ``key_tag=key``, if any.
+
+    The first to finish, not the newest: two processes that find no cache and both make one (two
+    drivers at once) must end up using the same one. Each looks again after logging its own, and
+    the run that finished first is the same for both, whatever the order they started in.
+    """
+    for cached in find_runs(stage_name, {key_tag: key}, order_by="attributes.end_time ASC"):
         run_id = cached.info.run_id
         if has_artifact(run_id, artifact):
             log.info("reusing %s run %s (%s)", stage_name, run_id, key)
@@ -181,6 +235,34 @@ def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, 
         raise
     mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run_id
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment ``mlflow.experimentKind=custom_model_development`` (model training, not GenAI).
+
+    A kind someone chose (``genai_development``, or this one) is left alone; an absent, empty or
+    UI-inferred (``*_inferred``, ``no_inferred_type``) kind is replaced. A store that refuses the
+    tag (no permission on a shared server) only costs the UI default, so it is a warning.
+    """
+    mlflow_client = client()
+    try:
+        kind = mlflow_client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG, "")
+        if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+            mlflow_client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    except MlflowException as exc:
+        log.warning("cannot tag experiment %s %s=%s: %s", experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, exc)
+
+
+def runs_view_url(tracking_uri: str, experiment_id: str) -> str:
+    """The link that opens the experiment on its runs in MLflow 3's UI ("Model training" mode).
+
+    MLflow 3.17's UI picks GenAI or Model training from the link's ``workflowType`` (else from the
+    browser's last choice, GenAI at first), not from the experiment's kind tag (checked in a
+    browser: docs/details/report_promote.md). For a local store: where ``mlflow ui`` serves it
+    by default.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _experiment_id() -> str | None:
@@ -239,6 +321,9 @@ class StageRun:
         tags = {f"{UPSTREAM_TAG_PREFIX}{stage}": run_id for stage, run_id in up.lineage.items()}
         if MODEL_URI_TAG in up.tags:
             tags[MODEL_URI_TAG] = up.tags[MODEL_URI_TAG]
+        source = masks_source_of({*up.lineage, self.stage})
+        if source:
+            tags[MASKS_SOURCE_TAG] = source
         self.set_tags(tags)
         self.log_params({k: up.params[k] for k in LINEAGE_PARAMS if k in up.params})
 
@@ -312,12 +397,19 @@ def stage_run(stage: str, params: Mapping[str, object]):
     """
     active = mlflow.start_run()
     run = StageRun(stage, active)
+    mark_model_training(active.info.experiment_id)
+    heartbeat = _heartbeat(run.run_id)
     try:
-        run.set_tags({STAGE_TAG: stage, CODE_VERSION_TAG: code_version()})
-        run.log_params(params)
-        yield run
-        if any(run.out.iterdir()):
-            mlflow.log_artifacts(str(run.out))
+        # The process working on the run, so that `maskdm reap` and the driver can tell when it died.
+        run.set_tags({STAGE_TAG: stage, CODE_VERSION_TAG: code_version(), **liveness.process_tags()})
+        heartbeat.start()
+        try:
+            run.log_params(params)
+            yield run
+            if any(run.out.iterdir()):
+                mlflow.log_artifacts(str(run.out))
+        finally:
+            heartbeat.stop()
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
@@ -328,6 +420,75 @@ def stage_run(stage: str, params: Mapping[str, object]):
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     finally:
         shutil.rmtree(run.out, ignore_errors=True)
+
+
+# --- runs whose process died ----------------------------------------------------------------------
+
+
+def _heartbeat(run_id: str) -> liveness.Heartbeat:
+    beat_client = client()
+    return liveness.Heartbeat(
+        lambda: beat_client.set_tag(run_id, liveness.HEARTBEAT_TAG, str(int(time.time()))), liveness.heartbeat_interval()
+    )
+
+
+def running_runs(experiment_ids: Iterable[str] | None = None, filter_string: str = "") -> list:
+    """Every RUNNING run of these experiments (default: all) that also matches ``filter_string``."""
+    mlflow_client = client()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in mlflow_client.search_experiments()]
+    experiment_ids = list(experiment_ids)
+    query = " and ".join(["attributes.status = 'RUNNING'", *([filter_string] if filter_string else [])])
+    found, token = [], None
+    while experiment_ids:
+        page = mlflow_client.search_runs(
+            experiment_ids, query, order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    return found
+
+
+@dataclass
+class RunCheck:
+    """A RUNNING run, the verdict on its process, and whether it was marked KILLED for it."""
+
+    run: object
+    verdict: liveness.Verdict
+    ended: bool = False
+
+
+def end_dead_runs(
+    runs: Iterable, ended_by: str, stale_after: float | None = None, dry_run: bool = False
+) -> list[RunCheck]:
+    """Judge each RUNNING run (:func:`maskdm.liveness.judge`); mark the dead ones KILLED unless ``dry_run``.
+
+    A run marked KILLED gets the tags ``maskdm.ended_by`` = ``ended_by`` and ``maskdm.killed_reason``,
+    and as its end time the moment it was last known alive. Each run is read again just before it
+    is marked, and left alone if it has ended or sent a heartbeat meanwhile.
+    """
+    mlflow_client = client()
+    checks = []
+    for run in runs:
+        check = RunCheck(run, liveness.judge(run.data.tags, run.info.start_time / 1000, stale_after=stale_after))
+        checks.append(check)
+        if dry_run or not check.verdict.dead:
+            continue
+        run_id = run.info.run_id
+        fresh = mlflow_client.get_run(run_id)
+        beat = liveness.HEARTBEAT_TAG
+        if fresh.info.status != "RUNNING" or fresh.data.tags.get(beat) != run.data.tags.get(beat):
+            check.verdict = liveness.Verdict(False, "it ended or sent a heartbeat while being judged", check.verdict.last_seen)
+            continue
+        mlflow_client.set_tag(run_id, liveness.ENDED_BY_TAG, ended_by)
+        mlflow_client.set_tag(run_id, liveness.KILLED_REASON_TAG, check.verdict.reason)
+        end_ms = max(int(check.verdict.last_seen * 1000), run.info.start_time)
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED), end_time=end_ms)
+        check.ended = True
+        log.warning("marked run %s KILLED: %s", run_id, check.verdict.reason)
+    return checks
 
 
 # --- the demo model -------------------------------------------------------------------------------

@@ -79,10 +79,27 @@ def test_imagefolder_recursive_and_errors(tmp_path):
         load_dataset("mnist")
 
 
-def test_cifar10_offline_is_one_clear_line(tmp_path):
+def test_cifar10_offline_is_one_clear_line(tmp_path, monkeypatch):
+    # Offline made explicit: the data folder is empty and every connection attempt fails, so this
+    # holds the same on a machine that can reach the CIFAR-10 server (and downloads nothing there).
+    import socket
+
+    attempts = []
+
+    def unreachable(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
     with pytest.raises(MaskDMError) as info:
         load_dataset("cifar10", 32, "eval", cache_dir=tmp_path)
-    assert "\n" not in str(info.value) and "dataset=shapes" in str(info.value)
+    message = str(info.value)
+    assert attempts, "the download was never tried, so this checked nothing about being offline"
+    assert "\n" not in message and "dataset=shapes" in message
+    assert str(tmp_path / "cifar10") in message and "cifar-10-batches-py" in message
+    assert not any(p.is_file() and p.stat().st_size > 0 for p in tmp_path.rglob("*"))
 
 
 def test_save_load_roundtrip_opens_with_ddpmpipeline(tmp_path, tiny_ddpm):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_unet
 from maskdm import driver
 from maskdm.errors import MaskDMError
 
@@ -151,6 +152,85 @@ def test_cache_key_changes_with_stage_params_upstream_and_code_version():
     assert base != driver.cache_key("sample", {"model_run_id": "b" * 32, "ddim_steps": "20"}, "v1")
     assert base != driver.cache_key("sample", {"model_run_id": "a" * 32, "ddim_steps": "21"}, "v1")
     assert base != driver.cache_key("sample", {"model_run_id": "a" * 32, "ddim_steps": "20"}, "v2")
+
+
+def _copy_code(dest: Path, source: Path = REPO) -> Path:
+    """What code_version digests (maskdm/, entrypoints/, MLproject, conda.yaml), copied into ``dest``."""
+    import shutil
+
+    from maskdm.tracking import CODE_VERSION_FILES
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("maskdm", "entrypoints"):
+        shutil.copytree(source / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in CODE_VERSION_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, dest / name)
+    return dest
+
+
+def _entry_point_command(project: Path, stage: str) -> str:
+    import yaml
+
+    return yaml.safe_load((project / "MLproject").read_text())["entry_points"][stage]["command"]
+
+
+def test_code_version_digests_the_sources_mlproject_and_conda_yaml(tmp_path, monkeypatch):
+    from maskdm import tracking
+
+    # Copies, not the working tree: others may edit it while this runs.
+    project = _copy_code(tmp_path / "a")
+    version = tracking.code_version(project)
+    assert version == tracking.code_version(project)
+    assert tracking.code_version(_copy_code(tmp_path / "b", project)) == version  # the contents, not the place
+    # Without an argument: the project this maskdm/ is in.
+    monkeypatch.setattr(tracking, "_PACKAGE_ROOT", project / "maskdm")
+    assert tracking.code_version() == version
+
+    mlproject = project / "MLproject"
+    command = _entry_point_command(project, "finetune")
+
+    def edit_finetune_command(text: str) -> str:
+        return text.replace(command, command + " --mixed_precision no", 1)
+
+    edits = {
+        "an entry point's command in MLproject": (mlproject, edit_finetune_command),
+        "conda.yaml": (project / "conda.yaml", lambda text: text + "  - ffmpeg\n"),
+        "a maskdm/ source": (project / "maskdm" / "sampling.py", lambda text: text + "\n# edited\n"),
+        "an entrypoints/ source": (project / "entrypoints" / "sample.py", lambda text: text + "\n# edited\n"),
+    }
+    for what, (path, edit) in edits.items():
+        original = path.read_text()
+        path.write_text(edit(original))
+        assert path.read_text() != original, what
+        assert tracking.code_version(project) != version, what
+        assert tracking.code_version() != version, what
+        path.write_text(original)
+        assert tracking.code_version(project) == version, what
+    # The MLproject edit above changes that command and nothing else the cache key sees: the
+    # parameter defaults are the same, so only the code version tells the two projects apart.
+    original = mlproject.read_text()
+    mlproject.write_text(edit_finetune_command(original))
+    assert _entry_point_command(project, "finetune") == command + " --mixed_precision no"
+    assert driver.declared_defaults("finetune", project) == driver.declared_defaults("finetune", tmp_path / "b")
+    mlproject.write_text(original)
+    assert tracking.code_version(project) == version
+
+    # A new source counts; so does a missing MLproject.
+    (project / "maskdm" / "extra.py").write_text("X = 1\n")
+    assert tracking.code_version(project) != version
+    (project / "maskdm" / "extra.py").unlink()
+    mlproject.rename(tmp_path / "MLproject.away")
+    assert tracking.code_version(project) != version
+    (tmp_path / "MLproject.away").rename(mlproject)
+    assert tracking.code_version(project) == version
+
+    # Files that do not run do not count: bytecode, notes, docs.
+    (project / "maskdm" / "__pycache__").mkdir(exist_ok=True)
+    (project / "maskdm" / "__pycache__" / "sampling.cpython-311.pyc").write_bytes(b"\0\1")
+    (project / "maskdm" / "notes.txt").write_text("notes")
+    (project / "README.md").write_text("# readme")
+    assert tracking.code_version(project) == version
 
 
 def test_full_params_fill_in_the_mlproject_defaults():
@@ -314,6 +394,84 @@ def test_run_plan_wires_upstream_run_ids_and_reruns_nothing(fake_project, parent
     assert client.get_run(some).data.tags[f"{driver.USED_BY_TAG_PREFIX}{parent.info.run_id}"] == "true"
 
 
+def _descendants(plan, changed: set[str]) -> set[str]:
+    """The steps in ``changed`` and every step that needs one of them, directly or not."""
+    affected = set(changed)
+    for step in plan:  # upstream steps come first
+        if any(needed in affected for needed in step.needs.values()):
+            affected.add(step.name)
+    return affected
+
+
+def test_a_changed_stage_parameter_reruns_that_stage_and_its_descendants_only(fake_project, parent, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    options = dict(model=str(tiny_model_dir), ratios="0.4", mask_training="both")
+    plan = driver.build_plan(driver.resolve_config("demo", **options))
+    run = dict(experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    first = driver.run_plan(plan, **run)
+    assert not any(o.reused for o in first.values())
+
+    # One parameter of one stage in the middle of the chain: baseline_loss's dataset_size.
+    size = int(driver.DEMO["stages"]["baseline_loss"]["dataset_size"]) // 2
+    changed_plan = driver.build_plan(driver.resolve_config("demo", **options, sets=[f"baseline_loss.dataset_size={size}"]))
+    assert [s.name for s in changed_plan] == [s.name for s in plan]
+    before = {s.name: s for s in plan}
+    changed = {s.name for s in changed_plan if s.params != before[s.name].params}
+    assert [before[name].stage for name in changed] == ["baseline_loss"]
+    affected = _descendants(changed_plan, changed)
+    # Not vacuous: one finetune descends from it (learned masks), the other (pruning masks) does not.
+    finetunes = {s.name for s in plan if s.stage == "finetune"}
+    assert len(finetunes & affected) == 1 and len(finetunes - affected) == 1
+    assert {before[name].stage for name in affected} >= {"baseline_loss", "train_masks", "finetune", "sample", "fid"}
+
+    second = driver.run_plan(changed_plan, **run)
+    first_ids = {o.run_id for o in first.values()}
+    for step in changed_plan:
+        outcome = second[step.name]
+        if step.name in affected:
+            assert not outcome.reused and outcome.run_id not in first_ids, step.name
+        else:
+            assert outcome.reused and outcome.run_id == first[step.name].run_id, step.name
+    # The reruns are wired to the new runs above them and to the reused ones alike.
+    client = MlflowClient()
+    for name in affected:
+        params = client.get_run(second[name].run_id).data.params
+        for param, needed in next(s for s in changed_plan if s.name == name).needs.items():
+            assert params[param] == second[needed].run_id, (name, param)
+    assert client.get_run(second[next(iter(changed))].run_id).data.params["dataset_size"] == str(size)
+    assert len(_runs()) == len(plan) + len(affected)
+
+
+def test_a_changed_entry_point_command_reruns_every_stage(fake_project, parent, tiny_model_dir, monkeypatch):
+    """The code version digests MLproject: the project run here is made the one the digest reads."""
+    from maskdm import tracking
+
+    _copy_code(fake_project / "code")
+    for name in ("maskdm", "entrypoints"):
+        (fake_project / "code" / name).rename(fake_project / name)
+    monkeypatch.setattr(tracking, "_PACKAGE_ROOT", fake_project / "maskdm")
+    plan = driver.build_plan(driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.4", mask_training="false"))
+    run = dict(experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    first = driver.run_plan(plan, **run)
+    assert all(o.reused for o in driver.run_plan(plan, **run).values())
+    version = tracking.code_version()
+
+    # The fid entry point's command changes (to one that still succeeds); no parameter does.
+    mlproject = fake_project / "MLproject"
+    command = _entry_point_command(fake_project, "fid")
+    lines = [line.replace('command: "', 'command: "true && ', 1) if line.strip().startswith("command:") and "!= fid " in line
+             else line for line in mlproject.read_text().splitlines()]
+    mlproject.write_text("\n".join(lines) + "\n")
+    assert _entry_point_command(fake_project, "fid") == f"true && {command}"
+    assert tracking.code_version() != version
+
+    again = driver.run_plan(plan, **run)
+    assert not any(o.reused for o in again.values())
+    assert not {o.run_id for o in again.values()} & {o.run_id for o in first.values()}
+    assert len(_runs()) == 2 * len(plan)
+
+
 def _prune_models(outcomes, plan, client) -> set[str]:
     return {client.get_run(outcomes[s.name].run_id).data.params["model"] for s in plan if s.stage == "prune"}
 
@@ -386,11 +544,12 @@ _SNAPSHOT: dict[str, Path] = {}
 
 @pytest.fixture(scope="module")
 def code(tmp_path_factory) -> Path:
-    """A frozen copy of the project (maskdm/, entrypoints/, MLproject) that the drivers and stages import.
+    """A frozen copy of the project (maskdm/, entrypoints/, MLproject, conda.yaml) that the drivers
+    and stages import.
 
-    The cache key includes the code version, a digest of maskdm/ and entrypoints/. Run from the
-    working tree, a rerun would (rightly) reuse nothing whenever a file changed in between, which
-    in a tree being edited is any time; a copy keeps the code fixed for the whole module.
+    The cache key includes the code version, a digest of those. Run from the working tree, a rerun
+    would (rightly) reuse nothing whenever a file changed in between, which in a tree being edited
+    is any time; a copy keeps the code fixed for the whole module.
     """
     import shutil
 
@@ -449,11 +608,12 @@ def _stage_runs(driver_run_id: str) -> list[dict]:
     return json.loads(Path(path).read_text())
 
 
-def _count_stage_runs(stage: str | None = None) -> int:
+def _count_stage_runs(stage: str | None = None, parent: str | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     query = f"tags.`{driver.CACHE_KEY_TAG}` LIKE '%'" + (f" and tags.`maskdm.stage` = '{stage}'" if stage else "")
+    query += f" and tags.`{driver.PARENT_RUN_TAG}` = '{parent}'" if parent else ""
     experiments = [e.experiment_id for e in client.search_experiments()]
     return len(client.search_runs(experiments, query, max_results=5000))
 
@@ -515,7 +675,6 @@ def sweep(tmp_path_factory, code):
     """One tracking store shared by the sequential end-to-end tests, and a first complete sweep in it."""
     import mlflow
 
-    from tests.conftest import tiny_unet
     from maskdm.models import DDPM, default_scheduler, save_ddpm
 
     folder = tmp_path_factory.mktemp("sweep")
@@ -534,6 +693,7 @@ def sweep(tmp_path_factory, code):
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_rerun_creates_no_stage_runs(sweep):
     plan = driver.build_plan(_config(sweep["model_dir"], mask_training="both"))
@@ -541,8 +701,11 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
     _assert_table_complete(sweep["first_driver"], mask_training=False)
     _assert_table_complete(sweep["first_driver"], mask_training=True)
     assert "fid_shapes" in sweep["output"] and "mlflow ui --backend-store-uri" in sweep["output"]
+    # The first sweep made every run of the plan itself. Counted among its own children: the store
+    # is shared by the module's end-to-end tests, and any of them may have run before this one.
+    assert not any(s["reused"] for s in _stage_runs(sweep["first_driver"]))
+    assert _count_stage_runs(parent=sweep["first_driver"]) == len(plan)
     before = _count_stage_runs()
-    assert before == len(plan)
 
     # The same sweep through `mlflow run` (the other way in): same cache keys, so nothing runs.
     command = ["mlflow", "run", str(_SNAPSHOT["dir"]), "--env-manager", "local", "-P", f"model={sweep['model_dir']}",
@@ -560,6 +723,7 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
     assert _results(second_driver).equals(_results(sweep["first_driver"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_sigkill_mid_finetune_then_rerun_finishes(sweep):
     from mlflow.tracking import MlflowClient
@@ -657,11 +821,61 @@ def tracking_server(tmp_path):
             server.wait(timeout=30)
 
 
+def _check_two_drivers(drivers: list[str], plan: list) -> None:
+    """Both drivers' lineages, tables and runs, after two drivers ran the same sweep at once."""
+    from collections import Counter
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    made, tables = {}, []
+    for driver_run in drivers:
+        # Every run it lists is a FINISHED run of the right stage fed by the runs of its own list
+        # (no step of one driver reads a run the other picked for that step).
+        step_runs = _check_lineage(driver_run, plan)
+        # Each listed run is the driver's own: made by it (its child), or reused by it and tagged so.
+        listed = _stage_runs(driver_run)
+        for entry in listed:
+            tags = client.get_run(entry["run_id"]).data.tags
+            if entry["reused"]:
+                assert tags.get(f"{driver.USED_BY_TAG_PREFIX}{driver_run}") == "true", entry
+            else:
+                assert tags[driver.PARENT_RUN_TAG] == driver_run, entry
+        made[driver_run] = {e["run_id"] for e in listed if not e["reused"]}
+        # Its table is built from those runs only.
+        table = _results(driver_run)
+        ids = {v for c in table.columns if c.endswith("_run_id") for v in table[c].dropna()}
+        assert ids and ids <= set(step_runs.values()), (ids - set(step_runs.values()))
+        tables.append(table)
+
+    # Every stage run in the store was made by exactly one of the two and is on its list; every
+    # step has one or two runs (one per driver; where both made a step's run, the keys below it
+    # differ too, as they name different upstream runs).
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{driver.CACHE_KEY_TAG}` LIKE '%'", max_results=1000)
+    first, second = made[drivers[0]], made[drivers[1]]
+    assert {r.info.run_id for r in runs} == first | second and not first & second
+    per_step = Counter(r.data.tags[driver.STEP_TAG] for r in runs)
+    assert set(per_step) == {s.name for s in plan} and max(per_step.values()) <= 2, per_step
+
+    # Both tables are complete (every model scored, under one FID protocol) ...
+    for driver_run in drivers:
+        _assert_table_complete(driver_run, mask_training=False)
+    # ... and agree: same rows and columns, same values for everything measured (run
+    # IDs and timings may differ where both drivers ran a step).
+    a, b = tables
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) >= 1
+    measured = [c for c in a.columns if not c.endswith(("_run_id", "_wall_s", "_images_per_s"))]
+    assert any(c.endswith("_fid_shapes") for c in measured)
+    pd.testing.assert_frame_equal(a[measured], b[measured], check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_two_drivers_at_once_against_a_tracking_server(code, tracking_server, tmp_path, monkeypatch):
     import mlflow
 
-    from tests.conftest import tiny_unet
     from maskdm.models import DDPM, default_scheduler, save_ddpm
 
     model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), tmp_path / "tiny_model")
@@ -681,14 +895,6 @@ def test_e2e_two_drivers_at_once_against_a_tracking_server(code, tracking_server
         drivers = [_driver_run_id(output) for output in outputs]
         assert drivers[0] != drivers[1]
         plan = driver.build_plan(_config(model_dir, mask_training="false"))
-        for driver_run in drivers:
-            _check_lineage(driver_run, plan)
-            _assert_table_complete(driver_run, mask_training=False)
-        # Each stage ran at most twice (once per driver), and every run was made by one of them.
-        from mlflow.tracking import MlflowClient
-
-        runs = MlflowClient().search_runs(["0"], f"tags.`{driver.CACHE_KEY_TAG}` LIKE '%'", max_results=1000)
-        assert len(plan) <= len(runs) <= 2 * len(plan)
-        assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= set(drivers)
+        _check_two_drivers(drivers, plan)
     finally:
         mlflow.set_tracking_uri(None)

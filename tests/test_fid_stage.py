@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from maskdm import fid
+from maskdm.report import FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG, FidProtocol
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, has_artifact, stage_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +46,12 @@ def random_images(n: int, seed: int, size: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def make_sample_run(images: np.ndarray | None, dataset: str = "shapes") -> str:
-    """A FINISHED sample run with lineage params, holding ``images`` as samples.npz (none if None)."""
-    with stage_run("sample", {"model": "tiny-test", "dataset": dataset, "pruning_ratio": 0.5}) as run:
+def make_sample_run(images: np.ndarray | None, dataset: str = "shapes", params: dict | None = None, **saved) -> str:
+    """A FINISHED sample run with lineage params (and ``params``), holding ``images`` as samples.npz
+    (none if None) with the ``saved`` settings beside them, as the sample stage writes them."""
+    with stage_run("sample", {"model": "tiny-test", "dataset": dataset, "pruning_ratio": 0.5, **(params or {})}) as run:
         if images is not None:
-            np.savez(run.out / "samples.npz", images=images, indices=np.arange(len(images)))
+            np.savez(run.out / "samples.npz", images=images, indices=np.arange(len(images)), **saved)
         else:
             (run.out / "grid.png").write_bytes(b"")
     return run.run_id
@@ -76,6 +78,16 @@ def invoke(**options):
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("maskdm: error:")]
+
+
+def protocol_of(run) -> dict[str, str]:
+    """The protocol parts a fid run recorded, checked against its key and id tags."""
+    tags = run.data.tags
+    parts = {k[len(FID_PROTOCOL_PART_PREFIX):]: v for k, v in tags.items() if k.startswith(FID_PROTOCOL_PART_PREFIX)}
+    protocol = FidProtocol.parse(tags[FID_PROTOCOL_TAG])
+    assert protocol is not None and dict(protocol.parts) == parts
+    assert tags[FID_PROTOCOL_ID_TAG] == protocol.id
+    return parts
 
 
 def stats_of(run_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +132,15 @@ def test_fid_through_mlflow_run_then_reused_reference(store, image_folder):
     assert run.data.tags[f"{UPSTREAM_TAG_PREFIX}sample"] == sample_run
     assert run.data.params["pruning_ratio"] == "0.5" and run.data.params["dataset"] == dataset
     expected = expected_fid(images, reference_images)
-    assert run.data.metrics["fid"] == pytest.approx(expected, rel=1e-6)
-    assert "fid_shapes" not in run.data.metrics
+    # `fid` is Inception pool3's only: 64 dims log a metric that says so.
+    assert run.data.metrics["fid_inception_64"] == pytest.approx(expected, rel=1e-6)
+    assert "fid" not in run.data.metrics and "fid_shapes" not in run.data.metrics
+    weights = fid.weights_digest(fid.default_weights_path())
+    assert protocol_of(run) == {
+        "features": "inception", "dims": "64", "samples": "8", "reference": f"{dataset}:train", "resolution": "32",
+        "weights": weights, "sampler": "ddim", "steps": "unknown", "skip": "unknown", "eta": "unknown",
+        "clip": "unknown", "seed": "unknown",
+    }
     np.testing.assert_allclose(stats_of(run.info.run_id)[0], fid.statistics(fid.inception_features(images, fid.load_inception(64)))[0], rtol=1e-6)
 
     assert len(runs_of("fid_reference")) == references_before + 1
@@ -138,7 +157,9 @@ def test_fid_through_mlflow_run_then_reused_reference(store, image_folder):
     second = fid_runs_of(sample_run)[0]
     assert second.info.run_id != run.info.run_id
     assert second.data.tags["maskdm.fid_reference_run"] == reference_run.info.run_id
-    assert second.data.metrics["fid"] == pytest.approx(run.data.metrics["fid"], rel=1e-6)
+    assert second.data.metrics["fid_inception_64"] == pytest.approx(run.data.metrics["fid_inception_64"], rel=1e-6)
+    # batch_size is no part of the protocol: the two FIDs compare.
+    assert second.data.tags[FID_PROTOCOL_ID_TAG] == run.data.tags[FID_PROTOCOL_ID_TAG]
 
 
 @slow
@@ -163,12 +184,52 @@ def test_npz_reference_in_pytorch_fid_format(store, tmp_path):
     model = fid.load_inception(dims=64)
     stats_file = fid.save_stats(tmp_path / "reference.npz", *fid.statistics(fid.inception_features(reference_images, model)))
     before = len(runs_of("fid_reference"))
-    result = invoke(sample_run_id=make_sample_run(images), reference=stats_file, dims=64)
+    sample_run = make_sample_run(images)
+    result = invoke(sample_run_id=sample_run, reference=stats_file, dims=64)
     assert result.exit_code == 0, result.output
     run = runs_of("fid")[0]
-    assert run.data.metrics["fid"] == pytest.approx(expected_fid(images, reference_images), rel=1e-6)
+    assert run.data.metrics["fid_inception_64"] == pytest.approx(expected_fid(images, reference_images), rel=1e-6)
     assert run.data.tags["maskdm.fid_reference"] == str(stats_file.resolve())
     assert len(runs_of("fid_reference")) == before  # a file needs no cache
+    # A stats file is named in the protocol by its content: a copy elsewhere is the same protocol,
+    # other statistics are not.
+    assert protocol_of(run)["reference"] == f"sha256:{fid.weights_digest(stats_file)}"
+    copy = tmp_path / "elsewhere" / "copy.npz"
+    copy.parent.mkdir()
+    copy.write_bytes(stats_file.read_bytes())
+    other = fid.save_stats(tmp_path / "other.npz", *fid.statistics(fid.inception_features(random_images(5, seed=4), model)))
+    ids = []
+    for reference in (copy, other):
+        assert invoke(sample_run_id=sample_run, reference=reference, dims=64).exit_code == 0
+        ids.append(runs_of("fid")[0].data.tags[FID_PROTOCOL_ID_TAG])
+    assert ids[0] == run.data.tags[FID_PROTOCOL_ID_TAG] != ids[1]
+
+
+def test_protocol_records_the_sampling_settings(store, image_folder):
+    """Steps, skip type, eta and seed from the sample run's params (else its samples.npz); x0 clipping
+    from its clip_sample param, else from the sampled model's scheduler config."""
+    import json
+
+    with stage_run("prune", {"pruning_ratio": 0.5}) as model_run:
+        (model_run.out / "model" / "scheduler").mkdir(parents=True)
+        (model_run.out / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"clip_sample": False}))
+    images = random_images(4, seed=5)
+    sampling = {"model_run_id": model_run.run_id, "ddim_steps": 25, "skip_type": "quad", "eta": "0.0", "seed": 7}
+    parts = {}
+    for case, params, saved in [
+        ("config", sampling, {}),
+        ("param", {**sampling, "clip_sample": "true"}, {}),
+        ("npz", {}, {"seed": np.int64(3), "ddim_steps": np.int64(10), "skip_type": np.str_("uniform"), "eta": np.float64(0.5),
+                     "clip_sample": np.bool_(True)}),
+    ]:
+        result = invoke(sample_run_id=make_sample_run(images, params=params, **saved), reference=image_folder[0], dims=64)
+        assert result.exit_code == 0, result.output
+        parts[case] = protocol_of(runs_of("fid")[0])
+    assert {k: parts["config"][k] for k in ("sampler", "steps", "skip", "eta", "clip", "seed")} == {
+        "sampler": "ddim", "steps": "25", "skip": "quad", "eta": "0", "clip": "false", "seed": "7"}
+    assert parts["param"] == {**parts["config"], "clip": "true"}
+    assert {k: parts["npz"][k] for k in ("steps", "skip", "eta", "clip", "seed")} == {
+        "steps": "10", "skip": "uniform", "eta": "0.5", "clip": "true", "seed": "3"}
 
 
 def test_shapes_features_train_and_reuse_their_classifier(store, monkeypatch):
@@ -195,6 +256,10 @@ def test_shapes_features_train_and_reuse_their_classifier(store, monkeypatch):
     assert 0 <= classifier_run.data.metrics["eval_accuracy"] <= 1
     assert len(runs_of("fid_reference")) == references_before + 1
     assert stats_of(first.info.run_id)[0].shape == (64,)
+    parts = protocol_of(first)
+    assert (parts["features"], parts["dims"], parts["samples"], parts["reference"]) == ("shapes", "64", "80", "shapes:train")
+    assert parts["weights"] == first.data.tags["maskdm.fid_weights_digest"]
+    assert second.data.tags[FID_PROTOCOL_ID_TAG] == first.data.tags[FID_PROTOCOL_ID_TAG]
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -18,12 +18,14 @@ import torch
 from click.testing import CliRunner
 from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from conftest import tiny_unet, tracking_store
 from entrypoints.cli import cli
 from maskdm.masks import DEFAULT_PROTECT, load_masks, mask_sparsity, maskable_modules, prunable_modules, save_masks
 from maskdm.models import DDPM, build_unet, default_scheduler, save_ddpm
 from maskdm.tracking import STAGE_TAG
+from maskdm.training import EMA_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 #: Small enough for a loaded 2-core CPU: 4 optimizer steps of 4 images, a checkpoint every 2.
@@ -75,10 +77,22 @@ def model_of(run_id: str):
 
 
 def assert_zero_exactly_where_masked(unet, masks) -> None:
+    """The zeros of every masked layer are exactly its mask's False entries: none kept is zero."""
     modules = maskable_modules(unet)
+    assert set(masks) <= set(modules)
     for name, mask in masks.items():
         weight = modules[name].weight.detach()
-        assert int((weight[~mask] != 0).sum()) == 0, name
+        assert torch.equal(weight == 0, ~mask), (name, int((weight[~mask] != 0).sum()), int((weight[mask] == 0).sum()))
+
+
+def baked_names(state: dict) -> dict:
+    """Checkpoint tensors (keyed as the masked training model names them) keyed as in a saved model."""
+    return {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in state.items()}
+
+
+def checkpoint_tensors(run_id: str, step: int, file: str) -> dict:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/checkpoint-{step}/{file}")
+    return baked_names(load_file(path))
 
 
 def listed(run_id: str, path: str | None = None) -> list[str]:
@@ -107,7 +121,23 @@ def test_finetune_through_mlflow_run(store, chain):
     pruned = maskable_modules(model_of(prune_run.info.run_id))
     assert any(not torch.equal(m.weight, pruned[n].weight) for n, m in maskable_modules(unet).items() if n in masks)
     assert unet.config.dropout == 0.1
-    assert run.data.metrics["sparsity"] >= mask_sparsity(masks) > 0.4
+    # The logged sparsity is the saved model's share of zeros in the masked layers: the masks' own.
+    assert mask_sparsity(masks) > 0.4
+    assert run.data.metrics["sparsity"] == mask_sparsity(masks)
+
+    # The saved weights are the EMA's of the last step, bit for bit, not the live model's: the last
+    # checkpoint holds both (the EMA as ema.safetensors, the live model in accelerate's state).
+    ema = checkpoint_tensors(run_id, 4, EMA_WEIGHTS)
+    live = checkpoint_tensors(run_id, 4, "model.safetensors")
+    saved = {n: p.detach() for n, p in unet.named_parameters()}
+    assert set(ema) == set(saved) <= set(live)
+    for name, weight in saved.items():
+        assert torch.equal(weight, ema[name]), name
+    differing = [n for n in saved if not torch.equal(saved[n], live[n])]
+    assert len(differing) > len(saved) / 2, differing
+    # ... though the live model is exactly as sparse as the masks too (masked weights never move).
+    for name, mask in masks.items():
+        assert torch.equal(live[f"{name}.weight"] == 0, ~mask), name
 
     # Checkpoints and sample grids at steps 2 and 4, each checkpoint complete; metrics as it went.
     assert listed(run_id, "checkpoints") == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]

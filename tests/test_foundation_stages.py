@@ -14,9 +14,11 @@ from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_run
 from entrypoints.cli import cli
-from maskdm.masks import DEFAULT_PROTECT, load_masks, maskable_modules
-from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG, STAGE_TAG
-
+from entrypoints.extract_masks import SOURCE_TAG
+from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, load_masks, maskable_modules, masks_from_weights, save_masks
+from maskdm.models import save_ddpm
+from maskdm.pruning import PruneConfig, prune, pruning_stats, write_stats
+from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG, STAGE_TAG, stage_run
 
 
 def only_run(stage: str):
@@ -38,6 +40,10 @@ def assert_user_error(stage: str, args: list[str], message: str) -> None:
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def download(run, path: str) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path)
 
 
 @pytest.fixture
@@ -68,13 +74,17 @@ def test_prune_and_extract_masks_through_mlflow_run(pruned, tiny_model_dir, tiny
             assert torch.equal(module.weight, original[name].weight), name  # protected: bit-identical
             assert name not in stats["layers"]
     names = [a.path for a in MlflowClient().list_artifacts(prune_run.info.run_id)]
-    assert {"model", "pruning_stats.json", "preview.png"} <= set(names)
+    assert {"model", "pruning_stats.json", "preview.png", "masks.safetensors"} <= set(names)
 
-    # extract_masks: the masks are exactly the pruned model's nonzero pattern, with lineage.
+    # extract_masks: the masks prune recorded; on this model (no weight was zero before pruning)
+    # they are exactly the pruned model's nonzero pattern. With lineage.
+    recorded = load_masks(download(prune_run, "masks.safetensors"))
     masks = load_masks(mlflow.artifacts.download_artifacts(run_id=masks_run.info.run_id, artifact_path="masks.safetensors"))
-    assert set(masks) == set(stats["layers"])
+    assert set(masks) == set(stats["layers"]) == set(recorded)
+    assert masks_run.data.tags[SOURCE_TAG] == "recorded_mask"
     modules = maskable_modules(pruned_unet)
     for name, mask in masks.items():
+        assert torch.equal(mask, recorded[name]), name
         assert torch.equal(mask, modules[name].weight != 0), name
     tags, mparams = masks_run.data.tags, masks_run.data.params
     assert tags["maskdm.upstream.prune"] == prune_run.info.run_id and tags[STAGE_TAG] == "extract_masks"
@@ -179,3 +189,96 @@ def test_extract_masks_upstream_checks(tracking, upstream, message):
 def test_bad_option_value_is_one_line(tracking):
     result = CliRunner().invoke(cli, ["prune", "--no_such_option", "1"])
     assert result.exit_code == 2 and result.stderr.startswith("maskdm: error: ")
+
+
+# --------------------------------------------------------------------------------------------
+# extract_masks uses the masks prune recorded, checked against the weights
+
+
+def plant_zero_group(unet) -> str:
+    """Make the first 2:4 group of the first prunable layer [0, 0, 0, 1]: magnitude 2:4 prunes the first
+    two zeros (earlier first on ties) and keeps the third, a kept weight that is exactly zero."""
+    name, module = next((n, m) for n, m in maskable_modules(unet).items() if not any(p in n for p in DEFAULT_PROTECT))
+    with torch.no_grad():
+        module.weight.view(module.weight.shape[0], -1)[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    return name
+
+
+def first_group(tensor: torch.Tensor) -> list:
+    return tensor.reshape(tensor.shape[0], -1)[0, :4].tolist()
+
+
+def test_a_kept_weight_that_is_exactly_zero_stays_kept(tracking, tiny_ddpm, tmp_path):
+    name = plant_zero_group(tiny_ddpm.unet)
+    folder = save_ddpm(tiny_ddpm, tmp_path / "planted")
+    result = invoke("prune", "--model", str(folder), "--dataset", "shapes", "--pattern", "2:4", "--pruning_ratio", "0.5")
+    assert result.exit_code == 0, result.output
+    prune_run = only_run("prune")
+    result = invoke("extract_masks", "--prune_run_id", prune_run.info.run_id)
+    assert result.exit_code == 0, result.output
+    masks_run = only_run("extract_masks")
+    assert masks_run.info.status == "FINISHED" and masks_run.data.tags[SOURCE_TAG] == "recorded_mask"
+
+    unet = DDPMPipeline.from_pretrained(download(prune_run, "model")).unet
+    assert first_group(unet.get_submodule(name).weight.detach()) == [0.0, 0.0, 0.0, 1.0]
+    masks = load_masks(download(masks_run, "masks.safetensors"))
+    assert first_group(masks[name]) == [False, False, True, True]  # the zero at index 2 stays kept
+    # Every group keeps exactly 2 of 4, the planted one included (the zeros would give it 1).
+    stats = json.loads(Path(download(prune_run, "pruning_stats.json")).read_text())
+    assert set(masks) == set(stats["layers"]) and not stats["dense_layers"]
+    for layer, mask in masks.items():
+        assert bool((mask.reshape(-1, 4).sum(-1) == 2).all()), layer
+    assert int(masks_from_weights(unet, [name])[name].reshape(-1, 4).sum(-1).min()) == 1
+    assert masks_run.data.metrics["mask_sparsity"] == 0.5
+    summary = Path(download(masks_run, "extraction_summary.txt")).read_text()
+    assert "source: recorded_mask" in summary
+    kept_zeros = int(summary.split("kept weights that are exactly zero: ")[1].split()[0])
+    assert kept_zeros >= 1
+
+
+def fake_prune_run(ddpm, record=None) -> str:
+    """A FINISHED prune run holding ``ddpm`` (already pruned), its stats and, when given, ``record``
+    as its masks.safetensors (none: a prune run made before prune recorded its masks)."""
+    result = prune(ddpm.unet, PruneConfig(ratio=0.5, pattern="2:4"))
+    with stage_run("prune", {"model": "tiny-test", "dataset": "shapes", "pruning_ratio": 0.5}) as run:
+        save_ddpm(ddpm, run.out / "model")
+        write_stats(pruning_stats(ddpm.unet, result), run.out / "pruning_stats.json")
+        if record is not None:
+            save_masks(record(result.masks), run.out / MASKS_FILE)
+    return run.run_id
+
+
+def test_a_prune_run_without_recorded_masks_falls_back_to_the_zeros_with_a_warning(tracking, tiny_ddpm, caplog):
+    name = plant_zero_group(tiny_ddpm.unet)
+    run_id = fake_prune_run(tiny_ddpm)
+    with caplog.at_level("WARNING", logger="entrypoints.extract_masks"):
+        result = invoke("extract_masks", "--prune_run_id", run_id)
+    assert result.exit_code == 0, result.output
+    assert any("recorded no masks.safetensors" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    masks_run = only_run("extract_masks")
+    assert masks_run.info.status == "FINISHED" and masks_run.data.tags[SOURCE_TAG] == "weight_zeros"
+    masks = load_masks(download(masks_run, "masks.safetensors"))
+    for layer, module in maskable_modules(tiny_ddpm.unet).items():
+        if layer in masks:
+            assert torch.equal(masks[layer], module.weight != 0), layer
+    assert first_group(masks[name]) == [False, False, False, True]  # what the fallback cannot know
+
+
+def _flip_one_kept(masks):
+    """Mark one kept, nonzero weight pruned: a recorded mask the weights contradict."""
+    masks = {k: v.clone() for k, v in masks.items()}
+    first = next(iter(masks))
+    masks[first].view(-1)[torch.nonzero(masks[first].view(-1))[-1]] = False
+    return masks
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (_flip_one_kept, "contradict the model's weights: layer"),
+        (lambda masks: dict(list(masks.items())[1:]), "has no mask"),
+    ],
+)
+def test_recorded_masks_that_contradict_the_prune_run_fail_in_one_line(tracking, tiny_ddpm, record, message):
+    run_id = fake_prune_run(tiny_ddpm, record)
+    assert_user_error("extract_masks", ["--prune_run_id", run_id], message)

@@ -227,9 +227,34 @@ def test_n_above_four_is_refused_before_any_work(store):
         ("baseline_loss", ["--dataset_size", "4", "--batch_size", "8"], "fewer than one batch"),
         ("train_masks", ["--epoch", "0", "--max_step", "0"], "both 0"),
         ("train_masks", ["--lr", "fast"], "lr must be a number"),
+        ("train_masks", ["--init", "taylor"], "init must be one of constant, magnitude"),
+        ("train_masks", ["--init", "magnitude", "--temperature", "0"], "temperature must be positive"),
+        ("train_masks", ["--temperature", "warm"], "temperature must be a number"),
+        ("train_masks", ["--samples", "0"], "samples must be an integer >= 1"),
+        ("train_masks", ["--reward_baseline", "mean"], "reward_baseline must be one of delta, loo"),
+        ("train_masks", ["--reward_baseline", "loo"], "needs samples >= 2"),
+        ("train_masks", ["--normalize", "maybe"], "normalize must be true or false"),
+        ("train_masks", ["--heldout_size", "-1"], "heldout_size must be an integer >= 0"),
+        ("train_masks", ["--heldout_size", "30000"], "heldout_size=30000: only 19968 images"),
+        ("train_masks", ["--eval_every", "often"], "eval_every must be an integer >= 0"),
     ],
 )
 def test_bad_numbers_fail_in_the_run(chain, stage, args, fragment):
     _, masks_id, bid = chain
     first = ["--masks_run_id", masks_id] if stage == "baseline_loss" else ["--baseline_run_id", bid]
     assert_one_line_failure(invoke(stage, *first, *args), stage, fragment)
+
+
+def test_train_masks_options_and_heldout_metrics(chain):
+    _, _, bid = chain
+    ok(invoke("train_masks", "--baseline_run_id", bid, "--max_step", "3", "--accumulation", "1", "--init", "magnitude",
+              "--temperature", "0.1", "--samples", "2", "--reward_baseline", "loo", "--normalize", "true", "--lr", "0.5",
+              "--heldout_size", "24", "--eval_every", "2"))
+    run = runs_of("train_masks")[0]
+    params, metrics = run.data.params, run.data.metrics
+    assert (params["init"], params["samples"], params["reward_baseline"], params["normalize"]) == ("magnitude", "2", "loo", "true")
+    assert [m.step for m in sorted(MlflowClient().get_metric_history(run.info.run_id, "heldout_loss"), key=lambda m: m.step)] == [0, 2, 3]
+    held = metric_history(run.info.run_id, "heldout_loss")
+    assert metrics["heldout_loss_initial"] == held[0] and metrics["heldout_loss_final"] == held[-1]
+    assert metrics["heldout_improvement"] == pytest.approx(held[0] - held[-1], abs=1e-12)
+    assert metrics["heldout_improvement_se"] >= 0 and len(metric_history(run.info.run_id, "advantage_scale")) == 3

@@ -10,6 +10,7 @@ from maskdm.masks import (
     apply_masks,
     assert_sparse_as,
     bake_masks,
+    check_masks_match_weights,
     current_masks,
     load_masks,
     mask_sparsity,
@@ -105,3 +106,26 @@ def test_protected_layers_are_not_prunable(tiny_ddpm):
     names = set(prunable_modules(tiny_ddpm.unet))
     assert names and not any(p in n for n in names for p in ("conv_in", "conv_out", "time_emb"))
     assert "conv_in" in {n for n, _ in tiny_ddpm.unet.named_modules()}
+
+
+def test_check_masks_match_weights_allows_kept_zeros_and_refuses_pruned_nonzeros():
+    model = small_model()
+    masks = random_masks(model)
+    for name, module in prunable_modules(model, ()).items():
+        with torch.no_grad():
+            module.weight.mul_(masks[name])
+    conv = model[0].weight
+    kept = tuple(torch.nonzero(masks["0"])[0].tolist())
+    with torch.no_grad():
+        conv[kept] = 0.0  # a kept weight that is exactly zero: still consistent
+    check_masks_match_weights(model, masks)
+    assert not torch.equal(masks_from_weights(model, ["0"])["0"], masks["0"])  # zeros would lose it
+
+    pruned = tuple(torch.nonzero(~masks["3"])[0].tolist())
+    with torch.no_grad():
+        model[3].weight[pruned] = 0.5  # a pruned entry that is not zero: the masks cannot be the model's
+    with pytest.raises(MaskDMError, match=r"these masks contradict the model's weights: layer '3' has 1 nonzero") as err:
+        check_masks_match_weights(model, masks, "these masks")
+    assert "\n" not in str(err.value) and str(pruned) in str(err.value)
+    with pytest.raises(MaskDMError, match="does not fit"):
+        check_masks_match_weights(model, {"0": torch.ones(2, 2, dtype=torch.bool)})

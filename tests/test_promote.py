@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_unet, tracking_store
-from tests.test_report import FakeStore, build_pipeline, fid_of
+from tests.test_report import FakeStore, build_pipeline, fake_protocol, fid_of
 
 from maskdm import registry
 from maskdm.errors import MaskDMError
@@ -66,15 +66,19 @@ def champion(name: str, alias: str = "champion") -> str:
 
 def test_register_alias_idempotent_best_and_predict(store):
     run_05 = finetune(store, 0.5)
-    code, out, err = promote("--finetune_run_id", run_05, "--registered_model", "gen")
+    code, out, err = promote("--finetune_run_id", run_05, "--registered_model", "gen", "--metric", "fid")
     assert code == 0, err
     assert "gen version 1: registered" in out and "gen@champion -> version 1" in out
+    assert f"under FID protocol {fake_protocol('fid').id}" in out
     assert champion("gen") == "1"
 
     tags = versions("gen")[0].tags
     assert tags["finetune_run_id"] == run_05
     assert float(tags["fid"]) == pytest.approx(fid_of("finetuned", 0.5))
     assert float(tags["fid_shapes"]) == pytest.approx(1.5)
+    # Each FID tag comes with the protocol it was measured under.
+    assert tags["fid.protocol"] == fake_protocol("fid").key and tags["fid.protocol_id"] == fake_protocol("fid").id
+    assert tags["fid_shapes.protocol"] == fake_protocol("fid_shapes").key
     assert float(tags["sparsity"]) == pytest.approx(0.5) and tags["pruning_ratio"] == "0.5"
     assert tags["prune_run_id"] == store["made"][0.5]["prune"].run_id
     assert tags["train_masks_run_id"] == store["made"][0.5]["train"].run_id
@@ -82,10 +86,11 @@ def test_register_alias_idempotent_best_and_predict(store):
     assert tags["mask_training"] == "true"
 
     # The same run again, directly and as `best` at sparsity >= 0.4: the same version, no second one.
-    code, out, err = promote("--finetune_run_id", run_05, "--registered_model", "gen")
+    code, out, err = promote("--finetune_run_id", run_05, "--registered_model", "gen", "--metric", "fid")
     assert code == 0, err
     assert "already registered" in out
-    code, out, err = promote("--finetune_run_id", "best", "--min_sparsity", "0.4", "--registered_model", "gen")
+    code, out, err = promote("--finetune_run_id", "best", "--min_sparsity", "0.4", "--registered_model", "gen",
+                             "--metric", "fid", "--protocol", fake_protocol("fid").id)
     assert code == 0, err
     assert f"already registered finetune run {run_05}" in out
     assert len(versions("gen")) == 1 and champion("gen") == "1"
@@ -114,11 +119,11 @@ def test_register_alias_idempotent_best_and_predict(store):
 
 def test_worse_model_keeps_alias_force_moves_it_max_fid_bounds_both(store):
     name = "gate"
-    code, out, err = promote("--finetune_run_id", finetune(store, 0.3), "--registered_model", name)  # fid 16
+    code, out, err = promote("--finetune_run_id", finetune(store, 0.3), "--registered_model", name, "--metric", "fid")  # fid 16
     assert code == 0, err
     assert champion(name) == "1"
 
-    worse = finetune(store, 0.5, mask_training=False)  # fid 25
+    worse = finetune(store, 0.5, mask_training=False)  # fid 25; its only FID, so metric=auto takes it
     code, out, err = promote("--finetune_run_id", worse, "--registered_model", name)
     assert code == 0, err  # not an error: registered, alias kept
     assert "gate version 2: registered" in out and "gate@champion not moved (stays on version 1)" in out
@@ -132,10 +137,10 @@ def test_worse_model_keeps_alias_force_moves_it_max_fid_bounds_both(store):
     better = finetune(store, 0.5)  # fid 20: better than the holder (25) but above max_fid 18
     for force in ("false", "true"):
         code, out, err = promote("--finetune_run_id", better, "--registered_model", name, "--max_fid", "18",
-                                 "--force", force)
+                                 "--force", force, "--metric", "fid")
         assert code == 0, err
         assert "above max_fid 18" in out and champion(name) == "2"
-    code, out, err = promote("--finetune_run_id", better, "--registered_model", name, "--max_fid", "21")
+    code, out, err = promote("--finetune_run_id", better, "--registered_model", name, "--max_fid", "21", "--metric", "fid")
     assert code == 0, err
     assert champion(name) == "3" and len(versions(name)) == 3
 
@@ -163,14 +168,22 @@ def test_decide_rules():
 
 def test_best_picks_lowest_fid_at_or_above_min_sparsity(store):
     experiments = [store["experiment_id"]]
-    assert registry.best_candidate(experiments, "fid", 0.0).run_id == finetune(store, 0.3)
-    assert registry.best_candidate(experiments, "fid", 0.4).run_id == finetune(store, 0.5)
-    assert registry.best_candidate(experiments, "fid", 0.5).run_id == finetune(store, 0.5)  # "at or above"
+    assert registry.best_candidate(experiments, "fid", 0.0)[0].run_id == finetune(store, 0.3)
+    assert registry.best_candidate(experiments, "fid", 0.4)[0].run_id == finetune(store, 0.5)
+    assert registry.best_candidate(experiments, "fid", 0.5)[0].run_id == finetune(store, 0.5)  # "at or above"
     # Only the mask-trained runs have fid_shapes, so the metric changes the pool.
-    shapes = registry.best_candidate(experiments, "fid_shapes", 0.0)
-    assert shapes.run_id == finetune(store, 0.3) and shapes.fid("fid_shapes") == pytest.approx(1.3)
+    shapes, scoring = registry.best_candidate(experiments, "fid_shapes", 0.0)
+    assert shapes.run_id == finetune(store, 0.3) and shapes.fid(scoring) == pytest.approx(1.3)
+    assert scoring.protocol == fake_protocol("fid_shapes")
     with pytest.raises(MaskDMError, match="sparsity >= 0.9"):
         registry.best_candidate(experiments, "fid", 0.9)
+    # The store holds fid and fid_shapes: metric=auto cannot choose, and says what there is.
+    with pytest.raises(MaskDMError, match="FIDs of 2 protocols") as error:
+        registry.best_candidate(experiments, "auto", 0.0)
+    assert fake_protocol("fid").key in str(error.value) and fake_protocol("fid_shapes").id in str(error.value)
+    # A protocol id alone selects the metric too.
+    by_id, scoring = registry.best_candidate(experiments, "auto", 0.0, fake_protocol("fid_shapes").id)
+    assert by_id.run_id == finetune(store, 0.3) and scoring.metric == "fid_shapes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +194,7 @@ def test_parse_requests_rejects_bad_rows():
     good = registry.parse_requests(pd.DataFrame({"num_images": [2], "ddim_steps": [3], "seed": [4]}))
     assert good == [registry.GenerationRequest(2, 3, 4)]
     for frame, message in [
-        ({"num_images": [1], "ddim_steps": [1]}, "missing seed"),
+        ({"ddim_steps": [1], "seed": [0]}, "needs the column num_images"),  # ddim_steps and seed are optional
         ({"num_images": [0], "ddim_steps": [1], "seed": [0]}, "num_images must be at least 1"),
         ({"num_images": [1.5], "ddim_steps": [1], "seed": [0]}, "num_images must be an integer"),
         ({"num_images": [1], "ddim_steps": [0], "seed": [0]}, "ddim_steps must be at least 1"),
@@ -190,6 +203,75 @@ def test_parse_requests_rejects_bad_rows():
     ]:
         with pytest.raises(MaskDMError, match=message):
             registry.parse_requests(pd.DataFrame(frame))
+
+
+@pytest.fixture(scope="module")
+def two_protocols(store):
+    """Experiment protocol-gate: two finetune runs whose fid is measured under two protocols (16, 64 samples)."""
+    made = store["made"][0.3]
+    fake = FakeStore(mlflow.create_experiment("protocol-gate"), clock_ms=1_900_000_000_000)
+    runs = {}
+    for samples, value in ((16, 19.0), (64, 5.0)):
+        run = fake.make("finetune", made["train"], {}, {"sparsity": 0.3}, artifacts={"model": store["model_dir"]})
+        sample = fake.make("sample", run, {"model_run_id": run.run_id}, {"images_per_s": 1.0})
+        fake.fid(sample, "fid", value, samples=samples)
+        runs[samples] = run.run_id
+    return runs
+
+
+def test_the_gate_compares_only_under_one_protocol(store, two_protocols):
+    name = "proto"
+    code, out, err = promote("--finetune_run_id", two_protocols[16], "--registered_model", name)
+    assert code == 0, err
+    assert champion(name) == "1"
+    # A lower FID, but of 64 samples against the holder's 16: refused, nothing registered, run FAILED.
+    code, out, err = promote("--finetune_run_id", two_protocols[64], "--registered_model", name)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error: proto@champion not moved"), err
+    assert "samples 64 vs 16" in lines[0] and "steps" not in lines[0] and "force=true" in lines[0]
+    assert fake_protocol("fid", samples=16).id in lines[0] and fake_protocol("fid", samples=64).id in lines[0]
+    assert len(versions(name)) == 1 and champion(name) == "1"
+    failed = MlflowClient().search_runs([store["experiment_id"]], f"tags.`{STAGE_TAG}` = 'promote'",
+                                        order_by=["attributes.start_time DESC"])[0]
+    assert failed.info.status == "FAILED"
+    # force still overrides: registered and moved.
+    code, out, err = promote("--finetune_run_id", two_protocols[64], "--registered_model", name, "--force", "true")
+    assert code == 0, err
+    assert champion(name) == "2" and versions(name)[1].tags["fid.protocol"] == fake_protocol("fid", samples=64).key
+
+
+def test_choose_scoring_auto_skips_fids_of_no_recorded_protocol():
+    from maskdm.report import FidScore
+
+    main, other = fake_protocol("fid_shapes"), fake_protocol("fid_shapes", samples=64)
+
+    def run(*scores: FidScore) -> registry.Candidate:
+        return registry.Candidate("r", {(s.metric, s.protocol_id): s for s in scores}, 0.5, {}, {})
+
+    recorded = FidScore(2.0, "f1", "s1", "fid_shapes", main)
+    legacy = FidScore(1.0, "f0", "s0", "fid_shapes", None)
+    chosen = registry.choose_scoring([run(recorded), run(legacy)], "auto", "auto", "the runs")
+    assert (chosen.metric, chosen.protocol_id) == ("fid_shapes", main.id)
+    # Explicitly, the unrecorded ones can still be chosen; alone, auto takes them.
+    assert registry.choose_scoring([run(recorded, legacy)], "auto", "unrecorded", "x").protocol is None
+    assert registry.choose_scoring([run(legacy)], "auto", "auto", "x").protocol_id == "unrecorded"
+    with pytest.raises(MaskDMError, match="have FIDs of 2 protocols"):
+        registry.choose_scoring([run(recorded, legacy), run(FidScore(3.0, "f2", "s2", "fid_shapes", other))],
+                                "auto", "auto", "the runs")
+
+
+def test_protocol_conflict_rules():
+    main, big = fake_protocol("fid"), fake_protocol("fid", samples=64, steps=20)
+    same = registry.Scoring("fid", main.id, main)
+    assert registry.protocol_conflict(same, registry.Holder("1", 20.0, main.key, main.id)) is None
+    assert registry.protocol_conflict(same, registry.Holder("1", None)) is None  # rule 4 decides: nothing to compare
+    message = registry.protocol_conflict(same, registry.Holder("1", 20.0, big.key, big.id))
+    assert "samples 16 vs 64" in message and "steps 10 vs 20" in message and "seed" not in message
+    # A version registered before protocols were recorded compares with nothing, and so does a run without one.
+    assert "not both measured" in registry.protocol_conflict(same, registry.Holder("1", 20.0))
+    unrecorded = registry.Scoring("fid", "unrecorded", None)
+    assert registry.protocol_conflict(unrecorded, registry.Holder("1", 20.0, "unrecorded", "unrecorded"))
 
 
 @pytest.fixture(scope="module")
@@ -204,15 +286,17 @@ def unscored_finetune(store):
 @pytest.mark.parametrize("args, message", [
     (["--finetune_run_id", "0" * 32], "does not exist"),
     (["--finetune_run_id", "PRUNE"], "is a 'prune' run; expected a finetune run"),
-    (["--finetune_run_id", "UNSCORED"], "has no FID 'fid'"),
-    (["--finetune_run_id", "NOMT", "--metric", "fid_shapes"], "has no FID 'fid_shapes'"),
-    (["--metric", "loss"], "metric must be 'fid' or 'fid_<feature extractor>'"),
+    (["--finetune_run_id", "UNSCORED"], "has no FID: run `maskdm sample"),
+    (["--finetune_run_id", "NOMT", "--metric", "fid_shapes"], "has no FID 'fid_shapes', only fid under protocol"),
+    (["--finetune_run_id", "NOMT", "--protocol", "0123456789"], "has no FID under protocol '0123456789'"),
+    (["--metric", "loss"], "metric must be auto, 'fid' (Inception pool3) or 'fid_<name>'"),
+    (["--experiment", "protocol-gate", "--metric", "fid"], "have FIDs of 2 protocols"),  # 16 and 64 samples
     (["--alias", "latest"], "alias 'latest' is not allowed"),
     (["--min_sparsity", "2"], "min_sparsity must be between 0 and 1"),
-    (["--min_sparsity", "0.99"], "no FINISHED finetune run with a 'fid' FID and sparsity >= 0.99"),
+    (["--min_sparsity", "0.99"], "no FINISHED finetune run with an FID and sparsity >= 0.99"),
     (["--experiment", "nope"], "experiment 'nope' does not exist"),
 ])
-def test_promote_bad_input(store, unscored_finetune, args, message):
+def test_promote_bad_input(store, unscored_finetune, two_protocols, args, message):
     ids = {"PRUNE": store["made"][0.3]["prune"].run_id, "UNSCORED": unscored_finetune,
            "NOMT": finetune(store, 0.3, mask_training=False)}
     args = [ids.get(a, a) for a in args]
@@ -271,7 +355,8 @@ def test_promote_through_mlflow_projects_and_portable_load(store, tmp_path):
     assert version.tags["finetune_run_id"] == run_id and champion("e2e") == "1"
     run = MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags[STAGE_TAG] == "promote"
-    assert run.data.params["max_fid"] == "100" and run.data.params["metric"] == "fid"
+    assert run.data.params["max_fid"] == "100" and run.data.params["metric"] == "auto"
+    assert run.data.tags["maskdm.fid_metric"] == "fid" and run.data.tags["maskdm.fid_protocol_id"] == fake_protocol("fid").id
 
     assert result["shape"] == [1, 16, 16, 3] and result["dtype"] == "uint8"
     assert not result["maskdm"].startswith(str(REPO))

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from maskdm.errors import MaskDMError
-from maskdm.masks import DEFAULT_PROTECT, mask_sparsity, maskable_modules, masks_from_weights, prunable_modules
+from maskdm.masks import (
+    DEFAULT_PROTECT,
+    check_masks_match_weights,
+    mask_sparsity,
+    maskable_modules,
+    masks_from_weights,
+    prunable_modules,
+)
 from maskdm.pruning import (
     PruneConfig,
     apply_pruning,
@@ -416,3 +423,33 @@ def test_a_corrupt_compact_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(MaskDMError) as exc:
         load_compact_checkpoint(path)
     one_line(exc)
+
+
+# --- kept weights that are exactly zero -----------------------------------------------------------
+
+
+def plant_zero_group(unet: nn.Module) -> str:
+    """Make the first 2:4 group of the first prunable layer [0, 0, 0, 1]: magnitude 2:4 prunes the first
+    two zeros (ties: earlier first) and keeps the third, a kept weight that is exactly zero."""
+    name, module = next(iter(prunable_modules(unet, DEFAULT_PROTECT).items()))
+    with torch.no_grad():
+        module.weight.view(module.weight.shape[0], -1)[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    return name
+
+
+def first_group(tensor: torch.Tensor) -> list:
+    return tensor.reshape(tensor.shape[0], -1)[0, :4].tolist()
+
+
+def test_a_kept_zero_is_in_the_masks_and_only_re_deriving_from_zeros_loses_it(tiny_ddpm):
+    unet = tiny_ddpm.unet
+    name = plant_zero_group(unet)
+    result = prune(unet, PruneConfig(ratio=0.5, pattern="2:4"))
+    assert first_group(unet.get_submodule(name).weight.detach()) == [0.0, 0.0, 0.0, 1.0]
+    assert first_group(result.masks[name]) == [False, False, True, True]
+    assert all(bool((m.reshape(-1, 4).sum(-1) == 2).all()) for m in result.masks.values())
+    check_masks_match_weights(unet, result.masks)  # the masks are consistent with the weights
+    # The nonzero pattern calls the kept zero pruned, and its group then keeps 1 of 4, not 2.
+    derived = masks_from_weights(unet, result.masks)
+    assert first_group(derived[name]) == [False, False, False, True]
+    assert int(derived[name].reshape(-1, 4).sum(-1).min()) == 1

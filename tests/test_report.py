@@ -50,12 +50,12 @@ class FakeStore:
     runs: list = field(default_factory=list)
 
     def make(self, stage, up: Made | None = None, params=None, metrics=None, wall_s=10.0, status="FINISHED",
-             parent=True, artifacts: dict | None = None) -> Made:
+             parent=True, artifacts: dict | None = None, tags: dict | None = None) -> Made:
         client = MlflowClient()
         lineage_params = {k: v for k, v in (up.params if up else {}).items()
                           if k in ("model", "dataset", "pruning_ratio", "pruner", "pattern")}
         params = {**lineage_params, **(params or {})}
-        tags = {STAGE_TAG: stage}
+        tags = {STAGE_TAG: stage, **(tags or {})}
         tags.update({f"{UPSTREAM_TAG_PREFIX}{s}": rid for s, rid in (up.lineage if up else {}).items()})
         if parent and self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -74,13 +74,40 @@ class FakeStore:
         self.runs.append(made)
         return made
 
-    def score(self, model: Made, fid: float | None, images_per_s: float, extra: dict | None = None) -> tuple[Made, Made]:
-        """A sample run of ``model`` and an fid run of it."""
+    def score(self, model: Made, fid: float | None, images_per_s: float, extra: dict | None = None,
+              samples: int = 16) -> tuple[Made, Made]:
+        """A sample run of ``model`` and fid runs of it, as the fid stage makes them: one FID metric per
+        fid run, tagged with its protocol. ``extra`` FIDs (``fid_shapes``) get fid runs of their own,
+        made first; other ``extra`` metrics go on the ``fid`` run, which is returned."""
         sample = self.make("sample", model, {"model_run_id": model.run_id, "ddim_steps": "10"},
                            {"images_per_s": images_per_s}, wall_s=3.0)
-        metrics = {**({"fid": fid} if fid is not None else {}), **(extra or {})}
-        fid_run = self.make("fid", sample, {"sample_run_id": sample.run_id}, metrics, wall_s=2.0)
+        extra = dict(extra or {})
+        for name in [k for k in extra if report.is_fid_metric(k)]:
+            self.fid(sample, name, extra.pop(name), samples=samples)
+        metrics = {**({"fid": fid} if fid is not None else {}), **extra}
+        fid_run = self.make("fid", sample, {"sample_run_id": sample.run_id}, metrics, wall_s=2.0,
+                            tags=fake_protocol("fid", samples=samples).tags())
         return sample, fid_run
+
+    def fid(self, sample: Made, metric: str, value: float, protocol: report.FidProtocol | None | str = "default",
+            samples: int = 16, status: str = "FINISHED") -> Made:
+        """One fid run of ``sample`` logging ``metric``; ``protocol=None`` makes one that records none."""
+        if protocol == "default":
+            protocol = fake_protocol(metric, samples=samples)
+        return self.make("fid", sample, {"sample_run_id": sample.run_id}, {metric: value}, wall_s=2.0, status=status,
+                         tags=protocol.tags() if protocol else None)
+
+
+def fake_protocol(metric: str = "fid", samples: int = 16, steps: int = 10, seed: int = 42) -> report.FidProtocol:
+    """A protocol as the fid stage records it, for a metric: fid (Inception 2048), fid_inception_<dims>, fid_<name>."""
+    if metric == "fid" or metric.startswith("fid_inception_"):
+        features, dims = "inception", int(metric.rpartition("_")[2]) if metric != "fid" else 2048
+    else:
+        features, dims = metric[len("fid_"):], 64
+    assert report.fid_metric_name(features, dims) == metric
+    return report.FidProtocol.of(features=features, dims=dims, samples=samples, reference="shapes:train",
+                                 resolution=16, weights="0123456789abcdef", sampler="ddim", steps=steps,
+                                 skip="uniform", eta=0, clip="true", seed=seed)
 
 
 def fid_of(stage: str, ratio: float, mask_training: bool = True) -> float:
@@ -140,7 +167,7 @@ def pipeline(store_uri):
     store = FakeStore(experiment_id)
     made = build_pipeline(store)
     # Noise the report must ignore: a FAILED fid run with a better FID, and a RUNNING finetune.
-    store.make("fid", made[0.3]["finetuned_scores"][0], {}, {"fid": 0.001}, status="FAILED")
+    store.fid(made[0.3]["finetuned_scores"][0], "fid", 0.001, status="FAILED")
     store.make("finetune", made[0.5]["train"], {}, {"eval_loss": 0.0}, status="RUNNING")
     return experiment_id, made
 
@@ -160,6 +187,9 @@ def test_table_rows_columns_values_and_run_ids(pipeline):
     table = report.build_table(report.runs_frame([experiment_id]))
 
     assert list(table.columns) == report.table_columns(["fid", "fid_shapes"])
+    # Each FID column names its one protocol.
+    assert set(table["protocol_fid"]) == {fake_protocol("fid").key}
+    assert set(table["protocol_fid_shapes"]) == {fake_protocol("fid_shapes").key}
     assert len(table) == 2 * len(RATIOS)
     assert sorted(zip(table["pruning_ratio"], table["mask_training"])) == sorted(
         (r, mt) for r in RATIOS for mt in (True, False))
@@ -206,7 +236,7 @@ def test_newest_finished_fid_wins_and_timings_are_not_fids(store_uri):
     store = FakeStore(mlflow.create_experiment("rescored"))
     made = build_pipeline(store, ratios=(0.5,))
     sample = made[0.5]["finetuned_scores"][0]
-    newer = store.make("fid", sample, {"sample_run_id": sample.run_id}, {"fid": 3.25})
+    newer = store.fid(sample, "fid", 3.25)
     table = report.build_table(report.runs_frame([store.experiment_id]))
     row = row_of(table, 0.5, True)
     assert row["finetuned_fid"] == pytest.approx(3.25)
@@ -214,6 +244,69 @@ def test_newest_finished_fid_wins_and_timings_are_not_fids(store_uri):
     # fid_shapes lives only on the older run: each FID metric comes from its own newest run.
     assert row["finetuned_fid_shapes"] == pytest.approx(1.5)
     assert "finetuned_fid_wall" not in table.columns and "finetuned_fid_wall_s" in table.columns
+
+
+def test_fids_of_two_protocols_are_kept_apart(store_uri):
+    """A metric scored under two protocols: the main protocol keeps the metric's column, the other
+    gets its own, and a fid run that records no protocol is never mixed with either."""
+    store = FakeStore(mlflow.create_experiment("two-protocols"))
+    made = build_pipeline(store, ratios=(0.3, 0.5))
+    # Newer fid runs of other protocols: more samples for two finetuned models, and one with no protocol.
+    big = fake_protocol("fid", samples=64)
+    rescored = {r: store.fid(made[r]["finetuned_scores"][0], "fid", 1.0 + r, protocol=big) for r in (0.3, 0.5)}
+    legacy = store.fid(made[0.5]["pruned_scores"][0], "fid", 0.5, protocol=None)
+    table = report.build_table(report.runs_frame([store.experiment_id]))
+
+    main, other = fake_protocol("fid"), big
+    # The main protocol scores 10 model runs, the other 2: the main one keeps the name `fid`.
+    assert report.table_fid_names(table) == ["fid", f"fid@{other.id}", f"fid@{report.UNRECORDED}", "fid_shapes"]
+    assert set(table["protocol_fid"]) == {main.key} and set(table[f"protocol_fid@{other.id}"]) == {other.key}
+    for ratio in (0.3, 0.5):
+        row = row_of(table, ratio, True)
+        # Though newer, the 64-sample FID does not replace the 16-sample one: it has its own column.
+        assert row["finetuned_fid"] == pytest.approx(fid_of("finetuned", ratio))
+        assert row[f"finetuned_fid@{other.id}"] == pytest.approx(1.0 + ratio)
+        assert row["finetuned_fid_run_id"] == made[ratio]["finetuned_scores"][1].run_id != rescored[ratio].run_id
+        assert pd.isna(row_of(table, ratio, False)[f"finetuned_fid@{other.id}"])
+        assert pd.isna(row[f"dense_fid@{other.id}"])
+    assert row_of(table, 0.5, True)["pruned_fid"] == pytest.approx(fid_of("pruned", 0.5))
+    assert row_of(table, 0.5, True)[f"pruned_fid@{report.UNRECORDED}"] == pytest.approx(0.5)
+    assert legacy.run_id not in set(table["pruned_fid_run_id"])
+
+    markdown = report.to_markdown(table)
+    main_section = markdown.split("## FID (Inception pool3, `fid`)")[1].split("\n## ")[0]
+    assert main.key in main_section and f"`fid@{other.id}`" in main_section
+    other_section = markdown.split(f"## FID (`fid@{other.id}`)")[1].split("\n## ")[0]
+    assert other.key in other_section and f"{1.3:.4g}" in other_section
+    assert "not recorded" in markdown.split(f"## FID (`fid@{report.UNRECORDED}`)")[1].split("\n## ")[0]
+    # The plot and the UI series chart the main protocol only.
+    assert report.chart_metric(table) == "fid"
+    assert report.ui_series(table)["fid_by_ratio/finetuned"][50] == pytest.approx(fid_of("finetuned", 0.5))
+
+
+def test_fid_metric_names_and_protocol_round_trip():
+    assert report.fid_metric_name("inception", 2048) == "fid"
+    assert report.fid_metric_name("inception", "64") == "fid_inception_64"
+    assert report.fid_metric_name("shapes", 64) == "fid_shapes"
+    assert report.is_fid_metric("fid_inception_64") and report.is_fid_metric("fid_shapes")
+    assert not report.is_fid_metric("fid_wall_s") and not report.is_fid_metric("fid.protocol")
+    assert not report.is_fid_metric("fid_run_id") and not report.is_fid_metric("fidelity")
+
+    protocol = fake_protocol("fid_inception_64", samples=100)
+    assert protocol.metric == "fid_inception_64"
+    assert report.FidProtocol.parse(protocol.key) == protocol
+    assert report.FidProtocol.from_tags(protocol.tags()) == protocol
+    tags = protocol.tags()
+    assert tags[report.FID_PROTOCOL_ID_TAG] == protocol.id and len(protocol.id) == 10
+    assert {k[len(report.FID_PROTOCOL_PART_PREFIX):] for k in tags if k.startswith(report.FID_PROTOCOL_PART_PREFIX)} == set(
+        report.PROTOCOL_PARTS)
+    other = fake_protocol("fid_inception_64", samples=200, seed=1)
+    assert other.id != protocol.id
+    assert protocol.differences(other) == [("samples", "100", "200"), ("seed", "42", "1")]
+    assert [d[0] for d in protocol.differences(None)] == list(report.PROTOCOL_PARTS)
+    assert report.FidProtocol.parse("features=inception;dims=2048") is None  # parts missing
+    with pytest.raises(ValueError):
+        report.FidProtocol.of(features="inception")
 
 
 def test_partial_pipeline_and_dense_only(store_uri):
@@ -296,10 +389,14 @@ def test_write_report_files(pipeline, tmp_path):
 
     markdown = files.markdown.read_text()
     assert markdown.startswith("# T")
-    assert "## FID (Inception, `fid`)" in markdown and "## FID (`fid_shapes`)" in markdown
+    assert "## FID (Inception pool3, `fid`)" in markdown and "## FID (`fid_shapes`)" in markdown
     assert made[0.5]["finetune"].run_id in markdown and made["dense"].run_id in markdown
     assert "model: `tiny-test`" in markdown
-    fid_table = markdown.split("## FID (Inception, `fid`)")[1].split("##")[0]
+    fid_table = markdown.split("## FID (Inception pool3, `fid`)")[1].split("##")[0]
+    # Each FID table names the protocol of its column.
+    assert f"Protocol `{fake_protocol('fid').id}`: `{fake_protocol('fid').key}`" in fid_table
+    shapes_table = markdown.split("## FID (`fid_shapes`)")[1].split("##")[0]
+    assert fake_protocol("fid_shapes").key in shapes_table and fake_protocol("fid").key not in shapes_table
     assert f"{fid_of('finetuned', 0.5):.4g}" in fid_table and f"{fid_of('masked', 0.3):.4g}" in fid_table
 
     with Image.open(files.plot) as image:

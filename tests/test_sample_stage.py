@@ -97,9 +97,16 @@ def test_sample_through_mlflow_run(model_run, new_sample_run):
     images = samples["images"]
     assert images.dtype == np.uint8 and images.shape == (5, 16, 16, 3)
     assert samples["indices"].tolist() == list(range(5)) and int(samples["seed"]) == 3
+    # x0 clipping is off by default, though the model's scheduler config says clip_sample=True.
+    assert default_scheduler().config.clip_sample
+    assert run.data.params["clip_sample"] == "false" and samples["clip_sample"].dtype == np.bool_
+    assert not bool(samples["clip_sample"])
     # The stage's images are the library's images for (seed, index), whatever the batching.
-    expected = sample_images(tiny_unet(), default_scheduler(), range(5), steps=4, seed=3, batch_size=5, channels_last=True)
+    options = dict(steps=4, seed=3, batch_size=5, channels_last=True)
+    expected = sample_images(tiny_unet(), default_scheduler(), range(5), clip_sample=False, **options)
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    clipped = sample_images(tiny_unet(), default_scheduler(), range(5), clip_sample=True, **options)
+    assert np.abs(images.astype(int) - clipped.astype(int)).max() > 10
 
     grid = np.asarray(Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="grid.png")))
     assert grid.shape == (2 + 18, 2 + 5 * 18, 3)  # 5 images of 16 px in one row of 8, 2 px padding
@@ -140,7 +147,7 @@ def test_two_processes_make_the_same_images_as_one(model_run):
 
 
 # --------------------------------------------------------------------------------------------
-# The bad-input boundary, in process (the same code path as the console script)
+# In process (the same code path as the console script): clip_sample, and the bad-input boundary
 
 
 def invoke(**options):
@@ -148,6 +155,34 @@ def invoke(**options):
 
     args = [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
     return CliRunner().invoke(command, args)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_clip_sample_is_a_logged_param_recorded_in_samples_npz(model_run, new_sample_run, clip):
+    result = invoke(model_run_id=model_run, clip_sample=str(clip).lower(), **SMALL)
+    assert result.exit_code == 0, result.output
+    run = new_sample_run()
+    assert run.info.status == "FINISHED" and run.data.params["clip_sample"] == str(clip).lower()
+    samples = load_samples(run.info.run_id)
+    assert bool(samples["clip_sample"]) is clip
+    assert int(samples["ddim_steps"]) == 4 and str(samples["skip_type"]) == "uniform" and float(samples["eta"]) == 0.0
+    options = dict(steps=4, seed=3, batch_size=5, channels_last=True)
+    same = sample_images(tiny_unet(), default_scheduler(), range(5), clip_sample=clip, **options)
+    other = sample_images(tiny_unet(), default_scheduler(), range(5), clip_sample=not clip, **options)
+    images = samples["images"].astype(int)
+    assert np.abs(images - same.astype(int)).max() <= 1
+    assert np.abs(images - other.astype(int)).max() > 10  # the setting changed these images
+
+
+def test_clip_sample_that_is_not_a_boolean_is_one_line(model_run):
+    from entrypoints.cli import cli
+
+    before = sample_run_ids()
+    result = CliRunner().invoke(cli, ["sample", "--model_run_id", model_run, "--clip_sample", "maybe"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == error_lines(result.stderr)
+    assert len(error_lines(result.stderr)) == 1 and "clip_sample" in result.stderr
+    assert sample_run_ids() == before  # refused before any run was opened
 
 
 @pytest.mark.parametrize(

@@ -43,27 +43,59 @@ def run_for(ddpm, **options):
 # Timestep sequences
 
 
-@pytest.mark.parametrize("T,S", [(1000, 10), (1000, 100), (1000, 3), (1000, 7), (1000, 1000), (50, 50), (4000, 250)])
-def test_uniform_sequence_is_every_T_over_S_th_step_from_zero(T, S):
-    skip = T // S
-    expected = []
-    t = 0
-    while t < T:  # "every T//S-th step from 0", up to but excluding T
-        expected.append(t)
-        t += skip
-    assert ddim_timesteps(T, S, "uniform") == expected
+def original_ddim_sequence(num_timesteps: int, timesteps: int, skip_type: str) -> list:
+    """The sequence ``Diffusion.sample_image`` builds in ermongroup/ddim's ``runners/diffusion.py``,
+    statement for statement (``self.num_timesteps`` and ``self.args.timesteps`` as arguments)."""
+    if skip_type == "uniform":
+        skip = num_timesteps // timesteps
+        seq = range(0, num_timesteps, skip)
+    elif skip_type == "quad":
+        seq = np.linspace(0, np.sqrt(num_timesteps * 0.8), timesteps) ** 2
+        seq = [int(s) for s in list(seq)]
+    else:
+        raise NotImplementedError
+    return list(seq)
 
 
-@pytest.mark.parametrize("T,S", [(1000, 10), (1000, 100), (1000, 1), (1000, 1000), (4000, 37)])
-def test_quad_sequence_is_truncated_squares_of_linspace(T, S):
-    top = math.sqrt(0.8 * T)
-    expected = [int((top * k / (S - 1)) ** 2) if S > 1 else 0 for k in range(S)]
-    got = ddim_timesteps(T, S, "quad")
-    assert len(got) == S
-    # linspace and k/(S-1) may round the last bit differently right at an integer square.
-    assert all(abs(a - b) <= 1 for a, b in zip(got, expected))
-    assert sum(a != b for a, b in zip(got, expected)) <= max(1, S // 100)
-    assert got[0] == 0 and got[-1] <= 0.8 * T and got == sorted(got)
+# Every step count up to 1000 (and T itself), for the usual T and two others.
+@pytest.mark.parametrize("T", [1000, 4000, 50])
+@pytest.mark.parametrize("skip_type", ["uniform", "quad"])
+def test_sequence_is_exactly_the_original_ddim_codes_for_every_step_count(T, skip_type):
+    mismatches = {}
+    for S in [*range(1, min(T, 1000) + 1), T]:
+        ours, original = ddim_timesteps(T, S, skip_type), original_ddim_sequence(T, S, skip_type)
+        if ours != original or not all(type(t) is int for t in ours):
+            mismatches[S] = (ours, original)
+    assert not mismatches, dict(list(mismatches.items())[:3])
+
+
+def test_sequence_properties():
+    T = 1000
+    for S in (1, 2, 3, 7, 10, 100, 1000):
+        quad = ddim_timesteps(T, S, "quad")
+        assert len(quad) == S and quad == sorted(quad) and quad[0] == 0
+        # The top is sqrt(0.8 T) squared, truncated: 0.8 T or, where the square rounds down, one less.
+        assert S == 1 or 0.8 * T - 1 <= quad[-1] <= 0.8 * T
+        uniform = ddim_timesteps(T, S, "uniform")
+        # Every (T // S)-th step from 0 up to T (excluded): S of them, more where S does not divide T.
+        assert uniform[0] == 0 and set(np.diff(uniform)) <= {T // S} and uniform[-1] < T <= uniform[-1] + T // S
+        assert len(uniform) >= S and (T % S != 0 or len(uniform) == S)
+    assert len(ddim_timesteps(T, 400, "uniform")) == T // (T // 400) > 400  # 1000 // 400 = 2: 500 steps
+
+
+def test_exact_comparison_tells_apart_a_formula_that_rounds_differently():
+    """Why the comparison above is exact: squaring ``top * k / (S - 1)`` instead of linspace's
+    values truncates to a neighbouring integer at some step counts, which a +-1 tolerance passes."""
+
+    def k_over_s_minus_1(T, S):
+        top = math.sqrt(0.8 * T)
+        return [int((top * k / (S - 1)) ** 2) if S > 1 else 0 for k in range(S)]
+
+    differing = [S for S in range(1, 101) if k_over_s_minus_1(1000, S) != original_ddim_sequence(1000, S, "quad")]
+    assert differing
+    for S in differing:
+        pairs = zip(k_over_s_minus_1(1000, S), original_ddim_sequence(1000, S, "quad"))
+        assert max(abs(a - b) for a, b in pairs) == 1
 
 
 def test_quad_is_denser_at_small_timesteps_than_uniform():
@@ -300,3 +332,70 @@ def test_make_run_checks_against_the_models_own_timesteps(tiny_ddpm):
     with pytest.raises(MaskDMError, match="50 training timesteps"):
         make_run(tiny_ddpm.unet, scheduler, steps=51)
     assert len(make_run(tiny_ddpm.unet, scheduler, steps=50).schedule.steps) == 50
+
+
+# --------------------------------------------------------------------------------------------
+# x0 clipping (clip_sample): each setting against a hand-written reference loop
+
+
+def reference_ddim(unet, x, alphas_cumprod, seq, clip, eta=0.0, generators=None):
+    """The original generalized_steps loop, written out again, with an optional clamp of x0 to [-1, 1]
+    (the one line diffusers' DDIMScheduler adds when its config says clip_sample)."""
+    seq_next = [-1] + list(seq[:-1])
+    for i, j in zip(reversed(seq), reversed(seq_next)):
+        at = alphas_cumprod[i]
+        at_next = alphas_cumprod[j] if j >= 0 else torch.tensor(1.0)
+        et = unet(x, torch.full((x.shape[0],), i), return_dict=False)[0]
+        x0_t = (x - et * (1 - at).sqrt()) / at.sqrt()
+        if clip:
+            x0_t = x0_t.clamp(-1, 1)
+        c1 = eta * ((1 - at / at_next) * (1 - at_next) / (1 - at)).sqrt()
+        c2 = ((1 - at_next) - c1**2).sqrt()
+        x = at_next.sqrt() * x0_t + c2 * et
+        if eta > 0:
+            x = x + c1 * draw_per_image(generators, x.shape[1:])
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_clip_sample_each_setting_matches_its_reference_and_clipping_changes_the_output(tiny_ddpm, eta):
+    unet = tiny_ddpm.unet.eval()
+    indices, seed, steps = [0, 1, 2], 5, 6
+    seq = ddim_timesteps(1000, steps, "uniform")
+    acp = tiny_ddpm.scheduler.alphas_cumprod.float()
+    ours, refs = {}, {}
+    for clip in (False, True):
+        run = make_run(unet, tiny_ddpm.scheduler, steps=steps, eta=eta, seed=seed, batch_size=3, clip_sample=clip)
+        assert run.schedule.clip_sample_range == (1.0 if clip else None)
+        ours[clip] = sample_tensors(unet, run, indices)
+        generators = [image_generator(seed, i) for i in indices]
+        with torch.no_grad():
+            x_T = draw_per_image(generators, (3, 16, 16))
+            refs[clip] = reference_ddim(unet, x_T, acp, seq, clip, eta, generators)
+    # An untrained UNet's unclipped x0 runs to +-100 at t=999 (sqrt(a) = 0.006 there): compare
+    # relative to the output's own scale.
+    for clip in (False, True):
+        scale = 1 + refs[clip].abs().max()
+        assert (ours[clip] - refs[clip]).abs().max() < 1e-5 * scale, clip
+    # Clipping changes the output, so each comparison above could fail with the other setting.
+    assert refs[False].abs().max() > 2  # unclipped: far outside the data range
+    assert refs[True].abs().max() < 1.5
+    assert (ours[True] - refs[False]).abs().max() > 0.5
+    assert (ours[False] - refs[True]).abs().max() > 0.5
+
+
+def test_clip_sample_true_and_false_override_the_config_and_none_follows_it():
+    clipping = DDPMScheduler(clip_sample=True, clip_sample_range=2.0)
+    plain = DDPMScheduler(clip_sample=False)
+    assert ddim_schedule(clipping, 5).clip_sample_range == 2.0  # None: the config, range included
+    assert ddim_schedule(plain, 5).clip_sample_range is None
+    for scheduler in (clipping, plain):
+        assert ddim_schedule(scheduler, 5, clip_sample=True).clip_sample_range == 1.0  # the data range
+        assert ddim_schedule(scheduler, 5, clip_sample=False).clip_sample_range is None
+
+
+def test_clip_sample_reaches_uint8_images(tiny_ddpm):
+    options = dict(steps=4, seed=2, batch_size=3)
+    clipped = sample_images(tiny_ddpm.unet, tiny_ddpm.scheduler, range(3), clip_sample=True, **options)
+    plain = sample_images(tiny_ddpm.unet, tiny_ddpm.scheduler, range(3), clip_sample=False, **options)
+    assert np.abs(clipped.astype(int) - plain.astype(int)).max() > 10
