@@ -138,13 +138,24 @@ def planned_updates(num_batches: int, config: TrainConfig) -> int:
     return min(x for x in (by_epoch, by_step) if x is not None)
 
 
+def heldout_scores(eval_every: int, total_updates: int) -> int:
+    """How many times :meth:`MaskTrainer.run` scores the held-out set: before training, every
+    ``eval_every`` updates, and after the last update if that was not one of them."""
+    periodic = total_updates // eval_every if eval_every else 0
+    return 1 + periodic + (1 if not eval_every or total_updates % eval_every else 0)
+
+
 def auto_eval_every(heldout_images: int, update_images: int, total_updates: int) -> int:
-    """The smallest held-out evaluation interval (in updates) whose cost stays within
-    :data:`HELDOUT_SHARE` of the forward passes: ``heldout / (every * update + heldout) <= share``."""
-    if heldout_images <= 0 or update_images <= 0:
+    """The smallest held-out scoring interval (in updates) whose scores, the ones before and after
+    training included, cost at most :data:`HELDOUT_SHARE` of all forward passes; 0 (before and after
+    only) when even that costs more."""
+    if heldout_images <= 0 or update_images <= 0 or total_updates <= 0:
         return 0
-    every = math.ceil(heldout_images * (1 - HELDOUT_SHARE) / (HELDOUT_SHARE * update_images))
-    return max(1, min(every, max(1, total_updates)))
+    affordable = HELDOUT_SHARE / (1 - HELDOUT_SHARE) * total_updates * update_images  # held-out images
+    for every in range(1, total_updates + 1):
+        if heldout_scores(every, total_updates) * heldout_images <= affordable:
+            return every
+    return 0
 
 
 @dataclass
@@ -526,6 +537,7 @@ __all__ = [
     "UpdateMetrics",
     "advantages",
     "auto_eval_every",
+    "heldout_scores",
     "baseline_summary",
     "bernoulli_sample",
     "bernoulli_score",

@@ -166,6 +166,7 @@ def generate(ddpm, requests: Sequence[GenerationRequest], batch_size: int = 64, 
         sample_images(
             ddpm.unet, ddpm.scheduler.config, range(r.num_images),
             steps=r.ddim_steps, seed=r.seed, batch_size=min(batch_size, r.num_images), device=device,
+            clip_sample=False,  # as the sample stage's default (the original DDIM code never clips x0)
         )
         for r in requests
     ]

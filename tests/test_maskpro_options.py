@@ -21,6 +21,7 @@ from maskdm.maskpro import (
     TrainState,
     advantages,
     auto_eval_every,
+    heldout_scores,
     mask_generator,
 )
 from maskdm.masks import set_masks
@@ -287,6 +288,7 @@ def test_trainer_scores_the_final_mask_on_the_heldout_set_every_n_updates():
     seen = []
     trainer.run(progress=False, on_heldout=seen.append)
     assert [p.step for p in seen] == [0, 2, 4, 5]
+    assert len(seen) == heldout_scores(2, 5)
     result = trainer.heldout_result()
     final = trainer.final_masks()
     assert any(not torch.equal(final[k], masks[k]) for k in masks), "lr 300 at logits 0.01 must move the final mask"
@@ -304,13 +306,19 @@ def test_trainer_scores_the_final_mask_on_the_heldout_set_every_n_updates():
 
 
 def test_auto_eval_interval_keeps_heldout_scoring_within_its_share():
-    for held, update in [(512, 128), (512, 1024), (2048, 64), (64, 4096)]:
-        every = auto_eval_every(held, update, 10_000)
-        assert held / (every * update + held) <= HELDOUT_SHARE + 1e-12
+    def share(every, held, update, total):
+        cost = heldout_scores(every, total) * held
+        return cost / (cost + total * update)
+
+    for held, update, total in [(512, 128, 10_000), (512, 1024, 15_000), (2048, 64, 3000), (256, 64, 150)]:
+        every = auto_eval_every(held, update, total)
+        assert every > 0 and share(every, held, update, total) <= HELDOUT_SHARE + 1e-12
         if every > 1:
-            assert held / ((every - 1) * update + held) > HELDOUT_SHARE, "the smallest such interval"
+            assert share(every - 1, held, update, total) > HELDOUT_SHARE, "the smallest such interval"
+    # The demo preset's numbers: 150 updates of 64 images, 256 held-out images.
+    assert auto_eval_every(256, 64, 150) == 50 and heldout_scores(50, 150) == 4
     assert auto_eval_every(0, 128, 100) == 0
-    assert auto_eval_every(512, 128, 5) == 5, "never past the end of training"
+    assert auto_eval_every(512, 128, 5) == 0, "even the scores before and after cost more than the share"
 
 
 @pytest.mark.parametrize(
