@@ -221,10 +221,10 @@ def linear_toy_trainer(weight, target, initial, pattern, lr, magnitude, updates,
     return MaskTrainer(model, masks, policy, loss, baseline, config)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_nm_learning_drops_the_harmful_weight_of_every_group(seed):
-    # Each group of 4 holds two weights the target uses, one large harmful weight the target does
-    # not have, and a zero. Magnitude 2:4 keeps the harmful one; the best 2:4 mask is the target's.
+def harmful_nm_toy(seed: int):
+    """(weight, target, best mask, magnitude 2:4 mask): each group of 4 holds two weights the target
+    uses, one large harmful weight the target does not have, and a zero. Magnitude 2:4 keeps the
+    harmful one; the best 2:4 mask is the target's."""
     gen = torch.Generator().manual_seed(seed)
     rows, groups = 2, 2
     target = torch.zeros(rows, groups * 4)
@@ -234,8 +234,12 @@ def test_nm_learning_drops_the_harmful_weight_of_every_group(seed):
         signs = torch.randn(3, generator=gen).sign()
         target[r, good_a], target[r, good_b] = signs[0], signs[1]
         weight[r, good_a], weight[r, good_b], weight[r, harmful] = signs[0], signs[1], 2 * signs[2]
-    best = target != 0
-    initial = magnitude_nm(weight, 2, 4)
+    return weight, target, target != 0, magnitude_nm(weight, 2, 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nm_learning_drops_the_harmful_weight_of_every_group(seed):
+    weight, target, best, initial = harmful_nm_toy(seed)
     assert (initial != best).any(dim=-1).all(), "the toy must start from a wrong mask in every row"
 
     trainer = linear_toy_trainer(weight, target, initial, "2:4", lr=0.03, magnitude=0.5, updates=1000, seed=seed)

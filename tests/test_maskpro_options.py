@@ -26,7 +26,7 @@ from maskdm.maskpro import (
 )
 from maskdm.masks import set_masks
 from maskdm.replay import ReplayBatches, ReplaySpec, compute_baseline_losses, ensure_masks, heldout_batches, replayed_loss
-from test_maskpro import diffusion_setup, image_dataset
+from test_maskpro import diffusion_setup, harmful_nm_toy, image_dataset
 
 # --- lr = 0 changes nothing, with samples that do differ from the initial mask ----------------------
 
@@ -192,17 +192,7 @@ def test_normalize_learns_when_rewards_are_tiny(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_leave_one_out_samples_find_the_better_nm_mask(seed):
-    gen = torch.Generator().manual_seed(seed)
-    rows, groups = 2, 2
-    target = torch.zeros(rows, groups * 4)
-    weight = torch.zeros_like(target)
-    for r, q in itertools.product(range(rows), range(groups)):
-        good_a, good_b, harmful, _ = (torch.randperm(4, generator=gen) + 4 * q).tolist()
-        signs = torch.randn(3, generator=gen).sign()
-        target[r, good_a], target[r, good_b] = signs[0], signs[1]
-        weight[r, good_a], weight[r, good_b], weight[r, harmful] = signs[0], signs[1], 2 * signs[2]
-    best = target != 0
-    initial = top_entries(weight.abs().reshape(-1, 4), 2, torch.zeros(rows * groups, 4, dtype=torch.bool)).reshape(rows, -1)
+    weight, target, best, initial = harmful_nm_toy(seed)
     assert not torch.equal(initial, best)
     config = TrainConfig(lr=0.05, epoch=0, max_step=250, accumulation=1, seed=seed, samples=4, reward_baseline="loo")
     trainer = linear_toy(weight, target, initial, "2:4", config)
