@@ -23,8 +23,8 @@ Setup, then the command that made docs/images/ui_arms_chart.png (and ui_arms_rec
 
 ``--build`` first runs, in the store folder (``mlflow.db`` and ``mlruns/`` there), a small demo
 sweep: ``maskdm main`` with :data:`BUILD_ARGS` (two ratios, 10 finetune steps, 128 samples per
-model, train_masks with loose logits so that its masks differ from the pruning masks and the two
-arms score apart). It trains the demo model first if the store has none (minutes); copying in a
+model; the demo preset's mask training, whose masks differ from the pruning masks, so the two arms
+score apart). It trains the demo model first if the store has none (minutes); copying in a
 store that already holds one (``mlflow.db`` and its artifact folder) saves that. A driver run
 that is already in the store is reused stage by stage. Without ``--build`` the store is used as
 it is; ``--experiment`` picks the experiment (default: the one of the newest ``fid`` run).
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: The demo sweep behind the screenshot: small enough for minutes on a loaded 2-core CPU.
 BUILD_ARGS = [
     "--ratios", "0.3,0.7",
-    "--set", "train_masks.logits=1.0,train_masks.lr=50,finetune.num_iters=10,finetune.save_model_steps=10,"
+    "--set", "finetune.num_iters=10,finetune.save_model_steps=10,"
              "sample.total_samples=128,sample.batch_size=128",
 ]
 FID_FILTER = "tags.`maskdm.stage` = 'fid'"
