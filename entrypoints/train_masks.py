@@ -23,7 +23,15 @@ from entrypoints.baseline_loss import LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, dev
 from entrypoints.common import boolean, choice, integer, number, optional, stage
 from maskdm.errors import MaskDMError
 from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, select_targets
-from maskdm.maskpro import REWARD_BASELINES, MaskTrainer, TrainConfig, auto_eval_every, plot_training_curves, save_logits
+from maskdm.maskpro import (
+    REWARD_BASELINES,
+    MaskTrainer,
+    TrainConfig,
+    auto_eval_every,
+    planned_updates,
+    plot_training_curves,
+    save_logits,
+)
 from maskdm.masks import assert_sparse_as, bake_masks, check_masks_fit, load_masks, mask_sparsity, save_masks, set_masks
 from maskdm.replay import (
     ReplayBatches,
@@ -125,18 +133,19 @@ def command(
                 log.warning("no held-out scoring: only %d images lie outside the training subset", left)
         held = heldout_batches(images, spec, heldout_images) if heldout_images else None
 
+        held_images = len(held) * spec.batch_size if held else 0
+        if every is None:
+            update_images = config.accumulation * spec.batch_size * config.samples
+            every = auto_eval_every(held_images, update_images, planned_updates(len(baseline), config))
+        run.log_metrics({"heldout_images": held_images, "eval_every_updates": every})
+
         on = device()
         unet = ddpm.unet.to(on)
         trainer = MaskTrainer(
             unet, masks, policy, lambda b: replayed_loss(unet, ddpm.scheduler, batches, b, on), baseline, config,
             heldout_loss=(lambda b: replayed_loss(unet, ddpm.scheduler, held, b, on)) if held else None,
-            heldout_batches=len(held) if held else 0,
+            heldout_batches=len(held) if held else 0, eval_every=every,
         )
-        if every is None:
-            update_images = config.accumulation * spec.batch_size * config.samples
-            every = auto_eval_every(len(held) * spec.batch_size if held else 0, update_images, trainer.total_updates())
-        trainer.eval_every = every
-        run.log_metrics({"heldout_images": len(held) * spec.batch_size if held else 0, "eval_every_updates": every})
         log.info(
             "train_masks: %d layers, %d updates of %d sample(s) x %d batches of %d on %s; held-out %d batches, scored every %s updates",
             len(policy.names), trainer.total_updates(), config.samples, config.accumulation, spec.batch_size, on,
