@@ -200,8 +200,9 @@ def test_bernoulli_score_is_the_gradient_of_log_prob():
 # --- 3. toy problems whose best mask is known ----------------------------------------------------------
 
 
-def linear_toy_trainer(weight, target, initial, pattern, lr, magnitude, updates, seed=0):
-    """A bias-free linear layer learning to imitate ``x @ target.T``; batch b is a fixed input batch."""
+def linear_toy(weight, target, initial, pattern, config, magnitude=0.5, logits=None, scale=1.0):
+    """A bias-free linear layer learning to imitate ``x @ target.T``; batch b is a fixed input batch;
+    the loss is multiplied by ``scale`` (a tiny scale makes rewards tiny, as on a real model)."""
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -211,14 +212,18 @@ def linear_toy_trainer(weight, target, initial, pattern, lr, magnitude, updates,
 
     def loss(b: int) -> float:
         with torch.no_grad():
-            return float(F.mse_loss(model(inputs[b]), outputs[b]))
+            return scale * float(F.mse_loss(model(inputs[b]), outputs[b]))
 
     masks = {"0": initial}
     ensure_masks(model, masks)
     baseline = np.array([loss(b) for b in range(8)])
-    policy = make_policy(pattern, masks, ["0"], magnitude)
-    config = TrainConfig(lr=lr, epoch=0, max_step=updates, accumulation=1, seed=seed)
+    policy = make_policy(pattern, masks, ["0"], magnitude, logits=logits)
     return MaskTrainer(model, masks, policy, loss, baseline, config)
+
+
+def linear_toy_trainer(weight, target, initial, pattern, lr, magnitude, updates, seed=0):
+    config = TrainConfig(lr=lr, epoch=0, max_step=updates, accumulation=1, seed=seed)
+    return linear_toy(weight, target, initial, pattern, config, magnitude=magnitude)
 
 
 def harmful_nm_toy(seed: int):

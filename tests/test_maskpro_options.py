@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maskdm.errors import MaskDMError
 from maskdm.mask_policy import magnitude_logits, make_policy, select_targets, top_entries
@@ -26,7 +25,7 @@ from maskdm.maskpro import (
 )
 from maskdm.masks import set_masks
 from maskdm.replay import ReplayBatches, ReplaySpec, compute_baseline_losses, ensure_masks, heldout_batches, replayed_loss
-from test_maskpro import diffusion_setup, harmful_nm_toy, image_dataset
+from test_maskpro import diffusion_setup, harmful_nm_toy, image_dataset, linear_toy
 
 # --- lr = 0 changes nothing, with samples that do differ from the initial mask ----------------------
 
@@ -116,27 +115,6 @@ def test_advantages_normalise_by_a_running_spread():
 
 
 # --- toy problems whose better mask is known, one per option ------------------------------------
-
-
-def linear_toy(weight, target, initial, pattern, config, magnitude=0.5, logits=None, scale=1.0):
-    """A bias-free linear layer imitating ``x @ target.T``; batch b is a fixed input batch; the
-    loss is multiplied by ``scale`` (a tiny scale makes rewards tiny, as on a real model)."""
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    model = torch.nn.Sequential(layer)
-    inputs = torch.randn(8, 32, weight.shape[1], generator=torch.Generator().manual_seed(1))
-    outputs = inputs @ target.T
-
-    def loss(b: int) -> float:
-        with torch.no_grad():
-            return scale * float(F.mse_loss(model(inputs[b]), outputs[b]))
-
-    masks = {"0": initial}
-    ensure_masks(model, masks)
-    baseline = np.array([loss(b) for b in range(8)])
-    policy = make_policy(pattern, masks, ["0"], magnitude, logits=logits)
-    return MaskTrainer(model, masks, policy, loss, baseline, config)
 
 
 def near_threshold_toy(seed: int):
