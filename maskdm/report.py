@@ -145,7 +145,10 @@ def run_records(runs: pd.DataFrame | None) -> dict[str, RunRecord]:
             kind, dot, key = column.partition(".")
             if dot and kind in fields and _present(value):
                 fields[kind][key] = float(value) if kind == "metrics" else str(value)
-        start, end = _seconds(row.get("start_time")), _seconds(row.get("end_time"))
+        start, wall = _seconds(row.get("start_time")), None
+        if start is not None and _present(row.get("end_time")):
+            # The timestamps' difference, not two epoch floats' (those lose about 1e-7 s at 1.7e9 s).
+            wall = (pd.Timestamp(row["end_time"]) - pd.Timestamp(row["start_time"])).total_seconds()
         records[row["run_id"]] = RunRecord(
             run_id=row["run_id"],
             stage=str(stage),
@@ -153,7 +156,7 @@ def run_records(runs: pd.DataFrame | None) -> dict[str, RunRecord]:
             metrics=fields["metrics"],
             tags=fields["tags"],
             start_time=start if start is not None else -math.inf,
-            wall_s=end - start if start is not None and end is not None else None,
+            wall_s=wall,
         )
     return records
 
