@@ -72,14 +72,22 @@ def number(name: str, value: str) -> float:
     return parsed
 
 
-def boolean(name: str, value: str) -> bool:
-    """``true``/``false`` (as MLproject spells them; also 1/0, yes/no), checked inside the run."""
+def truth(value: object) -> bool | None:
+    """``true``/``false`` (as MLproject spells them; also 1/0, yes/no, any case) as a bool; None otherwise."""
     text = str(value).strip().lower()
     if text in ("true", "1", "yes"):
         return True
     if text in ("false", "0", "no"):
         return False
-    raise MaskDMError(f"{name} must be true or false, not '{value}'")
+    return None
+
+
+def boolean(name: str, value: str) -> bool:
+    """:func:`truth`, checked inside the run: anything else fails it with one line."""
+    parsed = truth(value)
+    if parsed is None:
+        raise MaskDMError(f"{name} must be true or false, not '{value}'")
+    return parsed
 
 
 def choice(name: str, value: str, choices) -> str:
@@ -106,4 +114,4 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     save_grid(images, path)
 
 
-__all__ = ["StageRun", "boolean", "choice", "configure_logging", "fail", "integer", "number", "optional", "save_preview", "stage"]
+__all__ = ["StageRun", "boolean", "choice", "configure_logging", "fail", "integer", "number", "optional", "save_preview", "stage", "truth"]

@@ -28,7 +28,7 @@ import click
 import numpy as np
 import torch
 
-from entrypoints.common import optional, stage
+from entrypoints.common import optional, stage, truth
 from maskdm import fid
 from maskdm.errors import MaskDMError
 from maskdm.report import MODEL_STAGE_TAG, UNKNOWN, FidProtocol, model_stage_of
@@ -186,9 +186,6 @@ def sampling_settings(up: Upstream, saved: dict[str, str]) -> dict[str, str]:
     }
 
 
-_TRUE, _FALSE = ("true", "1", "yes", "y", "t", "on"), ("false", "0", "no", "n", "f", "off")
-
-
 def clip_setting(up: Upstream, saved: dict[str, str]) -> str:
     """``true``/``false``: whether the sample run clipped DDIM's predicted x0 to [-1, 1].
 
@@ -199,9 +196,8 @@ def clip_setting(up: Upstream, saved: dict[str, str]) -> str:
     ``unknown`` when none of these can be read.
     """
     for given in (up.params.get("clip_sample"), saved.get("clip_sample")):
-        given = str(given).strip().lower()
-        if given in _TRUE or given in _FALSE:
-            return "true" if given in _TRUE else "false"
+        if truth(given) is not None:
+            return str(truth(given)).lower()
     model_ref = up.params.get("model_run_id")
     if model_ref:
         import mlflow

@@ -78,6 +78,8 @@ def process_state(pid: int) -> ProcessState:
     """The state of ``pid`` on this host. ``start`` is empty where it cannot be read."""
     if pid <= 0:
         return ProcessState(False)
+    # /proc first: its start time is an exact tick count, while psutil's create_time is a float
+    # that another process can compute differently (seen: a live process judged "PID reused").
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
