@@ -7,7 +7,7 @@ weights digest). ``features=shapes`` scores with a small classifier of the embed
 dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
 ``fid``. ``fid`` is Inception pool3 (2048 dims) only; other Inception sizes log ``fid_inception_<dims>``.
 
-Every fid run records its FID protocol (:class:`maskdm.report.FidProtocol`: features and dims,
+Every fid run records its FID protocol (:class:`maskdm.fid_protocol.FidProtocol`: features and dims,
 number of samples, reference, weights digest, and the sample run's sampler, steps, skip type, eta,
 x0 clipping and seed) in the tags ``maskdm.fid_protocol`` (``part=value;...``),
 ``maskdm.fid_protocol_id`` (its digest) and ``maskdm.fid_protocol.<part>``; report and promote
@@ -31,7 +31,8 @@ import torch
 from entrypoints.common import optional, stage, truth
 from maskdm import fid
 from maskdm.errors import MaskDMError
-from maskdm.report import MODEL_STAGE_TAG, UNKNOWN, FidProtocol, model_stage_of
+from maskdm.fid_protocol import UNKNOWN, FidProtocol
+from maskdm.report import MODEL_STAGE_TAG, model_stage_of
 from maskdm.tracking import Upstream, cached_artifact, log_side_run, parse_run_ref
 
 log = logging.getLogger(__name__)
