@@ -136,6 +136,35 @@ def cifar10_dataset(split: str, resolution: int, cache_dir: Path, augment: bool)
         ) from None
 
 
+#: PIL modes of single-channel images; every other mode is read as colour.
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def check_one_colour_mode(root: Path, paths: list[Path]) -> None:
+    """Refuse a folder that mixes grayscale and colour images.
+
+    Every image is converted to RGB, so a mixed folder would train on grey copies beside colour
+    ones without a word: most likely two datasets in one folder. Only headers are read (PIL opens
+    lazily), so this costs a file open per image, not a decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    example: dict[bool, tuple[Path, str]] = {}
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                mode = img.mode
+        except (OSError, UnidentifiedImageError):
+            raise MaskDMError(f"image folder '{root}': {path} is not a readable image") from None
+        example.setdefault(mode in GRAYSCALE_MODES, (path, mode))
+        if len(example) == 2:
+            (grey, grey_mode), (colour, colour_mode) = example[True], example[False]
+            raise MaskDMError(
+                f"image folder '{root}' mixes grayscale and colour images (e.g. {grey.relative_to(root)}: {grey_mode}, "
+                f"{colour.relative_to(root)}: {colour_mode}); convert them to one mode or split the folder"
+            )
+
+
 class ImageFolderDataset(Dataset):
     """Every png/jpg/jpeg/webp under a folder (recursively), sorted by path; label = parent folder index."""
 
@@ -145,6 +174,7 @@ class ImageFolderDataset(Dataset):
         self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.paths:
             raise MaskDMError(f"image folder '{root}' holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
+        check_one_colour_mode(root, self.paths)
         self.classes = sorted({p.parent.name for p in self.paths})
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         self.transform = _transform(resolution, train)

@@ -48,12 +48,63 @@ ARCHS: dict[str, dict] = {
         flip_sin_to_cos=False,
         freq_shift=1,
     ),
+    # The 256-pixel DDPMs of Ho et al. (2020) as published on the hub (google/ddpm-celebahq-256,
+    # google/ddpm-ema-church-256, ...): channel multipliers (1, 1, 2, 2, 4, 4), attention at 16x16
+    # only, 113.7M parameters. Their pretrained weights load with model=<hub id>; this preset trains
+    # the same shape from scratch.
+    "ddpm-256": dict(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=None,
+        norm_num_groups=32,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
+    # 64 pixels: no google DDPM is published at this size, so this is our own member of the same
+    # family: the 256 model's first five levels (multipliers 1, 1, 2, 2, 4), attention at 16x16 as
+    # in both published shapes, bottom at 4x4 as the CIFAR-10 model.
+    "ddpm-64": dict(
+        block_out_channels=(128, 128, 256, 256, 512),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=None,
+        norm_num_groups=32,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
 }
+
+#: The resolution each architecture was made for (``pretrain``'s default for it); any other
+#: multiple of its downsampling factor works too.
+ARCH_RESOLUTIONS = {"tiny": 16, "ddpm-cifar10": 32, "ddpm-64": 64, "ddpm-256": 256}
+
+
+def downsampling_factor(block_out_channels) -> int:
+    """How much a UNet with these levels shrinks its input: 2 per level after the first."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def check_resolution(resolution: int, block_out_channels, what: str) -> None:
+    """A UNet halves its input once per level after the first: the side must divide evenly."""
+    factor = downsampling_factor(block_out_channels)
+    if resolution < factor or resolution % factor:
+        raise MaskDMError(
+            f"{what} cannot take {resolution}x{resolution} images: its {len(block_out_channels)} levels need a "
+            f"multiple of {factor} (e.g. {max(factor, round(resolution / factor) * factor)})"
+        )
 
 
 def build_unet(arch: str, resolution: int = 32, in_channels: int = 3) -> UNet2DModel:
     if arch not in ARCHS:
         raise MaskDMError(f"unknown arch '{arch}': choose one of {', '.join(ARCHS)}")
+    check_resolution(resolution, ARCHS[arch]["block_out_channels"], f"arch '{arch}'")
     return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
 
 

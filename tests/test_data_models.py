@@ -128,4 +128,4 @@ def test_arch_presets():
     assert abs(count_parameters(build_unet("ddpm-cifar10")) - 35.746307e6) < 1e3
     with pytest.raises(MaskDMError, match="unknown arch"):
         build_unet("huge")
-    assert set(ARCHS) == {"tiny", "ddpm-cifar10"}
+    assert set(ARCHS) == {"tiny", "ddpm-cifar10", "ddpm-64", "ddpm-256"}
