@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from entrypoints.common import optional, stage, truth
 from maskdm import fid
@@ -82,11 +83,14 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
             raise MaskDMError("the sample run's lineage names no dataset: pass reference=<dataset name or .npz of mu and sigma>")
         # Everything a user can get wrong is checked before the (long) feature extraction starts.
         given_stats = check_reference(reference, features, dims)
-        images, saved = load_samples(up.download(SAMPLES))
+        samples_path = up.download(SAMPLES)
+        shape, saved = read_samples_header(samples_path)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extractor = load_extractor(features, dims, optional(weights), batch_size, device)
 
-        sample_stats = fid.statistics(extractor.features(images))
+        # Chunk by chunk: memory holds one chunk of images and its features, whatever the count.
+        chunks = progress(fid.iter_npz_rows(samples_path, "images", CHUNK_IMAGES), shape[0], "sample features")
+        *sample_stats, _ = fid.streamed_statistics(chunks, extractor.features)
         fid.save_stats(run.out / "sample_stats.npz", *sample_stats)
         tags = {}
         if given_stats is not None:
@@ -96,14 +100,14 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
             # A file is named by its content: the same statistics under another path compare.
             reference_part = f"sha256:{fid.weights_digest(stats_path)}"
         else:
-            reference_stats, tags["maskdm.fid_reference_run"] = dataset_statistics(reference, images.shape[1], extractor)
+            reference_stats, tags["maskdm.fid_reference_run"] = dataset_statistics(reference, shape[1], extractor)
             tags["maskdm.fid_reference"] = reference
             reference_part = f"{reference}:train"
         value = fid.fid_from_stats(*sample_stats, *reference_stats)
 
         protocol = FidProtocol.of(
-            features=extractor.name, dims=extractor.dims, samples=len(images), reference=reference_part,
-            resolution=images.shape[1], weights=extractor.digest, **sampling_settings(up, saved),
+            features=extractor.name, dims=extractor.dims, samples=shape[0], reference=reference_part,
+            resolution=shape[1], weights=extractor.digest, **sampling_settings(up, saved),
         )
         metric = protocol.metric
         run.set_tags({
@@ -113,8 +117,8 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
             "maskdm.fid_weights_digest": extractor.digest,
             "maskdm.device": device,
         })
-        run.log_metrics({metric: value, "num_samples": len(images)})
-        log.info("%s = %.4f (%d samples against %s; protocol %s)", metric, value, len(images),
+        run.log_metrics({metric: value, "num_samples": shape[0]})
+        log.info("%s = %.4f (%d samples against %s; protocol %s)", metric, value, shape[0],
                  tags["maskdm.fid_reference"], protocol.id)
 
 
@@ -142,20 +146,40 @@ def check_reference(reference: str, features: str, dims: int) -> tuple[np.ndarra
 SAVED_SETTINGS = ("seed", "ddim_steps", "skip_type", "eta", "clip_sample")
 
 
-def load_samples(path: Path) -> tuple[np.ndarray, dict[str, str]]:
-    """The images of a samples.npz, and the sampling settings it records (those present)."""
+#: Images read, featurised and merged into the statistics at a time (:func:`fid.iter_npz_rows`).
+CHUNK_IMAGES = 1000
+
+
+def read_samples_header(path: Path) -> tuple[tuple[int, ...], dict[str, str]]:
+    """The shape of a samples.npz's images (checked: uint8 NHWC, at least 2) and the sampling settings it records.
+
+    Only the header of the images is read; the images themselves are streamed later.
+    """
     try:
         with np.load(path, allow_pickle=False) as f:
             if "images" not in f.files:
                 raise MaskDMError(f"{SAMPLES} of the sample run holds no 'images' array (it has {', '.join(f.files)})")
-            images = f["images"]
             saved = {k: str(f[k].item()) for k in SAVED_SETTINGS if k in f.files and f[k].size == 1}
+        shape, dtype = fid.npz_array_header(path, "images")
     except MaskDMError:
         raise
     except Exception as exc:
         raise MaskDMError(f"cannot read the sample run's {SAMPLES} ({type(exc).__name__})") from None
-    fid.check_samples(images)
-    return images, saved
+    if dtype != np.uint8:
+        raise MaskDMError(f"samples must be uint8 images, not {dtype}")
+    if len(shape) != 4 or shape[-1] not in (1, 3, 4):
+        raise MaskDMError(f"samples must be images of shape (N, H, W, C) with C 1, 3 or 4, not {shape}")
+    if shape[0] < 2:
+        raise MaskDMError(f"FID needs at least 2 images to estimate a covariance, got {shape[0]}")
+    return shape, saved
+
+
+def progress(chunks, total: int, desc: str):
+    """tqdm over images for an iterator of image chunks."""
+    with tqdm(total=total, desc=desc, unit="img") as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(len(chunk))
 
 
 # --- the sampling half of the protocol ------------------------------------------------------------
@@ -232,7 +256,7 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
         weights_file = fid.resolve_weights(weights)
         model = fid.load_inception(dims, weights_file, device)
         digest = fid.weights_digest(weights_file)
-        return Extractor("inception", dims, digest, lambda images: fid.inception_features(images, model, batch_size, device, progress=True))
+        return Extractor("inception", dims, digest, lambda images: fid.inception_features(images, model, batch_size, device))
     from maskdm.shapes_features import load_shapes_classifier, shapes_features
 
     classifier_file = shapes_classifier_file()
@@ -290,24 +314,21 @@ def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> t
     found = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
     if found:
         return fid.load_reference_stats(found[1], extractor.dims), found[0]
-    images = reference_images(dataset, resolution)
-    log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(images), dataset)
-    stats = fid.statistics(extractor.features(images))
+    from maskdm.data import load_dataset
+
+    train = load_dataset(dataset, resolution, split="train", augment=False)
+    log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(train), dataset)
+    chunks = progress(fid.dataset_uint8_chunks(train, batch_size=CHUNK_IMAGES), len(train), "reference features")
+    *stats, count = fid.streamed_statistics(chunks, extractor.features)
     path = fid.save_stats(Path(tempfile.mkdtemp(prefix="maskdm-fid-reference-")) / REFERENCE_STATS, *stats)
     params = {"dataset": dataset, "resolution": resolution, "features": extractor.name, "dims": extractor.dims,
               "weights_digest": extractor.digest}
-    run_id = log_side_run("fid_reference", {REFERENCE_KEY_TAG: key}, params, {"num_images": len(images)}, [path])
+    run_id = log_side_run("fid_reference", {REFERENCE_KEY_TAG: key}, params, {"num_images": count}, [path])
     log.info("reference statistics cached as fid_reference run %s", run_id)
     # As for the classifier: the statistics cached first are the ones every process uses.
     first_id, first_path = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
     return (stats if first_id == run_id else fid.load_reference_stats(first_path, extractor.dims)), first_id
 
-
-def reference_images(dataset: str, resolution: int) -> np.ndarray:
-    """A dataset's training images, unflipped, as uint8 NHWC (for cifar10: the 50,000 training images)."""
-    from maskdm.data import load_dataset
-
-    return fid.dataset_images_uint8(load_dataset(dataset, resolution, split="train", augment=False))
 
 
 __all__ = ["command"]
