@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entrypoints.common import optional, stage, truth
-from maskdm import fid
+from maskdm import fid, npz_stream
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import UNKNOWN, FidProtocol
 from maskdm.report import MODEL_STAGE_TAG, model_stage_of
@@ -89,7 +89,7 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
         extractor = load_extractor(features, dims, optional(weights), batch_size, device)
 
         # Chunk by chunk: memory holds one chunk of images and its features, whatever the count.
-        chunks = progress(fid.iter_npz_rows(samples_path, "images", CHUNK_IMAGES), shape[0], "sample features")
+        chunks = progress(npz_stream.iter_rows(samples_path, "images", CHUNK_IMAGES), shape[0], "sample features")
         *sample_stats, _ = fid.streamed_statistics(chunks, extractor.features)
         fid.save_stats(run.out / "sample_stats.npz", *sample_stats)
         tags = {}
@@ -146,7 +146,7 @@ def check_reference(reference: str, features: str, dims: int) -> tuple[np.ndarra
 SAVED_SETTINGS = ("seed", "ddim_steps", "skip_type", "eta", "clip_sample")
 
 
-#: Images read, featurised and merged into the statistics at a time (:func:`fid.iter_npz_rows`).
+#: Images read, featurised and merged into the statistics at a time (:func:`npz_stream.iter_rows`).
 CHUNK_IMAGES = 1000
 
 
@@ -160,7 +160,7 @@ def read_samples_header(path: Path) -> tuple[tuple[int, ...], dict[str, str]]:
             if "images" not in f.files:
                 raise MaskDMError(f"{SAMPLES} of the sample run holds no 'images' array (it has {', '.join(f.files)})")
             saved = {k: str(f[k].item()) for k in SAVED_SETTINGS if k in f.files and f[k].size == 1}
-        shape, dtype = fid.npz_array_header(path, "images")
+        shape, dtype = npz_stream.array_header(path, "images")
     except MaskDMError:
         raise
     except Exception as exc:

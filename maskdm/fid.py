@@ -398,46 +398,6 @@ def dataset_images_uint8(dataset: torch.utils.data.Dataset, limit: int | None = 
     return np.concatenate(list(dataset_uint8_chunks(dataset, limit, batch_size)))
 
 
-def npz_array_header(path: str | os.PathLike, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of array ``key`` of an .npz, read from its header alone."""
-    with _npz_member(path, key) as (shape, dtype, _):
-        return shape, dtype
-
-
-@contextlib.contextmanager
-def _npz_member(path: str | os.PathLike, key: str):
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        name = f"{key}.npy"
-        if name not in archive.namelist():
-            raise KeyError(key)
-        with archive.open(name) as stream:
-            version = np.lib.format.read_magic(stream)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-            if dtype.hasobject:
-                raise ValueError(f"array '{key}' holds Python objects (a pickle); refused")
-            if fortran and len(shape) > 1:
-                raise ValueError(f"array '{key}' is stored in Fortran order; rows cannot be streamed")
-            yield tuple(shape), dtype, stream
-
-
-def iter_npz_rows(path: str | os.PathLike, key: str, rows: int) -> Iterator[np.ndarray]:
-    """Array ``key`` of an .npz (compressed or not) ``rows`` leading-axis entries at a time, never all at once."""
-    with _npz_member(path, key) as (shape, dtype, stream):
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        for start in range(0, shape[0], rows):
-            count = min(rows, shape[0] - start)
-            data = stream.read(count * row_bytes)
-            if len(data) != count * row_bytes:
-                raise ValueError(f"array '{key}' ends after {start + len(data) // max(row_bytes, 1)} of {shape[0]} rows")
-            # A writable copy (bytearray): torch.from_numpy warns on read-only buffers.
-            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(count, *shape[1:])
-
-
 def inception_stats_of(images: np.ndarray, model: nn.Module, batch_size: int = 200, device: str = "cpu", progress: bool = False):
     """(mu, sigma) of ``images`` under ``model``: what the fid stage stores as sample or reference stats."""
     return statistics(inception_features(images, model, batch_size, device, progress))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskdm import fid
+from maskdm import fid, npz_stream
 from maskdm.data import shapes_dataset
 from maskdm.errors import MaskDMError
 from inception_fixture import _planted_torch_home  # noqa: F401 (the store fixture needs it)
@@ -38,8 +38,8 @@ def test_npz_rows_stream_in_order_from_plain_and_compressed_files(tmp_path, save
     images = random_images(7, seed=1, size=5)
     path = tmp_path / "samples.npz"
     save(path, images=images, seed=np.array(42))
-    assert fid.npz_array_header(path, "images") == (images.shape, np.dtype(np.uint8))
-    chunks = list(fid.iter_npz_rows(path, "images", 3))
+    assert npz_stream.array_header(path, "images") == (images.shape, np.dtype(np.uint8))
+    chunks = list(npz_stream.iter_rows(path, "images", 3))
     assert [len(c) for c in chunks] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(chunks), images)
 
@@ -48,7 +48,7 @@ def test_npz_rows_refuse_pickled_objects(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, images=np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(ValueError, match="pickle"):
-        list(fid.iter_npz_rows(path, "images", 1))
+        list(npz_stream.iter_rows(path, "images", 1))
 
 
 def test_dataset_chunks_are_the_dataset_in_order():
@@ -72,3 +72,33 @@ def test_the_fid_stage_streams_samples_in_chunks_with_the_same_value(store, tmp_
     assert run.data.metrics["fid_inception_64"] == pytest.approx(expected_fid(images, reference_images), rel=1e-6)
     assert run.data.metrics["num_samples"] == 5
     np.testing.assert_allclose(stats_of(run.info.run_id)[0], fid.statistics(fid.inception_features(images, model))[0], rtol=1e-6)
+
+
+def test_npz_writer_streams_rows_into_a_file_np_load_reads(tmp_path):
+    images = random_images(5, seed=3, size=4)
+    path = tmp_path / "samples.npz"
+    with npz_stream.NpzWriter(path) as writer:
+        writer.open_array("images", images.shape, np.uint8)
+        writer.write_rows(images[:2])
+        writer.write_rows(images[2:])
+        writer.add("seed", np.int64(42))
+    with np.load(path, allow_pickle=False) as f:
+        np.testing.assert_array_equal(f["images"], images)
+        assert f["seed"].item() == 42
+    assert not (tmp_path / "samples.npz.partial").exists()
+
+
+def test_npz_writer_leaves_nothing_under_the_real_name_when_it_fails(tmp_path):
+    path = tmp_path / "samples.npz"
+    with pytest.raises(ValueError, match="do not fit"):
+        with npz_stream.NpzWriter(path) as writer:
+            writer.open_array("images", (2, 4, 4, 3), np.uint8)
+            writer.write_rows(random_images(3, seed=0, size=4))  # one row too many
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="still has 1 rows"):
+        writer = npz_stream.NpzWriter(path)
+        writer.open_array("images", (2, 4, 4, 3), np.uint8)
+        writer.write_rows(random_images(1, seed=0, size=4))
+        writer.close()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
