@@ -7,6 +7,11 @@ with ``eta``) is done here over an explicit sequence, with the scheduler's own `
 model's scheduler config, as ``DDIMPipeline`` does). Clipping the predicted x_0 is an explicit
 choice (``clip_sample``); only ``clip_sample=None`` takes it from the scheduler config.
 
+The fast path (:mod:`maskdm.fastpath`: bf16 autocast of the UNet, channels_last, torch.compile) is
+chosen with the same ``auto``/``true``/``false`` spellings as the training stages; the DDIM update
+itself always runs in float32. On a trained model it matches the float32 path within
+:data:`FAST_PATH_TOLERANCE` per image (docs/details/sample.md, "The fast path").
+
 Reproducibility is per image: image ``i`` draws its initial noise, and then one noise tensor per
 step when ``eta > 0``, from a CPU generator seeded by ``(seed, i)`` alone (the draws are moved
 to the device afterwards). Image ``i`` is therefore the same whatever the batch size, the number
@@ -30,6 +35,7 @@ from torch import nn
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from maskdm import fastpath
 from maskdm.diffusion import batch_generator
 from maskdm.errors import MaskDMError
 
@@ -37,8 +43,14 @@ log = logging.getLogger(__name__)
 
 SKIP_TYPES = ("uniform", "quad")
 #: The UNet's autocast dtype per ``mixed_precision`` choice; the DDIM update always runs in float32.
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = fastpath.AUTOCAST_DTYPES
 MIXED_PRECISIONS = tuple(AUTOCAST_DTYPES)
+#: Per image, the fast path (bf16 autocast, channels_last, compile) against float32 eager with the
+#: same seeds: (largest absolute difference in [-1, 1] units, mean absolute difference in uint8
+#: grey levels). bf16 keeps 8 bits of mantissa (0.4 % per UNet call) and deterministic DDIM carries
+#: those errors to the end without averaging them out; the worst measured, the trained demo model
+#: over 100 steps, was (0.155, 1.9), so the bound is about 1.6x and 2x that (docs/details/sample.md).
+FAST_PATH_TOLERANCE = (0.25, 4.0)
 #: ``clip_sample=True`` clamps the predicted x_0 to [-CLIP_RANGE, CLIP_RANGE]: the data range.
 CLIP_RANGE = 1.0
 
@@ -209,8 +221,10 @@ def check_sampling_params(
 
 
 def check_mixed_precision(mixed_precision: str) -> None:
-    if mixed_precision not in MIXED_PRECISIONS:
-        raise MaskDMError(f"unknown mixed_precision '{mixed_precision}': choose one of {', '.join(MIXED_PRECISIONS)}")
+    """``auto`` (resolved by :func:`maskdm.fastpath.resolve_mixed_precision`), ``no``, ``bf16`` or ``fp16``."""
+    if mixed_precision not in fastpath.MIXED_PRECISION_CHOICES:
+        choices = ", ".join(fastpath.MIXED_PRECISION_CHOICES)
+        raise MaskDMError(f"unknown mixed_precision '{mixed_precision}': choose one of {choices}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +296,9 @@ def shard_indices(total: int, process_index: int, num_processes: int) -> range:
     """The contiguous block of image indices that one of ``num_processes`` processes makes.
 
     Blocks differ in size by at most one (the first ``total % num_processes`` get one more), and
-    concatenated in process order they are ``range(total)``.
+    concatenated in process order they are ``range(total)``: the blocks accelerate's
+    ``PartialState.split_between_processes(list(range(total)))`` gives, which the ``sample`` stage
+    uses (tests/test_sample_fastpath.py checks the two agree).
     """
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
@@ -305,6 +321,12 @@ class SamplingRun:
     compile: bool = False
     compile_mode: str | None = None
 
+    @property
+    def fast_path(self) -> fastpath.FastPath:
+        """The resolved choices, as the training stages spell them (``describe()`` is the run's tag)."""
+        (mixed_precision,) = [name for name, dtype in AUTOCAST_DTYPES.items() if dtype == self.autocast_dtype]
+        return fastpath.FastPath(mixed_precision, self.channels_last, self.compile)
+
 
 def make_run(
     unet: nn.Module,
@@ -317,12 +339,17 @@ def make_run(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     mixed_precision: str = "no",
-    channels_last: bool = False,
-    compile: bool = False,
+    channels_last: bool | str = False,
+    compile: bool | str = False,
     compile_mode: str | None = None,
     clip_sample: bool | None = None,
 ) -> SamplingRun:
-    """Check the options and build the schedule; ``clip_sample`` as in :func:`ddim_schedule`."""
+    """Check the options and build the schedule; ``clip_sample`` as in :func:`ddim_schedule`.
+
+    ``mixed_precision``, ``channels_last`` and ``compile`` also take ``auto`` (``true``/``false``
+    for the two switches), resolved by :func:`maskdm.fastpath.resolve` for ``device`` and for calls
+    of ``batch_size`` images (``compile=auto`` compiles on CUDA from ``COMPILE_MIN_BATCH`` images).
+    """
     config = getattr(scheduler_config, "config", scheduler_config)
     check_sampling_params(
         num_train_timesteps=int(config["num_train_timesteps"]),
@@ -332,14 +359,16 @@ def make_run(
         batch_size=batch_size,
         mixed_precision=mixed_precision,
     )
+    fast = fastpath.resolve(mixed_precision, channels_last, compile, device=device, batch_size=int(batch_size))
     schedule = ddim_schedule(config, steps, skip_type, eta, clip_sample)
     log.info(
-        "DDIM: %d %s steps from t=%d, eta=%g, %s",
+        "DDIM: %d %s steps from t=%d, eta=%g, %s, %s",
         len(schedule.steps),
         skip_type,
         schedule.timesteps[0],
         eta,
         "x0 not clipped" if schedule.clip_sample_range is None else f"x0 clipped to +-{schedule.clip_sample_range:g}",
+        fast.describe(),
     )
     return SamplingRun(
         schedule=schedule,
@@ -347,9 +376,9 @@ def make_run(
         seed=int(seed),
         batch_size=int(batch_size),
         device=torch.device(device),
-        autocast_dtype=AUTOCAST_DTYPES[mixed_precision],
-        channels_last=channels_last,
-        compile=compile,
+        autocast_dtype=fast.autocast_dtype,
+        channels_last=fast.channels_last,
+        compile=fast.compile,
         compile_mode=compile_mode,
     )
 
@@ -363,11 +392,8 @@ def image_shape(unet: nn.Module) -> tuple[int, int, int]:
 def prepare_unet(unet: nn.Module, run: SamplingRun) -> nn.Module:
     """Move ``unet`` (in place) to the run's device in eval mode, channels_last if asked; compile if asked."""
     unet.to(run.device).eval()
-    if run.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if run.compile:
-        return torch.compile(unet, mode=run.compile_mode, dynamic=False)
-    return unet
+    # dynamic=False: every call sees the same shape (the last batch is padded, see sample_batch).
+    return run.fast_path.prepare(unet, dynamic=False, mode=run.compile_mode)
 
 
 @contextlib.contextmanager
@@ -462,8 +488,8 @@ def sample_images(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     mixed_precision: str = "no",
-    channels_last: bool = False,
-    compile: bool = False,
+    channels_last: bool | str = False,
+    compile: bool | str = False,
     compile_mode: str | None = None,
     clip_sample: bool | None = None,
     progress: bool = False,
@@ -472,7 +498,8 @@ def sample_images(
 
     ``unet`` is moved to ``device`` and put in eval mode in place. ``mixed_precision`` ``bf16`` or
     ``fp16`` runs the UNet under autocast (the update stays float32). ``compile`` wraps the UNet in
-    ``torch.compile`` and pads the last batch to ``batch_size``.
+    ``torch.compile`` and pads the last batch to ``batch_size``. The three also take ``auto``
+    (:func:`make_run`); the defaults are the plain float32 eager path.
     """
     run = make_run(
         unet,

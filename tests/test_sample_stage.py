@@ -1,11 +1,14 @@
-"""The sample stage: through `mlflow run`, on several processes, and its bad-input boundary."""
+"""The sample stage: through `mlflow run`, on several processes (torchrun, gloo), and its bad-input boundary."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -24,7 +27,8 @@ from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, has_artifact, stage_
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(total_samples="5", batch_size="2", ddim_steps="4", seed="3")
 #: Each child process imports torch, diffusers and mlflow (20 s idle, a minute on a loaded pair of
-#: cores): beyond the one `mlflow run` that proves the MLproject wiring, they run on request.
+#: cores): beyond the one `mlflow run` that proves the MLproject wiring and the two torchrun jobs
+#: (the multi-process contract: same images, one run, a failure ends the job), they run on request.
 slow = pytest.mark.skipif(not os.environ.get("MASKDM_SLOW_TESTS"), reason="child processes: set MASKDM_SLOW_TESTS=1")
 
 
@@ -126,24 +130,72 @@ def test_bad_input_through_mlflow_run(model_run, new_sample_run):
     assert not has_artifact(run.info.run_id, "samples.npz")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-@slow
-def test_two_processes_make_the_same_images_as_one(model_run):
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+
+
+def torchrun(*args: str) -> list[str]:
+    # --standalone: a free rendezvous port, so parallel test workers' jobs never meet.
+    return ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "entrypoints.cli", "sample", *args]
+
+
+@needs_torchrun
+def test_two_processes_make_one_run_with_the_same_images_as_one(model_run, new_sample_run):
+    # batch_size 1: every image is its own UNet call in both runs, so they must agree to the bit.
+    options = {**SMALL, "batch_size": "1"}
+    result = invoke(model_run_id=model_run, **options)
+    assert result.exit_code == 0, result.output
+    single = load_samples(new_sample_run().info.run_id)["images"]
+
     before = sample_run_ids()
-    base = ["-m", "entrypoints.cli", "sample", "--model_run_id", model_run]
-    base += [arg for key, value in SMALL.items() for arg in (f"--{key}", value)]
-    one = subprocess.run([sys.executable, *base], env=child_env(), cwd=REPO, capture_output=True, text=True)
-    two = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", *base], env=child_env(), cwd=REPO, capture_output=True, text=True
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    args = ["--model_run_id", model_run, *[arg for key, value in options.items() for arg in (f"--{key}", value)]]
+    two = subprocess.run(torchrun(*args), env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    runs = [MlflowClient().get_run(run_id) for run_id in sample_run_ids() - before]
-    runs.sort(key=lambda r: r.data.tags["maskdm.num_processes"])
-    assert [r.data.tags["maskdm.num_processes"] for r in runs] == ["1", "2"]  # one run for the two processes
-    single, double = (load_samples(r.info.run_id)["images"] for r in runs)
-    assert single.shape == double.shape == (5, 16, 16, 3)
-    assert np.abs(single.astype(int) - double.astype(int)).max() <= 1
+    (run_id,) = sample_run_ids() - before  # one run for the two processes
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["maskdm.num_processes"] == "2"
+    assert "process 1 of 2" in two.stderr and "images 3..4" in two.stderr  # the second block was made by rank 1
+    double = load_samples(run_id)["images"]
+    assert double.shape == (5, 16, 16, 3)
+    assert np.array_equal(single, double)  # image i depends on (seed, i) only
+    assert np.abs(double[0].astype(int) - double[4].astype(int)).max() > 10  # ... and the images differ
+
+
+@needs_torchrun
+def test_a_process_killed_mid_sampling_ends_the_job_and_fails_the_run(model_run):
+    """SIGKILL rank 1 while it samples: torchrun stops rank 0, whose run ends FAILED with one line."""
+    before = sample_run_ids()
+    args = ["--model_run_id", model_run, "--total_samples", "4000", "--batch_size", "1", "--ddim_steps", "100"]
+    job = subprocess.Popen(torchrun(*args), env=child_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    sampling = threading.Event()
+
+    def read() -> None:
+        for line in job.stderr:
+            lines.append(line)
+            if "process 1 of 2 (pid" in line:
+                sampling.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert sampling.wait(240), "".join(lines)[-3000:]
+        (rank1_line,) = [line for line in lines if "process 1 of 2 (pid" in line]
+        os.kill(int(rank1_line.split("(pid ")[1].split(")")[0]), signal.SIGKILL)
+        started = time.monotonic()
+        returncode = job.wait(timeout=120)  # no hang: torch's default would wait 30 minutes
+        ended_s = time.monotonic() - started
+    finally:
+        if job.poll() is None:
+            job.kill()
+        reader.join(10)
+    stderr = "".join(lines)
+    assert returncode != 0 and ended_s < 120
+    (run_id,) = sample_run_ids() - before
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED", stderr[-3000:]  # not left RUNNING
+    assert not has_artifact(run_id, "samples.npz")
+    errors = error_lines(stderr)
+    assert len(errors) == 1 and "another process of this job" in errors[0], stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +260,29 @@ def test_bad_input_fails_the_run_with_one_line(model_run, new_sample_run, option
     run = new_sample_run()
     assert run.info.status == "FAILED"
     assert not has_artifact(run.info.run_id, "samples.npz")
+
+
+def test_fast_path_tag_on_the_cpu(model_run, new_sample_run):
+    """Defaults on a CPU: float32, channels_last (measured fastest there too), compile=auto is eager."""
+    result = invoke(model_run_id=model_run, **SMALL)
+    assert result.exit_code == 0, result.output
+    run = new_sample_run()
+    assert run.data.params["compile"] == "auto" and run.data.params["channels_last"] == "true"
+    assert run.data.tags["maskdm.fast_path"] == "fp32,channels_last"
+    before = sample_run_ids()
+    result = invoke(model_run_id=model_run, channels_last="auto", mixed_precision="bf16", **SMALL)
+    assert result.exit_code == 0, result.output
+    (run_id,) = sample_run_ids() - before
+    assert MlflowClient().get_run(run_id).data.tags["maskdm.fast_path"] == "bf16"  # auto: NHWC on CUDA only
+
+
+@pytest.mark.parametrize("option", ["compile", "channels_last"])
+def test_a_bad_fast_path_choice_fails_the_run_with_one_line(model_run, new_sample_run, option):
+    result = invoke(model_run_id=model_run, **{option: "maybe"}, **SMALL)
+    assert result.exit_code == 1
+    (error,) = error_lines(result.stderr)
+    assert f"{option} must be one of auto, true, false" in error
+    assert new_sample_run().info.status == "FAILED"
 
 
 def test_upstream_without_a_model_is_refused(store, new_sample_run):
