@@ -1,7 +1,10 @@
 """The MLflow Model Registry side of MaskDM: a finetuned model as a pyfunc image generator.
 
 A registered version is a pyfunc model logged from code (:data:`MODEL_CODE`, so loading it
-unpickles nothing) whose artifact ``pipeline`` is the finetune run's diffusers pipeline folder and
+unpickles nothing) whose artifact ``pipeline`` is the finetune run's diffusers pipeline folder with
+its weights stored sparse (``unet/diffusion_pytorch_model.sparse.safetensors``: kept values plus a
+bitmask, :mod:`maskdm.sparse_storage`; ``load_context`` rebuilds the dense UNet bit for bit, and
+``python -m maskdm.sparse_storage export <pipeline> <out>`` writes a dense diffusers folder) and
 whose ``code/`` holds a copy of this ``maskdm`` package, so it loads wherever its pip requirements
 are installed, with the code that registered it. ``predict`` takes a DataFrame with integer
 columns ``num_images`` and, optionally, ``ddim_steps`` (default 100) and ``seed`` (default 42), one
@@ -197,8 +200,13 @@ class DDPMImageGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from maskdm.models import load_ddpm
 
+        from maskdm.sparse_storage import dense_folder
+
         config = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
-        self.ddpm = load_ddpm(os.path.abspath(context.artifacts[PIPELINE_ARTIFACT]))
+        # A sparse pipeline (every version registered since weights are stored sparse) is rebuilt
+        # dense in a temporary folder, loaded, and the folder dropped; an older dense one loads as is.
+        with dense_folder(os.path.abspath(context.artifacts[PIPELINE_ARTIFACT])) as pipeline:
+            self.ddpm = load_ddpm(str(pipeline))
         self.batch_size = int(config["batch_size"])
         self.device = resolve_device(str(config["device"]))
         self.max_image_steps = check_max_image_steps(config["max_image_steps"])
@@ -241,13 +249,22 @@ def pinned_requirements() -> list[str]:
 
 
 def log_pyfunc_model(pipeline_dir: str | os.PathLike, name: str = "model", max_image_steps: int = DEFAULT_MAX_IMAGE_STEPS):
-    """Log the pipeline folder as a pyfunc image generator in the active run; returns the ModelInfo."""
+    """Log the pipeline folder as a pyfunc image generator in the active run; returns the ModelInfo.
+
+    The logged copy of the folder stores its weights sparse (:func:`maskdm.sparse_storage.pack_pipeline_copy`);
+    ``pipeline_dir`` itself is left as it is.
+    """
     from diffusers import UNet2DModel
+
+    from maskdm.sparse_storage import pack_pipeline_copy
 
     config = UNet2DModel.load_config(str(pipeline_dir), subfolder="unet")
     size = config["sample_size"]
     height, width = (size, size) if isinstance(size, int) else size
     with tempfile.TemporaryDirectory(prefix="maskdm-pyfunc-") as tmp:
+        pipeline = Path(tmp) / PIPELINE_ARTIFACT
+        for packed in pack_pipeline_copy(pipeline_dir, pipeline):
+            log.info("registered copy stores %s sparse: %d of %d bytes", packed.dense, packed.sparse_bytes, packed.dense_bytes)
         code_file = Path(tmp) / "maskdm_generator.py"
         code_file.write_text(MODEL_CODE)
         package = Path(tmp) / "maskdm"
@@ -255,7 +272,7 @@ def log_pyfunc_model(pipeline_dir: str | os.PathLike, name: str = "model", max_i
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(code_file),
-            artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)},
+            artifacts={PIPELINE_ARTIFACT: str(pipeline)},
             code_paths=[str(package)],
             signature=generation_signature(int(height), int(width), int(config["in_channels"])),
             input_example=input_example(),
