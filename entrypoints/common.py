@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -39,6 +40,46 @@ def stage(name: str, params: Mapping[str, object]):
             yield run
     except MaskDMError as exc:
         fail(str(exc))
+
+
+@contextmanager
+def distributed_stage(name: str, params: Mapping[str, object]):
+    """:func:`stage` for a command that may run as several processes (``torchrun``, ``accelerate launch``).
+
+    Yields ``(state, run)``: accelerate's ``PartialState`` (the process group started, with
+    :data:`maskdm.training.COLLECTIVE_TIMEOUT`) and, on the main process only, the stage's one
+    MLflow run (``None`` on the others, which never touch it). A :class:`MaskDMError` on any process
+    is its one line and exit 1. When one process fails, the launcher stops the others with SIGTERM:
+    the main process takes it as Ctrl-C, so its run ends KILLED instead of staying RUNNING (or
+    FAILED, when its own collective failed first and it is already ending the run).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from maskdm.training import COLLECTIVE_TIMEOUT
+
+    # Without CUDA, several processes (torchrun, accelerate launch --cpu) share the work over gloo.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
+    if state.is_main_process:
+        if state.num_processes > 1:
+            signal.signal(signal.SIGTERM, _interrupt)
+        with stage(name, params) as run:
+            yield state, run
+    else:
+        configure_logging()
+        try:
+            yield state, None
+        except MaskDMError as exc:
+            fail(str(exc))
+
+
+def _interrupt(signum, frame):
+    # A rank already failing (its collective broke when a peer died) is ending its run as FAILED when
+    # the launcher's SIGTERM comes: interrupting that would leave the run RUNNING, so it finishes.
+    if sys.exc_info()[0] is not None:
+        return
+    raise KeyboardInterrupt
 
 
 def optional(value: str | None) -> str | None:
@@ -114,4 +155,4 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     save_grid(images, path)
 
 
-__all__ = ["StageRun", "boolean", "choice", "configure_logging", "fail", "integer", "number", "optional", "save_preview", "stage", "truth"]
+__all__ = ["StageRun", "boolean", "choice", "configure_logging", "distributed_stage", "fail", "integer", "number", "optional", "save_preview", "stage", "truth"]

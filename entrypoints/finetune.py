@@ -9,7 +9,10 @@ updates, in the EMA model and in what is saved; the saved model is asserted to b
 Checkpoints: every ``save_model_steps`` optimizer steps ``checkpoints/checkpoint-<step>/`` is
 logged at once (``ema.json`` uploaded last, so a checkpoint artifact with ``ema.json`` is
 complete), with the EMA model's ``eval_loss`` at that step and a sample grid
-``samples/step-<step>.png``.
+``samples/step-<step>.png``. At most ``checkpoints_total_limit`` of them (default 2) stay in the
+artifact store: before a new one is uploaded the oldest are deleted down to ``limit - 1`` (never
+below one complete), after it down to ``limit``; each deletion removes ``ema.json`` first, so a
+checkpoint cut off mid-deletion reads as incomplete and is never resumed from.
 
 Resume: ``resume_run_id`` names an earlier finetune run of the same ``masks_run_id`` in any state
 (RUNNING after a SIGKILL, FAILED, KILLED, or FINISHED to train on to a larger ``num_iters``). This
@@ -18,8 +21,11 @@ it is tagged ``maskdm.resumed_from=<run_id>:<step>``. A resume run without a com
 warned about and training starts at step 0.
 
 Multi-GPU: ``accelerate launch -m entrypoints.cli finetune --masks_run_id ...`` from the project
-directory (or ``accelerate launch $(which maskdm) finetune ...`` from anywhere). Every process
-trains; only the main process opens, logs and ends the MLflow run.
+directory (or ``torchrun --nproc_per_node N -m entrypoints.cli finetune ...``). Every process
+trains; only the main process opens, logs and ends the MLflow run. A process that fails ends the
+job: the launcher stops the others with SIGTERM, which the main process turns into a KILLED run
+(FAILED if its own collective broke first; :func:`entrypoints.common.distributed_stage`), and collectives time out after
+:data:`maskdm.training.COLLECTIVE_TIMEOUT` where no launcher notices.
 """
 
 from __future__ import annotations
@@ -32,18 +38,16 @@ from pathlib import Path
 import click
 import mlflow
 import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from mlflow.exceptions import MlflowException
 
-from entrypoints.common import configure_logging, fail, optional, save_preview, stage
+from entrypoints.common import distributed_stage, optional, save_preview
 from maskdm.data import load_dataset
 from maskdm.diffusion import eval_images, eval_loss
 from maskdm.errors import MaskDMError
 from maskdm.masks import check_masks_fit, load_masks, mask_sparsity, masks_from_weights
 from maskdm.models import DDPM, load_ddpm
 from maskdm.tracking import STAGE_TAG, StageRun, Upstream, client, get_upstream, has_artifact
-from maskdm.training import CHECKPOINT_DONE, TrainConfig, checkpoint_step, resolve_mixed_precision, train_ddpm
+from maskdm.training import CHECKPOINT_DONE, TrainConfig, checkpoint_step, fast_path, train_ddpm
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class Job:
     config: TrainConfig
     resume: Resume | None
     workdir: Path
+    checkpoints_total_limit: int = 2
 
 
 @click.command("finetune", help="Finetune a pruned DDPM with fixed masks (a train_masks or extract_masks run); logs model/ and checkpoints/.")
@@ -83,25 +88,19 @@ class Job:
 @click.option("--gradient_accumulation_steps", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--save_model_steps", type=int, default=1000, show_default=True, help="Checkpoint, eval_loss and sample grid every this many steps.")
 @click.option("--mixed_precision", default="auto", show_default=True, help="auto (bf16 on CUDA, no on CPU), no, bf16 or fp16.")
+@click.option("--channels_last", default="auto", show_default=True, help="auto (on for CUDA), true or false: channels_last weights and batches.")
+@click.option("--compile", "compile_", default="auto", show_default=True, help="auto (on for CUDA from batch 64), true or false: torch.compile the UNet's forward pass.")
+@click.option("--checkpoints_total_limit", type=int, default=2, show_default=True, help="Checkpoints kept in the artifact store (oldest deleted; at least one complete is always kept).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order, noise and timesteps.")
 @click.option("--resume_run_id", default=None, help="An earlier finetune run of the same masks_run_id to continue from its newest complete checkpoint.")
 def command(**params) -> None:
+    params["compile"] = params.pop("compile_")
     params["dataset"] = optional(params["dataset"])
     params["resume_run_id"] = optional(params["resume_run_id"])
-    # Without CUDA, several processes (accelerate launch --cpu) share the work over gloo.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     with tempfile.TemporaryDirectory(prefix="maskdm-finetune-") as workdir:
-        if state.is_main_process:
-            with stage("finetune", params) as run:
-                job = prepare(params, Path(workdir), run)
-                finetune(job, state, run)
-        else:
-            # Other processes only train; they never touch the main process's run.
-            configure_logging()
-            try:
-                finetune(prepare(params, Path(workdir), None), state, None)
-            except MaskDMError as exc:
-                fail(str(exc))
+        # Only the main process opens the run (run is None on the others, which never touch it).
+        with distributed_stage("finetune", params) as (state, run):
+            finetune(prepare(params, Path(workdir), run), state, run)
 
 
 def prepare(params: dict, workdir: Path, run: StageRun | None) -> Job:
@@ -116,9 +115,13 @@ def prepare(params: dict, workdir: Path, run: StageRun | None) -> Job:
         gradient_accumulation_steps=params["gradient_accumulation_steps"],
         save_model_steps=params["save_model_steps"],
         mixed_precision=params["mixed_precision"],
+        channels_last=params["channels_last"],
+        compile=params["compile"],
         seed=params["seed"],
     )
     config.validate()
+    if params["checkpoints_total_limit"] < 1:
+        raise MaskDMError(f"checkpoints_total_limit must be at least 1, got {params['checkpoints_total_limit']}")
     if run is not None:
         up = run.upstream(params["masks_run_id"], MASKS_STAGES, MASKS_FILE, "masks_run_id")
     else:
@@ -130,7 +133,7 @@ def prepare(params: dict, workdir: Path, run: StageRun | None) -> Job:
     ddpm = load_ddpm(str(model_run.download("model", workdir / "start")))
     check_masks_fit(ddpm.unet, masks)
     dataset = params["dataset"] or up.params.get("dataset") or FALLBACK_DATASET
-    return Job(ddpm, masks, dataset, config, resume, workdir)
+    return Job(ddpm, masks, dataset, config, resume, workdir, params["checkpoints_total_limit"])
 
 
 def start_model_run(up: Upstream) -> Upstream:
@@ -161,31 +164,33 @@ def find_resume(resume_run_id: str, masks_run_id: str, workdir: Path) -> Resume 
         raise MaskDMError(
             f"resume_run_id: run {resume_run_id} finetuned masks run {earlier.data.params.get('masks_run_id')}, not {masks_run_id}"
         )
-    listed = [f.path for f in client().list_artifacts(resume_run_id, "checkpoints") if f.is_dir]
-    # Newest first; one killed mid-upload has no ema.json yet, so the one before it is taken.
-    for step, path in sorted(((checkpoint_step(Path(p)), p) for p in listed if checkpoint_step(Path(p)) is not None), reverse=True):
-        if has_artifact(resume_run_id, f"{path}/{CHECKPOINT_DONE}"):
+    # Newest first; one killed mid-upload has no ema.json yet, nor one killed mid-deletion (ema.json
+    # goes first), so the newest one that has it is taken.
+    for step, path, complete in reversed(logged_checkpoints(resume_run_id)):
+        if complete:
             local = mlflow.artifacts.download_artifacts(run_id=resume_run_id, artifact_path=path, dst_path=str(workdir / "resume"))
             return Resume(resume_run_id, step, Path(local))
     log.warning("resume_run_id: run %s has no complete checkpoint under checkpoints/; training starts at step 0", resume_run_id)
     return None
 
 
-def finetune(job: Job, state: PartialState, run: StageRun | None) -> None:
-    """Train on every process; on the main process (``run`` given) log checkpoints, metrics and the model."""
+def finetune(job: Job, state, run: StageRun | None) -> None:
+    """Train on every process (``state``: accelerate's PartialState); on the main process (``run`` given) log checkpoints, metrics and the model."""
     train_set = load_dataset(job.dataset, job.ddpm.resolution, split="train")
     on_checkpoint = None
     if run is not None:
         run.log_params({"dataset": job.dataset})
+        fast = fast_path(job.config, state.device)
         run.set_tags({
             "maskdm.device": str(state.device),
             "maskdm.num_processes": state.num_processes,
-            "maskdm.mixed_precision": resolve_mixed_precision(job.config.mixed_precision),
+            "maskdm.mixed_precision": fast.mixed_precision,
+            "maskdm.fast_path": fast.describe(),
         })
         if job.resume:
             run.set_tags({RESUMED_FROM_TAG: f"{job.resume.run_id}:{job.resume.step}"})
         eval_set = load_dataset(job.dataset, job.ddpm.resolution, split="eval")
-        on_checkpoint = checkpoint_logger(run, eval_images(eval_set), job.workdir, state.device)
+        on_checkpoint = checkpoint_logger(run, eval_images(eval_set), job.workdir, state.device, job.checkpoints_total_limit)
 
     result = train_ddpm(
         job.ddpm, train_set, job.config, masks=job.masks,
@@ -202,11 +207,15 @@ def finetune(job: Job, state: PartialState, run: StageRun | None) -> None:
     run.log_model(result.ddpm, eval_set, state.device)
 
 
-def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device):
-    """The ``on_checkpoint`` callback: log the checkpoint at once, then the EMA model's eval_loss and a sample grid."""
+def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device, total_limit: int = 2):
+    """The ``on_checkpoint`` callback: log the checkpoint at once (keeping at most ``total_limit``
+    logged), then the EMA model's eval_loss and a sample grid."""
 
     def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
+        # Room first, so the store never holds more than max(total_limit, 2) checkpoints, even mid-upload.
+        drop_logged_checkpoints(run, keep=max(total_limit - 1, 1))
         log_checkpoint(run, path)
+        drop_logged_checkpoints(run, keep=total_limit)
         loss = eval_loss(ema.unet.to(device), ema.scheduler, images, device)
         run.log_metrics({"eval_loss": loss}, step=step)
         grid = workdir / "samples" / f"step-{step}.png"
@@ -216,6 +225,34 @@ def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device
         log.info("step %d: checkpoint logged, eval_loss %.5f", step, loss)
 
     return on_checkpoint
+
+
+def logged_checkpoints(run_id: str) -> list[tuple[int, str, bool]]:
+    """(step, artifact path, complete) of each ``checkpoints/checkpoint-<step>`` of a run, oldest first."""
+    listed = [f.path for f in client().list_artifacts(run_id, "checkpoints") if f.is_dir]
+    found = sorted((step, p) for p in listed if (step := checkpoint_step(Path(p))) is not None)
+    return [(step, p, has_artifact(run_id, f"{p}/{CHECKPOINT_DONE}")) for step, p in found]
+
+
+def drop_logged_checkpoints(run: StageRun, keep: int) -> None:
+    """Delete this run's logged checkpoints older than its ``keep`` newest complete ones.
+
+    ``ema.json`` goes first: a deletion cut off by a kill leaves a checkpoint without it, which
+    resume skips, and the newer complete ones are untouched. Incomplete ones older than the kept
+    are deleted too; an incomplete one newer than them (an upload in progress) is not.
+    """
+    checkpoints = logged_checkpoints(run.run_id)
+    complete = [step for step, _, done in checkpoints if done]
+    if len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for step, path, done in checkpoints:
+        if step >= oldest_kept:
+            break
+        if done:
+            run.delete_artifacts(f"{path}/{CHECKPOINT_DONE}")
+        run.delete_artifacts(path)
+        log.info("deleted %s from the artifact store (keeping the %d newest complete)", path, keep)
 
 
 def log_checkpoint(run: StageRun, path: Path) -> None:

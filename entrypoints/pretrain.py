@@ -1,4 +1,9 @@
-"""pretrain: train a DDPM from scratch; its defaults are the embedded demo model's configuration."""
+"""pretrain: train a DDPM from scratch; its defaults are the embedded demo model's configuration.
+
+Several processes (``torchrun --nproc_per_node N -m entrypoints.cli pretrain ...`` or ``accelerate
+launch``) train together; only the main process opens, logs and ends the one MLflow run
+(:func:`entrypoints.common.distributed_stage`), as in ``finetune``.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import save_preview, stage
+from entrypoints.common import distributed_stage, save_preview
 from maskdm.data import load_dataset
 from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
 from maskdm.training import DEMO_PRETRAIN as DEMO
-from maskdm.training import TrainConfig, train_ddpm
+from maskdm.training import TrainConfig, fast_path, train_ddpm
 
 
 @click.command("pretrain", help="Train a DDPM from scratch (defaults: the embedded demo model).")
@@ -29,18 +34,25 @@ from maskdm.training import TrainConfig, train_ddpm
 @click.option("--gradient_accumulation_steps", type=int, default=DEMO["gradient_accumulation_steps"], show_default=True)
 @click.option("--save_model_steps", type=int, default=DEMO["save_model_steps"], show_default=True)
 @click.option("--mixed_precision", default=DEMO["mixed_precision"], show_default=True, help="auto, no, bf16 or fp16.")
+@click.option("--channels_last", default=DEMO["channels_last"], show_default=True, help="auto (on for CUDA), true or false.")
+@click.option("--compile", "compile_", default=DEMO["compile"], show_default=True, help="auto (on for CUDA from batch 64), true or false: torch.compile the UNet's forward pass.")
 @click.option("--seed", type=int, default=DEMO["seed"], show_default=True)
 def command(**params) -> None:
-    with stage("pretrain", params) as run:
+    params["compile"] = params.pop("compile_")
+    with distributed_stage("pretrain", params) as (state, run):
         is_demo = params == DEMO
-        run.log_params({"model": "demo" if is_demo else f"runs:/{run.run_id}/model", "pruning_ratio": 0, "pruner": "none", "pattern": "dense"})
-        run.set_tags({DEMO_TAG: str(is_demo).lower(), MODEL_URI_TAG: f"runs:/{run.run_id}/model"})
+        if run is not None:
+            run.log_params({"model": "demo" if is_demo else f"runs:/{run.run_id}/model", "pruning_ratio": 0, "pruner": "none", "pattern": "dense"})
+            run.set_tags({DEMO_TAG: str(is_demo).lower(), MODEL_URI_TAG: f"runs:/{run.run_id}/model"})
 
         # Model and settings first: a bad arch, schedule or setting fails before the data is built.
         ddpm = DDPM(build_unet(params["arch"], params["resolution"]), default_scheduler(beta_schedule=params["beta_schedule"]))
         config = TrainConfig(**{k: params[k] for k in TrainConfig.__dataclass_fields__ if k in params})
         config.validate()
-        run.log_params({"params_total": count_parameters(ddpm.unet)})
+        if run is not None:
+            fast = fast_path(config, state.device)
+            run.log_params({"params_total": count_parameters(ddpm.unet)})
+            run.set_tags({"maskdm.num_processes": state.num_processes, "maskdm.fast_path": fast.describe()})
         dataset = load_dataset(params["dataset"], params["resolution"], split="train")
 
         def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
@@ -49,8 +61,9 @@ def command(**params) -> None:
         with tempfile.TemporaryDirectory() as checkpoints:
             result = train_ddpm(
                 ddpm, dataset, config, checkpoint_dir=Path(checkpoints),
-                on_log=run.log_metrics, on_checkpoint=on_checkpoint,
+                on_log=run.log_metrics if run else None, on_checkpoint=on_checkpoint if run else None,
             )
-        run.log_metrics({"train_steps_per_s": result.steps_per_s})
-        run.log_model(result.ddpm, params["dataset"])
-        save_preview(result.ddpm, run.out / "preview.png")
+        if run is not None:
+            run.log_metrics({"train_steps_per_s": result.steps_per_s})
+            run.log_model(result.ddpm, params["dataset"])
+            save_preview(result.ddpm, run.out / "preview.png")

@@ -391,6 +391,19 @@ def sparse_name(name: str) -> str:
     return stem + SPARSE_SUFFIX
 
 
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of its packed form beside it (``<stem>.sparse.safetensors``)."""
+    path = Path(path)
+    if path.exists() and not is_sparse_file(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    packed = path if is_sparse_file(path) else path.with_name(sparse_name(path.name))
+    if not packed.exists():
+        raise MaskDMError(f"neither {path.name} nor {packed.name} is in {path.parent}")
+    return load_sparse(packed)
+
+
 def is_sparse_file(path: Path) -> bool:
     return path.name.endswith(SPARSE_SUFFIX)
 

@@ -308,6 +308,16 @@ class StageRun:
         else:
             mlflow.log_artifact(str(local_path), artifact_path)
 
+    def delete_artifacts(self, artifact_path: str) -> None:
+        """Delete a logged artifact (file or folder) of this run: bounded checkpoints.
+
+        Through the artifact repository of the run's store (local folder, S3, ...); one that cannot
+        delete raises MLflow's error.
+        """
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(self.run.info.artifact_uri).delete_artifacts(artifact_path)
+
     # -- lineage ---------------------------------------------------------------------------------
     def upstream(
         self, run_ref: str, accepted_stages: Iterable[str], artifacts: str | Iterable[str] | None, what: str

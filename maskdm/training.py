@@ -2,7 +2,13 @@
 
 Shaped like diffusers' ``train_unconditional.py``: accelerator, model, EMA, optimizer, scheduler,
 loop, save. Noise-prediction MSE, AdamW, a ``get_scheduler`` warm-up schedule, diffusers
-``EMAModel``, bf16 autocast on GPU, gradient accumulation and multi-GPU through accelerate.
+``EMAModel``, gradient accumulation and multi-GPU through accelerate.
+
+Fast path (:mod:`maskdm.fastpath`, each ``auto`` = on for CUDA): bf16 autocast (accelerate's
+``mixed_precision``), channels_last weights and batches, and ``torch.compile`` of the prepared
+(DDP-wrapped) model, used for the forward pass only. accelerate, the EMA and the checkpoints see the
+uncompiled module, so a checkpoint's names are the same with or without compile and a run may resume
+with the other setting.
 
 One optimizer step is ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` images
 on each process; ``num_iters`` and ``save_model_steps`` count optimizer steps.
@@ -10,7 +16,9 @@ on each process; ``num_iters`` and ``save_model_steps`` count optimizer steps.
 Checkpoints (``checkpoint-<step>/``) hold accelerate's ``save_state`` (model, optimizer, lr scheduler
 and RNG states; accelerate loads them back with ``weights_only=True``) plus the EMA weights as
 safetensors keyed by parameter name, and last ``ema.json``: a checkpoint without ``ema.json`` is
-incomplete and is never resumed from. A killed run resumes from its newest complete checkpoint and
+incomplete and is never resumed from. With several processes (on one machine or many) every rank's
+RNG state file ``random_states_<rank>.pkl`` is gathered into the main process's checkpoint folder,
+so a resume restores each rank's noise stream. A killed run resumes from its newest complete checkpoint and
 loses at most ``save_model_steps`` steps. Resuming restores the step, weights, optimizer, lr
 schedule and EMA; the data order starts a fresh epoch, so a resumed run is not bit-identical to an
 uninterrupted one.
@@ -32,11 +40,13 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -44,10 +54,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from maskdm import fastpath
 from maskdm.diffusion import NoiseDraw, batch_loss
 from maskdm.errors import MaskDMError
 from maskdm.masks import apply_masks, assert_sparse_as, bake_masks, masked_modules
 from maskdm.models import DDPM
+from maskdm.sparse_storage import dense_folder, pack_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +67,13 @@ CHECKPOINT_PREFIX = "checkpoint-"
 #: Written last into a checkpoint folder: its presence marks the checkpoint complete.
 CHECKPOINT_DONE = "ema.json"
 EMA_WEIGHTS = "ema.safetensors"
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MIXED_PRECISION = fastpath.MIXED_PRECISION_CHOICES
+#: accelerate's name of a rank's RNG state file in a checkpoint (``random_states_<rank>.pkl``).
+RNG_STATE_FILE = "random_states_{}.pkl"
+#: How long a collective (gradient all-reduce, barrier) waits for a peer before raising: a rank that
+#: died without its launcher noticing must not hold the others for torch's default 30 minutes.
+#: Checkpoint logging on the main process runs while the others wait at a barrier, so it is generous.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType)
 
 
@@ -77,6 +95,8 @@ DEMO_PRETRAIN = dict(
     gradient_accumulation_steps=1,
     save_model_steps=1000,
     mixed_precision="auto",
+    channels_last="auto",
+    compile="auto",
     seed=0,
 )
 
@@ -94,6 +114,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     save_model_steps: int = 1000
     mixed_precision: str = "auto"
+    #: channels_last weights and batches, and torch.compile of the forward pass: auto, true or false
+    #: (:mod:`maskdm.fastpath`; ``auto`` is on for CUDA, compile from batch 64).
+    channels_last: str = "auto"
+    compile: str = "auto"
     #: Dropout probability set on every dropout layer of the UNet; None leaves the model's own.
     dropout: float | None = None
     dataloader_num_workers: int = 0
@@ -120,15 +144,20 @@ class TrainConfig:
             raise MaskDMError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise MaskDMError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got '{self.mixed_precision}'")
+        fastpath.resolve(self.mixed_precision, self.channels_last, self.compile, device="cpu")  # checks the spelling
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise MaskDMError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{self.lr_scheduler}'")
 
 
-def resolve_mixed_precision(choice: str) -> str:
-    """``auto``: bf16 where a CUDA device supports it, else full precision."""
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+def resolve_mixed_precision(choice: str, device: torch.device | str | None = None) -> str:
+    """``auto``: bf16 where a CUDA device supports it, else full precision (:func:`maskdm.fastpath.resolve_mixed_precision`)."""
+    return fastpath.resolve_mixed_precision(choice, device)
+
+
+def fast_path(config: TrainConfig, device: torch.device | str) -> fastpath.FastPath:
+    """The fast path ``train_ddpm`` takes for ``config`` on ``device`` (what the stages tag as ``maskdm.fast_path``)."""
+    return fastpath.resolve(config.mixed_precision, config.channels_last, config.compile, device=device,
+                            batch_size=config.train_batch_size)
 
 
 def set_dropout(unet: nn.Module, p: float) -> None:
@@ -199,8 +228,13 @@ def train_ddpm(
     config.validate()
     if len(dataset) == 0:
         raise MaskDMError("the training dataset is empty")
+    # The process state (device, process group) the stage started, else started here with the timeout.
+    fast = fast_path(config, PartialState(timeout=COLLECTIVE_TIMEOUT).device)
+    # accelerate keeps one mixed precision per process and refuses another: a second call in the same
+    # process (tests, benchmarks) starts its accelerator state afresh; the process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        mixed_precision=fast.mixed_precision,
         # Not synced with the dataloader: every optimizer step sees exactly gradient_accumulation_steps
         # micro-batches, epoch boundaries included (our step counter, not epochs, ends training).
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -214,6 +248,9 @@ def train_ddpm(
         set_dropout(unet, config.dropout)
     if masks:
         _register_masks(unet, masks)
+    if fast.channels_last:
+        # Before the optimizer and EMA see the parameters: their state takes the same layout.
+        unet.to(memory_format=torch.channels_last)
     unet.train()
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
@@ -233,6 +270,9 @@ def train_ddpm(
         generator=torch.Generator().manual_seed(config.seed),
     )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    # Compiled after DDP wrapping (as torch recommends) and kept out of accelerate's model list: the
+    # wrapper shares the parameters, so gradients, clipping, EMA and checkpoints are unchanged.
+    forward = torch.compile(model) if fast.compile else model
     names = [name for name, _ in unet.named_parameters()]
     ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4, foreach=True)
     ema.to(accelerator.device)
@@ -253,7 +293,7 @@ def train_ddpm(
     window_steps = 0
     while step < config.num_iters:
         with accelerator.accumulate(model):
-            loss = _loss(model, scheduler, next(batches))
+            loss = _loss(forward, scheduler, fast.to_memory_format(next(batches)))
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -298,7 +338,8 @@ def _register_masks(unet: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, module in masked_modules(unet).items():
             original = module.parametrizations.weight.original
-            original.mul_(masks[name].to(device=original.device, dtype=original.dtype))
+            # masked_fill, not a multiply: -w * 0 is -0.0, which sparse storage would have to record.
+            original.masked_fill_(~masks[name].to(device=original.device, dtype=torch.bool), 0.0)
 
 
 def _loss(model: nn.Module, scheduler, clean: torch.Tensor) -> torch.Tensor:
@@ -339,8 +380,19 @@ def _ema_unet(live: nn.Module, ema: EMAModel, names: list[str], masks: Mapping[s
 def _save_checkpoint(accelerator: Accelerator, ema: EMAModel, names: list[str], folder: Path, step: int) -> Path:
     path = folder / f"{CHECKPOINT_PREFIX}{step}"
     accelerator.save_state(str(path), safe_serialization=True)
+    if accelerator.num_processes > 1:
+        # Each rank wrote its RNG state into its own folder (another machine's, or another temporary
+        # folder); the main process's checkpoint, the one logged, gets all of them.
+        own = path / RNG_STATE_FILE.format(accelerator.process_index)
+        states = gather_object([own.read_bytes()])
+        if accelerator.is_main_process:
+            for rank, data in enumerate(states):
+                (path / RNG_STATE_FILE.format(rank)).write_bytes(data)
     if accelerator.is_main_process:
         save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}, str(path / EMA_WEIGHTS))
+        # Weights, EMA and optimizer states stored as kept values + a 1-bit mask (bit-exact; about
+        # 0.53x the bytes at 50 % sparsity): maskdm.sparse_storage, read back by _load_checkpoint.
+        pack_checkpoint(path)
         # Last: marks the checkpoint complete.
         (path / CHECKPOINT_DONE).write_text(json.dumps({"step": step, "optimization_step": ema.optimization_step}))
     accelerator.wait_for_everyone()
@@ -348,6 +400,9 @@ def _save_checkpoint(accelerator: Accelerator, ema: EMAModel, names: list[str], 
 
 
 def _drop_old_checkpoints(folder: Path, keep: int) -> None:
+    # Not accelerate's ProjectConfiguration(total_limit=...): it applies only to its own automatic
+    # checkpoint names and deletes the oldest folders *before* the new one is written, complete or
+    # not, so with a limit of 1 a kill mid-save would leave no complete checkpoint.
     for old in complete_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -356,8 +411,10 @@ def _load_checkpoint(accelerator: Accelerator, ema: EMAModel, names: list[str], 
     if not (path / CHECKPOINT_DONE).exists():
         raise MaskDMError(f"checkpoint {path} is incomplete (no {CHECKPOINT_DONE}); resume from an earlier one")
     try:
-        accelerator.load_state(str(path))
-        shadow = load_file(str(path / EMA_WEIGHTS))
+        # A packed checkpoint is unpacked into a temporary folder of this process for accelerate.
+        with dense_folder(path) as dense:
+            accelerator.load_state(str(dense))
+            shadow = load_file(str(dense / EMA_WEIGHTS))
         for name, param in zip(names, ema.shadow_params):
             param.data.copy_(shadow[name].to(param.device))
     except (RuntimeError, KeyError, ValueError, OSError) as exc:

@@ -206,7 +206,13 @@ def trained_checkpoint(tmp_path_factory):
     masks = half_masks(ddpm.unet)
     config = replace(BASE, num_iters=3, save_model_steps=3)
     train_ddpm(ddpm, images, config, masks=masks, checkpoint_dir=tmp / "run")
-    return tmp / "run" / "checkpoint-3", masks, images, config
+    written = tmp / "run" / "checkpoint-3"
+    # train_ddpm stores its checkpoints packed; the tests below start from the dense form accelerate wrote.
+    assert sorted(p.name for p in written.iterdir()) == [
+        "ema.json", "ema.sparse.safetensors", "model.sparse.safetensors", "optimizer.sparse.safetensors",
+        "random_states_0.pkl", "scheduler.bin",
+    ]
+    return ss.unpack_folder(written, tmp / "dense" / "checkpoint-3"), masks, images, config
 
 
 def test_a_packed_checkpoint_unpacks_bit_exactly_and_resumes_as_the_dense_one(trained_checkpoint, tmp_path):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import TensorDataset
@@ -20,6 +19,7 @@ from conftest import tiny_unet
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, maskable_modules, prunable_modules
 from maskdm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
+from maskdm.sparse_storage import load_tensors
 from maskdm.training import (
     CHECKPOINT_DONE,
     EMA_WEIGHTS,
@@ -95,7 +95,7 @@ def test_masked_weights_stay_exactly_zero_live_ema_checkpoint_and_saved(images, 
     ema_weights = weights(result.ddpm.unet)
     assert_zero_where_masked(ema_weights, masks, "EMA model")
     assert_zero_where_masked(weights(handed[3].unet), masks, "EMA at checkpoint 3")
-    stored = load_file(str(tmp_path / "ckpt" / "checkpoint-6" / EMA_WEIGHTS))
+    stored = load_tensors(tmp_path / "ckpt" / "checkpoint-6" / EMA_WEIGHTS)
     assert_zero_where_masked({n: stored[f"{n}.parametrizations.weight.original"] for n in masks}, masks, "checkpoint EMA")
     reloaded = load_ddpm(str(save_ddpm(result.ddpm, tmp_path / "saved")))
     assert_zero_where_masked(weights(reloaded.unet), masks, "saved model")
