@@ -7,6 +7,12 @@ replayed batches and moves the logits against its advantage (see :mod:`maskdm.ma
 current final mask is scored on held-out images every ``eval_every`` updates.
 ``max_step`` counts updates and ``epoch`` passes over the subset; training stops at whichever comes
 first (0 = no limit for that one).
+
+The fast path (mixed_precision, channels_last, compile, and forward_batches batches per forward
+pass) is the baseline run's too: ``auto`` takes it, another value is an error, because losses made
+another way would differ from the baseline's in their last bits and the reward would compare
+precisions rather than masks. An update's ``accumulation`` batches then go through the UNet in
+``accumulation / forward_batches`` forward passes.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import time
 
 import click
 import numpy as np
+import torch
 
-from entrypoints.baseline_loss import LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, replay_dataset
+from entrypoints.baseline_loss import FAST_PATH_TAG, LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, replay_dataset
 from entrypoints.common import boolean, choice, integer, number, optional, stage
 from maskdm.errors import MaskDMError
+from maskdm.fastpath import resolve_channels_last, resolve_compile, resolve_mixed_precision
 from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, select_targets
 from maskdm.maskpro import (
     REWARD_BASELINES,
@@ -34,12 +42,16 @@ from maskdm.maskpro import (
 )
 from maskdm.masks import assert_sparse_as, bake_masks, check_masks_fit, load_masks, mask_sparsity, save_masks, set_masks
 from maskdm.replay import (
+    LEGACY_SETTINGS,
     ReplayBatches,
+    ReplayedLosses,
     ReplaySpec,
+    check_forward_batches,
     check_protocol,
+    fast_path_of,
     heldout_batches,
     images_outside_subset,
-    replayed_loss,
+    replay_model,
     resolve_from_baseline,
 )
 from maskdm.tracking import get_upstream
@@ -75,15 +87,18 @@ def read_baseline(up) -> tuple[dict, np.ndarray]:
 @click.option("--dataset_size", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--batch_size", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--seed", default="", help="[default: the baseline run's; another value is an error]")
+@click.option("--mixed_precision", default="auto", show_default=True, help="auto: the baseline run's (no, bf16 or fp16; another value is an error).")
+@click.option("--channels_last", default="auto", show_default=True, help="auto: the baseline run's (true or false; another value is an error).")
+@click.option("--compile", "compile_unet", default="auto", show_default=True, help="auto: the baseline run's (true or false; another value is an error).")
 def command(
     baseline_run_id, lr, epoch, logits, max_step, accumulation, init, temperature, samples, reward_baseline, normalize,
-    heldout_size, eval_every, targets, dataset, dataset_size, batch_size, seed,
+    heldout_size, eval_every, targets, dataset, dataset_size, batch_size, seed, mixed_precision, channels_last, compile_unet,
 ) -> None:
     params = dict(
         baseline_run_id=baseline_run_id, lr=lr, epoch=epoch, logits=logits, max_step=max_step, accumulation=accumulation,
         init=init, temperature=temperature, samples=samples, reward_baseline=reward_baseline, normalize=normalize,
         heldout_size=heldout_size, eval_every=eval_every, targets=targets, dataset=dataset, dataset_size=dataset_size,
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, mixed_precision=mixed_precision, channels_last=channels_last, compile=compile_unet,
     )
     with stage("train_masks", params) as run:
         config = TrainConfig(
@@ -99,11 +114,17 @@ def command(
         heldout_images = None if str(heldout_size).strip().lower() == "auto" else integer("heldout_size", heldout_size, minimum=0)
         # None = auto: the smallest interval whose held-out scoring stays within 10 % of the forward passes.
         every = None if str(eval_every).strip().lower() == "auto" else integer("eval_every", eval_every, minimum=0)
+        fast_given = given_fast_path(mixed_precision, channels_last, compile_unet)
         up = run.upstream(baseline_run_id, ["baseline_loss"], [SUMMARY_FILE, LOSSES_FILE], "baseline_run_id")
         summary, baseline = read_baseline(up)
+        # A baseline made before the fast path existed ran in full precision, one batch per forward.
+        summary = {**summary, "params": {**LEGACY_SETTINGS, **summary["params"]}}
         given = {k: optional(v) for k, v in dict(dataset=dataset, dataset_size=dataset_size, batch_size=batch_size, seed=seed).items()}
-        replay = resolve_from_baseline(summary, given)
+        replay = resolve_from_baseline(summary, {**given, **fast_given, "forward_batches": None})
         recorded = summary["params"]
+        fast, group = fast_path_of(replay), int(replay["forward_batches"])
+        check_forward_batches(group, len(baseline), config.accumulation)
+        run.set_tags({FAST_PATH_TAG: fast.describe()})
         config = dataclasses.replace(config, seed=int(replay["seed"]))
         pattern = recorded["pattern"]
         target_spec = optional(targets) or recorded["targets"]
@@ -140,16 +161,22 @@ def command(
         run.log_metrics({"heldout_images": held_images, "eval_every_updates": every})
 
         on = device()
+        if recorded.get("device", on.type) != on.type:
+            log.warning("the baseline ran on %s, this run on %s: the losses will not replay to the last bit", recorded["device"], on.type)
         unet = ddpm.unet.to(on)
+        # The same model as the baseline's (masks, layout, compile: maskdm.replay.replay_model); masks
+        # are swapped on ``unet``, whose buffers ``model`` reads.
+        model = replay_model(unet, masks, fast)
         trainer = MaskTrainer(
-            unet, masks, policy, lambda b: replayed_loss(unet, ddpm.scheduler, batches, b, on), baseline, config,
-            heldout_loss=(lambda b: replayed_loss(unet, ddpm.scheduler, held, b, on)) if held else None,
+            unet, masks, policy, ReplayedLosses(model, ddpm.scheduler, batches, on, fast, group), baseline, config,
+            heldout_loss=ReplayedLosses(model, ddpm.scheduler, held, on, fast, group) if held else None,
             heldout_batches=len(held) if held else 0, eval_every=every,
         )
         log.info(
-            "train_masks: %d layers, %d updates of %d sample(s) x %d batches of %d on %s; held-out %d batches, scored every %s updates",
+            "train_masks: %d layers, %d updates of %d sample(s) x %d batches of %d on %s (%s, %d batches per forward pass); "
+            "held-out %d batches, scored every %s updates",
             len(policy.names), trainer.total_updates(), config.samples, config.accumulation, spec.batch_size, on,
-            len(held) if held else 0, trainer.eval_every or "-",
+            fast.describe(), group, len(held) if held else 0, trainer.eval_every or "-",
         )
         started = time.perf_counter()
         trainer.run(
@@ -175,6 +202,19 @@ def command(
         run.log_metrics({"final_mask_flip_rate": flips, "final_sparsity": mask_sparsity(learned)})
 
         set_masks(unet, learned)
+        unet.to(memory_format=torch.contiguous_format)  # saved weights are plain contiguous tensors
         bake_masks(unet)
         assert_sparse_as(unet, learned)
         run.log_model(ddpm, replay["dataset"], on)
+
+
+def given_fast_path(mixed_precision: str, channels_last: str, compile_unet: str) -> dict[str, str | None]:
+    """The fast-path options as the baseline records them (None = auto = the baseline's), checked before any work."""
+    given: dict[str, str | None] = {"mixed_precision": None, "channels_last": None, "compile": None}
+    if str(mixed_precision).strip().lower() != "auto":
+        given["mixed_precision"] = resolve_mixed_precision(mixed_precision)
+    if str(channels_last).strip().lower() != "auto":
+        given["channels_last"] = "true" if resolve_channels_last(channels_last) else "false"
+    if str(compile_unet).strip().lower() != "auto":
+        given["compile"] = "true" if resolve_compile(compile_unet) else "false"
+    return given

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskdm.fastpath import FastPath
+
 #: The eval_loss protocol shared by every model-writing stage, so values compare across runs:
 #: the first EVAL_SIZE images of the dataset's evaluation split (deterministic transforms), in
 #: batches of EVAL_BATCH_SIZE, with timesteps and noise drawn from ``(EVAL_SEED, batch index)``.
@@ -61,14 +63,21 @@ def batch_loss(
     clean: torch.Tensor,
     draw: NoiseDraw,
     reduction: str = "mean",
+    fast: FastPath | None = None,
 ) -> torch.Tensor:
     """Noise-prediction MSE of ``unet`` on ``clean`` images in [-1, 1] under ``draw``.
 
-    ``reduction="none"`` returns one loss per image (mean over pixels).
+    ``reduction="none"`` returns one loss per image (mean over pixels). ``fast`` (a
+    :class:`maskdm.fastpath.FastPath`) runs the UNet alone under its autocast, on input in its
+    memory format; noising and the loss stay float32.
     """
     draw = draw.to(clean.device)
     noisy = scheduler.add_noise(clean, draw.noise, draw.timesteps)
-    pred = predict_noise(unet, noisy, draw.timesteps)
+    if fast is None:
+        pred = predict_noise(unet, noisy, draw.timesteps)
+    else:
+        with fast.autocast(clean.device):
+            pred = predict_noise(unet, fast.to_memory_format(noisy), draw.timesteps)
     per_image = F.mse_loss(pred.float(), draw.noise, reduction="none").mean(dim=tuple(range(1, clean.ndim)))
     return per_image if reduction == "none" else per_image.mean()
 

@@ -65,13 +65,18 @@ from maskdm.masks import set_masks
 from maskdm.replay import (
     REPLAY_PROTOCOL_VERSION,
     ReplayBatches,
+    ReplayedLosses,
     ReplaySpec,
+    auto_forward_batches,
     baseline_summary,
+    check_forward_batches,
     check_protocol,
     compute_baseline_losses,
     count_batches,
     ensure_masks,
     heldout_batches,
+    replay_model,
+    replay_settings,
     replayed_loss,
     resolve_from_baseline,
     subset_indices,
@@ -272,6 +277,9 @@ class MaskTrainer:
 
     ``heldout_loss(b)`` (with ``heldout_batches`` batches) scores a mask on the held-out set; with
     it, the current final mask is scored every ``eval_every`` updates (0 = only before and after).
+
+    A loss callable with a ``losses(indices)`` method (:class:`maskdm.replay.ReplayedLosses`) is
+    asked for a whole window at once, so it can evaluate several batches per forward pass.
     """
 
     def __init__(
@@ -363,7 +371,7 @@ class MaskTrainer:
             raise MaskDMError("no held-out set was given to the trainer")
         start = time.perf_counter()
         set_masks(self.model, {**self.initial, **masks})
-        losses = np.array([self.heldout_loss(b) for b in range(self.heldout_batches)], dtype=np.float64)
+        losses = _losses_of(self.heldout_loss, range(self.heldout_batches))
         self.timings.heldout_s += time.perf_counter() - start
         return losses
 
@@ -391,7 +399,7 @@ class MaskTrainer:
             self._sync()  # so that the timings below split mask work from forward passes on a GPU too
             self.timings.mask_s += time.perf_counter() - start
             start = time.perf_counter()
-            losses.append(float(np.mean([self.batch_loss(b) for b in window])))
+            losses.append(float(np.mean(_losses_of(self.batch_loss, window))))
             self.timings.forward_s += time.perf_counter() - start
             sampled.append(mask)
 
@@ -430,6 +438,14 @@ class MaskTrainer:
         """The learned masks of every masked layer (untrained ones keep their initial mask), on the CPU."""
         learned = {k: v.cpu() for k, v in self.policy.final_masks().items()}
         return {name: learned.get(name, mask.cpu()) for name, mask in self.initial.items()}
+
+
+def _losses_of(loss: Callable[[int], float], indices) -> np.ndarray:
+    """The losses of batches ``indices``: in one call where ``loss`` takes several (``losses``), else one by one."""
+    many = getattr(loss, "losses", None)
+    if many is not None:
+        return np.asarray(many(list(indices)), dtype=np.float64)
+    return np.array([loss(b) for b in indices], dtype=np.float64)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -530,6 +546,7 @@ __all__ = [
     "REPLAY_PROTOCOL_VERSION",
     "REWARD_BASELINES",
     "ReplayBatches",
+    "ReplayedLosses",
     "ReplaySpec",
     "TARGET_CHOICES",
     "TrainConfig",
@@ -537,6 +554,8 @@ __all__ = [
     "UpdateMetrics",
     "advantages",
     "auto_eval_every",
+    "auto_forward_batches",
+    "check_forward_batches",
     "heldout_scores",
     "baseline_summary",
     "bernoulli_sample",
@@ -557,6 +576,8 @@ __all__ = [
     "parse_pattern",
     "planned_updates",
     "plot_training_curves",
+    "replay_model",
+    "replay_settings",
     "replayed_loss",
     "resolve_from_baseline",
     "save_logits",

@@ -8,6 +8,13 @@ cannot drift apart, and with the sampled mask equal to the initial one the rewar
 
 The held-out set (:class:`HeldoutBatches`) is the next images of the same seeded permutation,
 after the subset, with draws from a stream of their own: images and noise mask training never saw.
+
+The fast path (:mod:`maskdm.fastpath`: bf16 autocast, channels_last, torch.compile) and the
+grouping of ``forward_batches`` replayed batches into one forward pass (:class:`ReplayedLosses`)
+change the losses in their last bits, so both are part of the replay: the baseline records them
+(:func:`replay_settings`) and train_masks takes them from it, and both stages make their model
+the same way (:func:`replay_model`). With the sampled mask equal to the initial one the reward is
+then exactly 0 under the fast path too.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from maskdm.diffusion import batch_loss, draw_noise_and_timesteps
+from maskdm.diffusion import NoiseDraw, batch_loss, draw_noise_and_timesteps
 from maskdm.errors import MaskDMError
+from maskdm.fastpath import FastPath, no_autocast_cache
 from maskdm.masks import apply_masks, masked_modules, set_masks
 
 log = logging.getLogger(__name__)
@@ -184,12 +192,103 @@ def _image(item) -> torch.Tensor:
 def replayed_loss(unet: nn.Module, scheduler, batches: ReplayBatches, b: int, device: torch.device | str = "cpu") -> float:
     """Mean noise-prediction loss of ``unet`` on batch ``b`` under the replayed draw ``(seed, b)``.
 
-    The one loss both baseline_loss and train_masks compute, so the two cannot drift apart.
+    The full-precision, one-batch-per-forward case of :class:`ReplayedLosses` (the same numbers).
     ``unet`` must be in eval mode (dropout would make the replay inexact).
     """
     images = batches.images(b).to(device)
     draw = draw_noise_and_timesteps(batches.seed, b, tuple(images.shape), scheduler.config.num_train_timesteps, batches.stream)
     return float(batch_loss(unet, scheduler, images, draw))
+
+
+class ReplayedLosses:
+    """The per-batch replayed losses of one model, ``group`` batches per forward pass, on a fast path.
+
+    Batches are grouped by a fixed grid, batch ``b`` in group ``b // group``: a forward pass of
+    ``group * batch_size`` images keeps a GPU busy where one batch of 64 would not, and each batch's
+    loss is the mean of its images' losses. Grouping changes the kernels (and so the last bits), so
+    the same batch is always evaluated inside the same group: the baseline and every update of
+    train_masks see identical numbers. :meth:`losses` therefore takes whole groups only.
+
+    The model runs under ``fast`` (autocast in a context of its own for each forward pass, without
+    the autocast weight cache, so masks swapped between calls are never served stale; inputs in the
+    model's memory format). ``model`` may be a compiled wrapper: :func:`maskdm.masks.set_masks`
+    writes into the mask buffers it reads, so a new mask needs no recompilation.
+    """
+
+    def __init__(self, model: nn.Module, scheduler, batches: ReplayBatches, device: torch.device | str = "cpu",
+                 fast: FastPath | None = None, group: int = 1):
+        if group < 1:
+            raise MaskDMError(f"forward_batches must be at least 1, not {group}")
+        self.model = model
+        self.scheduler = scheduler
+        self.batches = batches
+        self.device = torch.device(device)
+        self.fast = fast or FastPath()
+        self.group = int(group)
+
+    def __call__(self, b: int) -> float:
+        """The loss of batch ``b`` (its whole group is evaluated)."""
+        first = b - b % self.group
+        return float(self.losses(range(first, min(first + self.group, len(self.batches))))[b - first])
+
+    def groups(self) -> list[list[int]]:
+        """Every batch index, in its group."""
+        n = len(self.batches)
+        return [list(range(lo, min(lo + self.group, n))) for lo in range(0, n, self.group)]
+
+    @torch.no_grad()
+    def losses(self, indices) -> np.ndarray:
+        """The losses of batches ``indices`` (float64, in that order); they must be whole groups."""
+        indices = [int(b) for b in indices]
+        out = np.empty(len(indices), dtype=np.float64)
+        position = {b: i for i, b in enumerate(indices)}
+        done: set[int] = set()
+        for b in indices:
+            if b in done:
+                continue
+            first = b - b % self.group
+            members = list(range(first, min(first + self.group, len(self.batches))))
+            if any(m not in position for m in members):
+                raise MaskDMError(
+                    f"batches {indices} are not whole groups of forward_batches={self.group}: the losses would not replay the baseline's"
+                )
+            for m, value in zip(members, self._forward(members)):
+                out[position[m]] = value
+            done.update(members)
+        return out
+
+    def _forward(self, members: list[int]) -> list[float]:
+        images, noise, timesteps, sizes = [], [], [], []
+        steps = self.scheduler.config.num_train_timesteps
+        for b in members:
+            batch = self.batches.images(b)
+            draw = draw_noise_and_timesteps(self.batches.seed, b, tuple(batch.shape), steps, self.batches.stream)
+            images.append(batch)
+            noise.append(draw.noise)
+            timesteps.append(draw.timesteps)
+            sizes.append(len(batch))
+        draw = NoiseDraw(torch.cat(timesteps), torch.cat(noise))
+        clean = torch.cat(images).to(self.device)
+        with no_autocast_cache():
+            per_image = batch_loss(self.model, self.scheduler, clean, draw, reduction="none", fast=self.fast)
+        return [float(chunk.mean()) for chunk in per_image.split(sizes)]
+
+
+def replay_model(unet: nn.Module, masks: Mapping[str, torch.Tensor], fast: FastPath | None = None) -> nn.Module:
+    """``unet`` (in place) carrying ``masks``, in eval mode, in ``fast``'s memory format; compiled if chosen.
+
+    baseline_loss and train_masks both make their model here, in this order (masks, then layout),
+    so the weights have the same layout and the kernels the same inputs in both stages. The
+    returned module (a compiled wrapper, or ``unet`` itself) shares ``unet``'s parameters and mask
+    buffers: swap masks on ``unet`` with :func:`maskdm.masks.set_masks`, evaluate with the returned one.
+    """
+    ensure_masks(unet, masks)
+    unet.eval()
+    return (fast or FastPath()).prepare(unet)
+
+
+#: What a baseline made before the fast path records nothing about: full precision, one batch per forward.
+LEGACY_SETTINGS = {"mixed_precision": "no", "channels_last": "false", "compile": "false", "forward_batches": 1}
 
 
 def ensure_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -212,12 +311,69 @@ def compute_baseline_losses(
     batches: ReplayBatches,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    fast: FastPath | None = None,
+    group: int = 1,
 ) -> np.ndarray:
-    """One mean loss per replayed batch of the dense ``unet`` under the initial ``masks`` (float64)."""
-    ensure_masks(unet, masks)
-    unet.eval()
-    steps = tqdm(range(len(batches)), desc="baseline loss", unit="batch", disable=not progress)
-    return np.array([replayed_loss(unet, scheduler, batches, b, device) for b in steps], dtype=np.float64)
+    """One mean loss per replayed batch of the dense ``unet`` under the initial ``masks`` (float64),
+    on the fast path ``fast``, ``group`` batches per forward pass (see :class:`ReplayedLosses`)."""
+    check_forward_batches(group, len(batches))
+    model = replay_model(unet, masks, fast)
+    replay = ReplayedLosses(model, scheduler, batches, device, fast, group)
+    losses = []
+    with tqdm(total=len(batches), desc="baseline loss", unit="batch", disable=not progress) as bar:
+        for members in replay.groups():
+            losses.extend(replay.losses(members))
+            bar.update(len(members))
+    return np.array(losses, dtype=np.float64)
+
+
+def replay_settings(fast: FastPath, group: int) -> dict:
+    """How the baseline's forward passes were made, as recorded in its summary's params (and checked by train_masks)."""
+    return {
+        "mixed_precision": fast.mixed_precision,
+        "channels_last": "true" if fast.channels_last else "false",
+        "compile": "true" if fast.compile else "false",
+        "forward_batches": int(group),
+    }
+
+
+def fast_path_of(settings: Mapping[str, object]) -> FastPath:
+    """The :class:`FastPath` of recorded :func:`replay_settings`."""
+    return FastPath(
+        mixed_precision=str(settings["mixed_precision"]),
+        channels_last=str(settings["channels_last"]) == "true",
+        compile=str(settings["compile"]) == "true",
+    )
+
+
+def auto_forward_batches(num_batches: int, batch_size: int, fast: FastPath, max_images: int = 1024) -> int:
+    """``forward_batches=auto``: 1 in full precision on the CPU-like path (nothing to gain), else
+    the largest power of two that divides ``num_batches`` with at most ``max_images`` per forward.
+
+    A power of two, because train_masks needs its ``accumulation`` to be a multiple of it (16 by
+    default); a divisor of the batch count, so that windows wrapping round the subset stay aligned.
+    """
+    if not (fast.channels_last or fast.compile or fast.autocast_dtype is not None):
+        return 1
+    group = 1
+    while num_batches % (group * 2) == 0 and group * 2 * batch_size <= max_images:
+        group *= 2
+    return group
+
+
+def check_forward_batches(group: int, num_batches: int, accumulation: int | None = None) -> None:
+    """``group`` batches per forward must tile the subset (and an update's window of ``accumulation``)."""
+    if group < 1:
+        raise MaskDMError(f"forward_batches must be at least 1, not {group}")
+    if num_batches % group:
+        raise MaskDMError(
+            f"forward_batches={group} does not divide the subset's {num_batches} batches: use a divisor of {num_batches} (or auto)"
+        )
+    if accumulation is not None and accumulation % group:
+        raise MaskDMError(
+            f"accumulation={accumulation} is not a multiple of the baseline run's forward_batches={group}: use a multiple "
+            f"of {group}, or rerun baseline_loss with forward_batches dividing {accumulation}"
+        )
 
 
 def baseline_summary(losses: np.ndarray, batches: ReplayBatches, **params) -> dict:
