@@ -31,13 +31,24 @@ from maskdm.tracking import runs_view_url
               help="Any stage parameter: stage.key=value[,stage.key=value...], repeatable; wins over the preset.")
 @click.option("--experiment", default=None, help="MLflow experiment name (created if missing) [default: MLflow's active one].")
 @click.option("--dry_run", type=click.BOOL, default=False, show_default=True, help="true: print the plan (every stage with its parameters) and stop.")
-def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_training, sets, experiment, dry_run) -> None:
+@click.option("--parallel", default="auto", show_default=True,
+              help="How many independent stages run at once: an integer >= 1, or auto (one per GPU of --gpus; 1 without GPUs).")
+@click.option("--gpus", default="auto", show_default=True,
+              help="GPUs for the stages, one per running stage: auto (the visible ones), a list (0,1,3) or none (CPU).")
+@click.option("--threads", default="auto", show_default=True,
+              help="CPU threads per stage process: an integer, or auto (cores // parallel when parallel > 1, else torch's choice).")
+@click.option("--backend", default="local", show_default=True,
+              help="MLflow Projects backend the stages run on: local, kubernetes, databricks or a plugin's.")
+@click.option("--backend_config", default="", help="The backend's configuration: a JSON file or inline JSON (e.g. kubernetes: kube-job-template-path, repository-uri).")
+def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_training, sets, experiment, dry_run,
+            parallel, gpus, threads, backend, backend_config) -> None:
     configure_logging()
     try:
         config = driver.resolve_config(
             preset, model=model, dataset=dataset, ratios=ratios, pruner=pruner, pattern=pattern,
             scope=scope, mask_training=mask_training, sets=sets,
         )
+        launch = driver.resolve_launch(parallel, gpus, threads, backend, backend_config)
     except MaskDMError as exc:
         fail(str(exc))
     plan = driver.build_plan(config)
@@ -61,7 +72,9 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
     with stage("main", main_params) as run:
         run.set_tags({MLFLOW_RUN_NAME: run_name(config)})
         experiment_id = run.run.info.experiment_id
-        outcomes = driver.run_plan(plan, experiment_id=experiment_id, parent_run_id=run.run_id)
+        # How the stages were placed is not part of any cache key; it is logged for the record.
+        run.set_tags({"maskdm.launch": launch.describe()})
+        outcomes = driver.run_plan(plan, experiment_id=experiment_id, parent_run_id=run.run_id, launch=launch)
         (run.out / "stage_runs.json").write_text(json.dumps(
             [{"step": o.step, "stage": o.stage, "run_id": o.run_id, "reused": o.reused, "resumed_from": o.resumed_from,
               "wall_s": round(o.wall_s, 2), "cpu_s": round(o.cpu_s, 2)} for o in outcomes.values()], indent=1) + "\n")
