@@ -2,8 +2,8 @@
 
 Pruning is split into three steps so that each can be checked on its own:
 
-* :func:`compute_masks` decides (``magnitude`` or ``random``, ``unstructured`` or ``N:M``, per
-  ``layer`` or ``global``) and returns bool masks, True = kept, keyed by exact module name;
+* :func:`compute_masks` decides (``magnitude``, ``random`` or ``taylor``, ``unstructured`` or ``N:M``,
+  per ``layer`` or ``global``) and returns bool masks, True = kept, keyed by exact module name;
 * :func:`apply_pruning` zeroes the masked-out weights in place and touches nothing else;
 * :func:`pruning_stats` describes the result as a JSON-serialisable dict, including the measured
   size of a compact sparse checkpoint (:func:`compact_state_dict`) against the dense one.
@@ -13,8 +13,10 @@ Rules where a choice had to be made (``docs/details/prune.md`` has the full text
 * Count: a layer (or, with ``scope="global"``, the pool of all prunable weights) of ``n`` weights
   loses exactly ``k = floor(ratio * n)`` of them, ``ratio * n`` evaluated exactly on the decimal
   value of ``ratio`` (float arithmetic would give ``0.29 * 100 = 28.999...`` and prune 28).
-* Ties: weights are ranked by ``|w|`` and, among equal ``|w|``, by position (flat index within a
-  layer, then layer order for ``global``); the earlier one is pruned first. So exactly ``k`` go
+* Ties: weights are ranked by their score (``|w|``; for ``taylor``, the importance of
+  :mod:`maskdm.taylor`, given to :func:`compute_masks` as ``scores``) and, among equal scores,
+  by position (flat index within a layer, then layer order for ``global``); the earlier one is
+  pruned first. So exactly ``k`` go
   even when many weights are equal, and the result never depends on the sort implementation.
 * ``random`` draws from one ``torch.Generator`` seeded with ``seed``, layers in ``named_modules``
   order, on the CPU: the same seed gives the same masks on any machine.
@@ -53,7 +55,7 @@ from maskdm.masks import DEFAULT_PROTECT, check_masks_fit, maskable_modules, par
 
 log = logging.getLogger(__name__)
 
-PRUNERS: tuple[str, ...] = ("magnitude", "random")
+PRUNERS: tuple[str, ...] = ("magnitude", "random", "taylor")
 SCOPES: tuple[str, ...] = ("layer", "global")
 UNSTRUCTURED = "unstructured"
 
@@ -96,12 +98,14 @@ class PruneConfig:
 
     ratio:   share of weights to prune, in [0, 1). With an ``N:M`` pattern it must equal ``1 - N/M``
              (within :data:`NM_RATIO_TOLERANCE`): the pattern decides, the ratio records it.
-    pruner:  ``magnitude`` (drop the smallest ``|w|``) or ``random`` (seeded uniform choice).
+    pruner:  ``magnitude`` (drop the smallest ``|w|``), ``random`` (seeded uniform choice) or
+             ``taylor`` (drop the smallest first-order Taylor importance, :mod:`maskdm.taylor`).
     pattern: ``unstructured`` or ``N:M`` (N kept of every M consecutive input weights).
     scope:   ``layer`` (every layer loses ``ratio`` of its weights) or ``global`` (one ranking over
              all prunable weights; layers end up with different sparsities). ``N:M`` needs ``layer``.
     protect: module-name substrings of layers left dense (``"a,b"`` strings are accepted).
-    seed:    seed of the ``random`` pruner (ignored by ``magnitude``, which has no randomness).
+    seed:    seed of the ``random`` pruner and of ``taylor``'s replayed batches (ignored by
+             ``magnitude``, which has no randomness).
     """
 
     ratio: float
@@ -186,8 +190,12 @@ def prune_count(ratio: float, n: int) -> int:
     return int(exact.numerator * n // exact.denominator)
 
 
-def compute_masks(model: nn.Module, config: PruneConfig) -> PruneResult:
-    """Decide which weights of ``model``'s prunable layers to keep. Does not modify ``model``."""
+def compute_masks(model: nn.Module, config: PruneConfig, scores: Mapping[str, torch.Tensor] | None = None) -> PruneResult:
+    """Decide which weights of ``model``'s prunable layers to keep. Does not modify ``model``.
+
+    ``scores``: the ``taylor`` pruner's importance of each prunable layer's weights (by module name,
+    shaped like the weight; :func:`maskdm.taylor.taylor_scores`); the other pruners take none.
+    """
     modules = prunable_modules(model, config.protect)
     if not modules:
         raise MaskDMError(
@@ -195,19 +203,47 @@ def compute_masks(model: nn.Module, config: PruneConfig) -> PruneResult:
         )
     weights = {name: _plain_weight(name, module).detach().cpu() for name, module in modules.items()}
     generator = torch.Generator().manual_seed(config.seed)
+    ranking = _ranking_scores(weights, config.pruner, scores)
     nm = config.nm
     if nm is not None:
-        masks, dense = _nm_masks(weights, nm, config.pruner, generator)
+        masks, dense = _nm_masks(weights, nm, ranking, generator)
         if dense:
             log.warning(
                 "%d layer(s) left dense: their input size is not a multiple of %d (%s)", len(dense), nm[1], ", ".join(dense)
             )
         return PruneResult(masks=masks, dense_layers=dense, config=config)
     if config.scope == "global":
-        masks = _global_masks(weights, config.ratio, config.pruner, generator)
+        masks = _global_masks(weights, config.ratio, ranking, generator)
     else:
-        masks = {name: _unstructured_mask(w, config.ratio, config.pruner, generator) for name, w in weights.items()}
+        masks = {
+            name: _unstructured_mask(w, config.ratio, None if ranking is None else ranking[name], generator)
+            for name, w in weights.items()
+        }
     return PruneResult(masks=masks, dense_layers=[], config=config)
+
+
+def _ranking_scores(
+    weights: Mapping[str, torch.Tensor], pruner: str, scores: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
+    """What each pruner ranks by (smallest pruned first); None for ``random``, which draws instead."""
+    if pruner != "taylor":
+        if scores is not None:
+            raise MaskDMError(f"pruner '{pruner}' takes no importance scores; they are for pruner=taylor")
+        return {name: w.abs() for name, w in weights.items()} if pruner == "magnitude" else None
+    if scores is None:
+        raise MaskDMError("pruner=taylor needs importance scores (maskdm.taylor.taylor_scores) and so a dataset")
+    if set(scores) != set(weights):
+        missing = sorted(set(weights) - set(scores)) or sorted(set(scores) - set(weights))
+        raise MaskDMError(f"the taylor scores do not cover exactly the prunable layers (first difference: '{missing[0]}')")
+    ranking = {}
+    for name, w in weights.items():
+        score = scores[name].detach().cpu()
+        if score.shape != w.shape:
+            raise MaskDMError(f"the taylor scores of '{name}' have shape {tuple(score.shape)}, its weight {tuple(w.shape)}")
+        if not torch.isfinite(score).all():
+            raise MaskDMError(f"the taylor scores of '{name}' are not all finite: the model's loss or gradient overflowed")
+        ranking[name] = score
+    return ranking
 
 
 def _plain_weight(name: str, module: nn.Module) -> torch.Tensor:
@@ -217,23 +253,23 @@ def _plain_weight(name: str, module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def _unstructured_mask(weight: torch.Tensor, ratio: float, pruner: str, generator: torch.Generator) -> torch.Tensor:
+def _unstructured_mask(weight: torch.Tensor, ratio: float, score: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     k = prune_count(ratio, weight.numel())
-    if pruner == "magnitude":
-        pruned = _smallest_k(weight.abs().flatten(), k)
+    if score is not None:
+        pruned = _smallest_k(score.flatten(), k)
     else:
         pruned = _random_k(weight.numel(), k, generator)
     return (~pruned).reshape(weight.shape)
 
 
 def _global_masks(
-    weights: Mapping[str, torch.Tensor], ratio: float, pruner: str, generator: torch.Generator
+    weights: Mapping[str, torch.Tensor], ratio: float, ranking: Mapping[str, torch.Tensor] | None, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     sizes = [w.numel() for w in weights.values()]
     k = prune_count(ratio, sum(sizes))
-    if pruner == "magnitude":
+    if ranking is not None:
         # torch.cat promotes mixed dtypes, so |w| of a float64 layer is not rounded before ranking.
-        pruned = _smallest_k(torch.cat([w.abs().flatten() for w in weights.values()]), k)
+        pruned = _smallest_k(torch.cat([ranking[name].flatten() for name in weights]), k)
     else:
         pruned = _random_k(sum(sizes), k, generator)
     keeps = (~pruned).split(sizes)
@@ -265,7 +301,7 @@ def _random_k(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def _nm_masks(
-    weights: Mapping[str, torch.Tensor], nm: tuple[int, int], pruner: str, generator: torch.Generator
+    weights: Mapping[str, torch.Tensor], nm: tuple[int, int], ranking: Mapping[str, torch.Tensor] | None, generator: torch.Generator
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     n_keep, group = nm
     masks: dict[str, torch.Tensor] = {}
@@ -276,14 +312,14 @@ def _nm_masks(
             masks[name] = torch.ones_like(weight, dtype=torch.bool)
             dense.append(name)
             continue
-        groups = weight.reshape(weight.shape[0], row_length // group, group)
-        if pruner == "magnitude":
-            scores = groups.abs()
+        groups_shape = (weight.shape[0], row_length // group, group)
+        if ranking is not None:
+            scores = ranking[name].reshape(groups_shape)
         else:
-            scores = torch.rand(groups.shape, generator=generator)
+            scores = torch.rand(groups_shape, generator=generator)
         # Stable ascending order within each group: the first M-N go, ties pruned lower index first.
         order = torch.argsort(scores, dim=-1, stable=True)
-        keep = torch.ones_like(groups, dtype=torch.bool)
+        keep = torch.ones(groups_shape, dtype=torch.bool)
         keep.scatter_(-1, order[..., : group - n_keep], False)
         masks[name] = keep.reshape(weight.shape)
     return masks, dense
@@ -301,9 +337,9 @@ def apply_pruning(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Mod
     return model
 
 
-def prune(model: nn.Module, config: PruneConfig) -> PruneResult:
+def prune(model: nn.Module, config: PruneConfig, scores: Mapping[str, torch.Tensor] | None = None) -> PruneResult:
     """:func:`compute_masks` then :func:`apply_pruning`, in place; returns the masks."""
-    result = compute_masks(model, config)
+    result = compute_masks(model, config, scores)
     apply_pruning(model, result.masks)
     return result
 
