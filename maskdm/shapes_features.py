@@ -109,6 +109,9 @@ def train_shapes_classifier(
     noise) scored a lower ``fid_shapes`` than the dense model's shapes.
     """
     generator = torch.Generator().manual_seed(seed)
+    # Seeded before the images are read: a training split flips images with the global generator,
+    # and unseeded that made every process train a different classifier (and score another fid_shapes).
+    torch.manual_seed(seed)
     images, labels = _tensors(dataset, max_images)
     if len(images) < batch_size:
         raise MaskDMError(f"the classifier needs at least {batch_size} labelled images, got {len(images)}")

@@ -326,3 +326,18 @@ def test_a_safetensors_file_that_is_no_classifier_is_an_error(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(MaskDMError, match="not a shapes classifier"):
         load_shapes_classifier(tmp_path / "other.safetensors")
+
+
+def test_the_shapes_classifier_is_the_same_whatever_the_global_random_state():
+    # The training split flips images with the global generator: a classifier that depended on its
+    # state differed between processes, so two stores scored the same model differently.
+    from maskdm.data import load_dataset
+    from maskdm.shapes_features import train_shapes_classifier
+
+    def trained_after(global_seed: int):
+        torch.manual_seed(global_seed)
+        model = train_shapes_classifier(load_dataset("shapes", 16, split="train"), epochs=1, batch_size=32, max_images=128)
+        return model.state_dict()
+
+    first, second = trained_after(1), trained_after(2)
+    assert all(torch.equal(first[k], second[k]) for k in first)
