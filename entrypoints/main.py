@@ -22,7 +22,7 @@ from maskdm.tracking import runs_view_url
 @click.option("--model", default=None, help="Dense model: hub id, local folder, run ID, runs:/<id>/model or demo [default: the preset's].")
 @click.option("--dataset", default=None, help="shapes, cifar10 or imagefolder:<path> [default: the preset's].")
 @click.option("--ratios", default=None, help="Comma-separated pruning ratios in (0, 1) [default: the preset's, 0.3,0.5,0.7].")
-@click.option("--pruner", default=None, help="magnitude or random [default: the preset's].")
+@click.option("--pruner", default=None, help="magnitude, random or taylor [default: the preset's].")
 @click.option("--pattern", default=None, help="unstructured or N:M [default: the preset's]; N:M fixes the ratio to 1-N/M.")
 @click.option("--scope", default=None, help="layer or global [default: the preset's].")
 @click.option("--mask_training", default="both", show_default=True,

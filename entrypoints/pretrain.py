@@ -22,7 +22,7 @@ from maskdm.training import TrainConfig, fast_path, train_ddpm
 
 @click.command("pretrain", help="Train a DDPM from scratch (defaults: the embedded demo model).")
 @click.option("--dataset", default=DEMO["dataset"], show_default=True, help="shapes, cifar10 or imagefolder:<path>.")
-@click.option("--arch", default=DEMO["arch"], show_default=True, help="UNet preset: tiny or ddpm-cifar10.")
+@click.option("--arch", default=DEMO["arch"], show_default=True, help="UNet preset: tiny, ddpm-cifar10, ddpm-64 or ddpm-256 (each at a resolution its levels can halve).")
 @click.option("--resolution", type=int, default=DEMO["resolution"], show_default=True)
 @click.option("--num_iters", type=int, default=DEMO["num_iters"], show_default=True, help="Optimizer steps.")
 @click.option("--train_batch_size", type=int, default=DEMO["train_batch_size"], show_default=True)
