@@ -24,6 +24,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HUB_MODEL = "google/ddpm-cifar10-32"
 
+#: What the published 256-pixel DDPMs (and our 64-pixel member of the family) share.
+_DDPM_HIGH_RES = dict(
+    layers_per_block=2,
+    attention_head_dim=None,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+)
+
 #: UNet architectures for ``pretrain``. ``ddpm-cifar10`` is the configuration of
 #: google/ddpm-cifar10-32 (35.7M parameters); ``tiny`` (0.7M) trains on a CPU in minutes.
 ARCHS: dict[str, dict] = {
@@ -56,13 +67,7 @@ ARCHS: dict[str, dict] = {
         block_out_channels=(128, 128, 256, 256, 512, 512),
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        attention_head_dim=None,
-        norm_num_groups=32,
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
+        **_DDPM_HIGH_RES,
     ),
     # 64 pixels: no google DDPM is published at this size, so this is our own member of the same
     # family: the 256 model's first five levels (multipliers 1, 1, 2, 2, 4), attention at 16x16 as
@@ -71,13 +76,7 @@ ARCHS: dict[str, dict] = {
         block_out_channels=(128, 128, 256, 256, 512),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        attention_head_dim=None,
-        norm_num_groups=32,
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
+        **_DDPM_HIGH_RES,
     ),
 }
 

@@ -25,6 +25,7 @@ from maskdm import driver
 from maskdm.errors import MaskDMError
 from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's tests
     E2E_TIMEOUT_S,
+    FAKE_STAGES,
     _check_lineage,
     _driver_run_id,
     _finish,
@@ -319,16 +320,8 @@ def test_a_cluster_backend_gets_its_config_and_its_run_gets_the_drivers_tags(fak
 
 # --- the real local backend, stages that record their environment -----------------------------------
 
-STAGES = {  # stage: (declared params with defaults, upstream param), as in test_driver's stand-in
-    "pretrain": ({"num_iters": "3"}, None),
-    "prune": ({"pruning_ratio": "0.3", "seed": "0"}, None),
-    "extract_masks": ({}, "prune_run_id"),
-    "baseline_loss": ({"dataset_size": "8"}, "masks_run_id"),
-    "train_masks": ({"max_step": "2"}, "baseline_run_id"),
-    "finetune": ({"num_iters": "4"}, "masks_run_id"),
-    "sample": ({"ddim_steps": "2"}, "model_run_id"),
-    "fid": ({"features": "shapes"}, "sample_run_id"),
-}
+# The stand-in stages of test_driver: (declared params with defaults, upstream param).
+STAGES = FAKE_STAGES
 
 
 @pytest.fixture
