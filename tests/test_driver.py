@@ -254,10 +254,9 @@ FAKE_STAGES = {
 }
 
 
-@pytest.fixture
-def fake_project(tmp_path):
-    """An MLproject whose stages exit at once: 0, or 3 when FAKE_FAIL names the stage."""
-    lines = ["name: fake", "entry_points:"]
+def stand_in_project(folder: Path, name: str, command) -> Path:
+    """An MLproject declaring :data:`FAKE_STAGES`' parameters whose stage ``s`` runs ``command(s)``."""
+    lines = [f"name: {name}", "entry_points:"]
     for stage, (declared, upstream) in FAKE_STAGES.items():
         lines.append(f"  {stage}:")
         lines.append("    parameters:")
@@ -267,11 +266,16 @@ def fake_project(tmp_path):
             lines.append(f"      {key}: {{type: string, default: \"{default}\"}}")
         if not declared and not upstream:
             lines[-1] = "    parameters: {}"
-        lines.append(f"    command: \"test \\\"$FAKE_FAIL\\\" != {stage} || exit 3\"")
-    folder = tmp_path / "fake_project"
+        lines.append(f"    command: \"{command(stage)}\"")
     folder.mkdir()
     (folder / "MLproject").write_text("\n".join(lines) + "\n")
     return folder
+
+
+@pytest.fixture
+def fake_project(tmp_path):
+    """An MLproject whose stages exit at once: 0, or 3 when FAKE_FAIL names the stage."""
+    return stand_in_project(tmp_path / "fake_project", "fake", lambda stage: f"test \\\"$FAKE_FAIL\\\" != {stage} || exit 3")
 
 
 @pytest.fixture

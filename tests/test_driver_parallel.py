@@ -26,6 +26,7 @@ from maskdm.errors import MaskDMError
 from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's tests
     E2E_TIMEOUT_S,
     FAKE_STAGES,
+    stand_in_project,
     _check_lineage,
     _driver_run_id,
     _finish,
@@ -329,22 +330,12 @@ def env_project(tmp_path):
     """An MLproject whose stages write the GPU and thread variables they see, and when they ran,
     to $ENV_LOG/<run id>; the stage named by FAKE_FAIL exits 3. (The closing ``true`` takes the
     undeclared parameters MLflow appends.)"""
-    lines = ["name: envs", "entry_points:"]
     record = ('echo $(date +%s.%N) ${{CUDA_VISIBLE_DEVICES-unset}} ${{OMP_NUM_THREADS-unset}} > $ENV_LOG/$MLFLOW_RUN_ID.start; '
+              # Wait (up to 10 s) until two stages have started: a driver running two at once always
+              # overlaps them, however slowly the machine starts processes; a sequential one never does.
+              'for i in $(seq 50); do [ $(ls $ENV_LOG/*.start | wc -l) -ge 2 ] && break; sleep 0.2; done; '
               'sleep 0.5; test \\"$FAKE_FAIL\\" != {stage} || exit 3; date +%s.%N > $ENV_LOG/$MLFLOW_RUN_ID.end; true')
-    for stage, (declared, upstream) in STAGES.items():
-        lines.append(f"  {stage}:")
-        lines.append("    parameters:")
-        if upstream:
-            lines.append(f"      {upstream}: string")
-        for key, default in declared.items():
-            lines.append(f"      {key}: {{type: string, default: \"{default}\"}}")
-        if not declared and not upstream:
-            lines[-1] = "    parameters: {}"
-        lines.append(f"    command: \"{record.replace('{stage}', stage)}\"")
-    folder = tmp_path / "env_project"
-    folder.mkdir()
-    (folder / "MLproject").write_text("\n".join(lines) + "\n")
+    folder = stand_in_project(tmp_path / "env_project", "envs", lambda stage: record.replace("{stage}", stage))
     (tmp_path / "envlog").mkdir()
     return folder
 
