@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from entrypoints.common import integer, optional, stage
-from maskdm.data import load_dataset
+from entrypoints.datasets import stage_dataset
 from maskdm.errors import MaskDMError
 from maskdm.fastpath import resolve
 from maskdm.mask_policy import parse_pattern, select_targets
@@ -46,9 +46,10 @@ LOSSES_FILE = "baseline_losses.npy"
 SUMMARY_FILE = "baseline_summary.json"
 
 
-def replay_dataset(name: str, resolution: int):
-    """The training split without augmentation: the replay needs the same pixels every pass."""
-    return load_dataset(name, resolution, split="train", augment=False)
+def replay_dataset(ddpm, name: str, run=None):
+    """The training split without augmentation (the replay needs the same pixels every pass); a
+    latent model's latents (:func:`entrypoints.datasets.stage_dataset`)."""
+    return stage_dataset(ddpm, name, "train", augment=False, run=run)
 
 
 def device() -> torch.device:
@@ -94,7 +95,7 @@ def command(masks_run_id, original_model, dataset, dataset_size, batch_size, max
 
         ddpm = run.load_lineage_model(optional(original_model))
         check_masks_fit(ddpm.unet, masks)
-        batches = ReplayBatches(replay_dataset(dataset_name, ddpm.resolution), spec)
+        batches = ReplayBatches(replay_dataset(ddpm, dataset_name, run), spec)
         if group is None:
             group = auto_forward_batches(len(batches), spec.batch_size, fast)
         check_forward_batches(group, len(batches))

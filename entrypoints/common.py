@@ -150,7 +150,7 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = sample_images(
         ddpm.unet, ddpm.scheduler.config, range(num_images), steps=ddim_steps, skip_type="quad", seed=seed,
-        batch_size=num_images, device=device,
+        batch_size=num_images, device=device, codec=ddpm.codec,
     )
     save_grid(images, path)
 

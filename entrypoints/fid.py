@@ -16,7 +16,6 @@ compare FIDs only under one protocol.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -34,7 +33,7 @@ from maskdm import fid, npz_stream
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import UNKNOWN, FidProtocol
 from maskdm.report import MODEL_STAGE_TAG, model_stage_of
-from maskdm.tracking import Upstream, cached_artifact, log_side_run, parse_run_ref
+from maskdm.tracking import Upstream, cached_artifact, log_side_run, parse_run_ref, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -270,17 +269,10 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
 # --- cached side runs (the reference statistics, the shapes classifier) ---------------------------
 
 
-def _source_digest(*modules: str) -> str:
-    sha = hashlib.sha256()
-    for module in modules:
-        sha.update(Path(__import__(module, fromlist=["_"]).__file__).read_bytes())
-    return sha.hexdigest()[:16]
-
-
 def shapes_classifier_key(training: Mapping[str, object] = CLASSIFIER_TRAINING) -> str:
     """Retrain when the training settings, the classifier's code or the shapes renderer change."""
     settings = ";".join(f"{k}={v}" for k, v in sorted(training.items()))
-    return f"{settings};code={_source_digest('maskdm.shapes_features', 'maskdm.data')}"
+    return f"{settings};code={source_digest('maskdm.shapes_features', 'maskdm.data')}"
 
 
 def shapes_classifier_file() -> Path:

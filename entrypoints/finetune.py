@@ -41,7 +41,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from entrypoints.common import distributed_stage, optional, save_preview
-from maskdm.data import load_dataset
+from entrypoints.datasets import stage_dataset
 from maskdm.diffusion import eval_images, eval_loss
 from maskdm.errors import MaskDMError
 from maskdm.masks import check_masks_fit, load_masks, mask_sparsity, masks_from_weights
@@ -176,7 +176,9 @@ def find_resume(resume_run_id: str, masks_run_id: str, workdir: Path) -> Resume 
 
 def finetune(job: Job, state, run: StageRun | None) -> None:
     """Train on every process (``state``: accelerate's PartialState); on the main process (``run`` given) log checkpoints, metrics and the model."""
-    train_set = load_dataset(job.dataset, job.ddpm.resolution, split="train")
+    # A latent model's latents are encoded once, by the main process; the others then find its cache.
+    with state.main_process_first():
+        train_set = stage_dataset(job.ddpm, job.dataset, "train", run=run)
     on_checkpoint = None
     if run is not None:
         run.log_params({"dataset": job.dataset})
@@ -189,7 +191,7 @@ def finetune(job: Job, state, run: StageRun | None) -> None:
         })
         if job.resume:
             run.set_tags({RESUMED_FROM_TAG: f"{job.resume.run_id}:{job.resume.step}"})
-        eval_set = load_dataset(job.dataset, job.ddpm.resolution, split="eval")
+        eval_set = stage_dataset(job.ddpm, job.dataset, "eval", run=run)
         on_checkpoint = checkpoint_logger(run, eval_images(eval_set), job.workdir, state.device, job.checkpoints_total_limit)
 
     result = train_ddpm(

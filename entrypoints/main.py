@@ -18,8 +18,8 @@ from maskdm.tracking import runs_view_url
 
 
 @click.command("main", help="Sweep pruning ratios: prune -> masks -> finetune, sample and score each model; print the table.")
-@click.option("--preset", default="demo", show_default=True, help="demo (embedded model, minutes on a CPU) or paper (google/ddpm-cifar10-32, the original recipe).")
-@click.option("--model", default=None, help="Dense model: hub id, local folder, run ID, runs:/<id>/model or demo [default: the preset's].")
+@click.option("--preset", default="demo", show_default=True, help="demo (embedded model, minutes on a CPU), paper (google/ddpm-cifar10-32, the original recipe) or ldm-celebahq (CompVis/ldm-celebahq-256; needs --dataset imagefolder:<folder>).")
+@click.option("--model", default=None, help="Dense model (pixel or latent pipeline): hub id, local folder, run ID, runs:/<id>/model or demo [default: the preset's].")
 @click.option("--dataset", default=None, help="shapes, cifar10 or imagefolder:<path> [default: the preset's].")
 @click.option("--ratios", default=None, help="Comma-separated pruning ratios in (0, 1) [default: the preset's, 0.3,0.5,0.7].")
 @click.option("--pruner", default=None, help="magnitude, random or taylor [default: the preset's].")

@@ -14,7 +14,7 @@ import click
 import torch
 
 from entrypoints.common import integer, number, optional, save_preview, stage
-from maskdm.data import load_dataset
+from entrypoints.datasets import stage_dataset
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, prunable_modules, save_masks
 from maskdm.pruning import PruneConfig, prune, pruning_stats, summarize, write_stats
@@ -62,12 +62,12 @@ def command(**params) -> None:
             "dataset": dataset, "pruning_ratio": config.ratio, "pruner": config.pruner, "pattern": config.pattern,
             "taylor_batches": taylor.batches, "taylor_batch_size": taylor.batch_size, "taylor_threshold": taylor.threshold,
         })
-        eval_split = load_dataset(dataset, ddpm.resolution, split="eval")  # fails here, before any work
+        eval_split = stage_dataset(ddpm, dataset, "eval", run=run)  # fails here, before any work
 
         scores = None
         if config.pruner == "taylor" and prunable_modules(ddpm.unet, config.protect):  # none: prune says "nothing to prune"
             # The training split without augmentation: the replay needs the same pixels every pass.
-            batches = taylor_batches(load_dataset(dataset, ddpm.resolution, split="train", augment=False), taylor)
+            batches = taylor_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run), taylor)
             on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             importance = taylor_scores(
                 ddpm.unet.to(on), ddpm.scheduler, prunable_modules(ddpm.unet, config.protect), batches, taylor.threshold, on,

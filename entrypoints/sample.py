@@ -179,6 +179,7 @@ def make_samples(up: Upstream, params: dict, state: PartialState, writer: "Sampl
         mixed_precision=fast.mixed_precision,
         channels_last=fast.channels_last,
         compile=fast.compile,
+        codec=ddpm.codec,
     )
     model = prepare_unet(ddpm.unet, run)
     collective(state.wait_for_everyone)

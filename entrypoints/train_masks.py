@@ -28,6 +28,7 @@ import torch
 
 from entrypoints.baseline_loss import FAST_PATH_TAG, LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, replay_dataset
 from entrypoints.common import boolean, choice, integer, number, optional, stage
+from entrypoints.datasets import stage_dataset
 from maskdm.errors import MaskDMError
 from maskdm.fastpath import resolve_channels_last, resolve_compile, resolve_mixed_precision
 from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, select_targets
@@ -144,7 +145,7 @@ def command(
         if int(ddpm.scheduler.config.num_train_timesteps) != int(recorded["num_train_timesteps"]):
             raise MaskDMError("the model's scheduler has another num_train_timesteps than the baseline run's: the draws would differ")
         spec = ReplaySpec(int(replay["dataset_size"]), int(replay["batch_size"]), int(recorded["max_batches"]), int(replay["seed"]))
-        images = replay_dataset(replay["dataset"], ddpm.resolution)
+        images = replay_dataset(ddpm, replay["dataset"], run)
         batches = ReplayBatches(images, spec)
         check_protocol(summary, batches, len(baseline))
         if heldout_images is None:
@@ -205,7 +206,7 @@ def command(
         unet.to(memory_format=torch.contiguous_format)  # saved weights are plain contiguous tensors
         bake_masks(unet)
         assert_sparse_as(unet, learned)
-        run.log_model(ddpm, replay["dataset"], on)
+        run.log_model(ddpm, stage_dataset(ddpm, replay["dataset"], "eval", run=run), on)
 
 
 def given_fast_path(mixed_precision: str, channels_last: str, compile_unet: str) -> dict[str, str | None]:

@@ -190,6 +190,12 @@ class ImageFolderDataset(Dataset):
         return image, self._class_index[self.paths[i].parent.name]
 
 
+def unflipped_split(name: str, split: str) -> str:
+    """The split whose images ``split`` holds once flips are off: an image folder's eval split is
+    its training images, so both are ``train``; other datasets' splits differ."""
+    return "train" if name.startswith("imagefolder:") else split
+
+
 def load_dataset(
     name: str,
     resolution: int = 32,

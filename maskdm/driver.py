@@ -152,7 +152,18 @@ PAPER = {
     },
 }
 
-PRESETS = {"demo": DEMO, "paper": PAPER}
+#: ``ldm-celebahq``: the latent diffusion model of Rombach et al. (2022) on CelebA-HQ 256, as
+#: published on the hub (a UNet over the 64x64x3 latents of a frozen VQ-f4 autoencoder). Only the
+#: UNet is pruned, masked and finetuned; the stages train on the autoencoder's latents of the
+#: dataset (cached once as a ``latent_cache`` run) and ``sample`` decodes. CelebA-HQ is not
+#: downloadable by a library, so the dataset is an image folder the user gives
+#: (``dataset=imagefolder:<folder>``). Stage settings are the paper preset's recipe on the latents
+#: (they were not tuned for this model); FID against the same folder, as the LDM paper scores
+#: CelebA-HQ against its 30,000 training images.
+LDM_CELEBAHQ = copy.deepcopy(PAPER) | {"model": "CompVis/ldm-celebahq-256", "dataset": ""}
+LDM_CELEBAHQ["stages"]["fid"] = {"features": "inception", "dims": "2048", "batch_size": "200"}
+
+PRESETS = {"demo": DEMO, "paper": PAPER, "ldm-celebahq": LDM_CELEBAHQ}
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -265,6 +276,8 @@ def resolve_config(
     for key, value in explicit.items():
         if value is not None and str(value).strip():
             base[key] = str(value).strip()
+    if not base["dataset"]:
+        raise MaskDMError(f"preset '{preset}' has no dataset of its own: pass dataset=imagefolder:<folder of the images>")
 
     from maskdm.pruning import pattern_ratio  # validates the pattern's spelling too
 

@@ -1,8 +1,10 @@
 """DDPM models: architecture presets, loading from a hub id or local folder, saving as a pipeline.
 
 Models move between stages only as diffusers pipeline folders (``model_index.json``, ``unet/``,
-``scheduler/``) that ``DDPMPipeline.from_pretrained`` opens. Run IDs and ``demo`` are resolved to
-such folders by :mod:`maskdm.tracking`; this module only sees paths and hub ids.
+``scheduler/``) that ``DDPMPipeline.from_pretrained`` opens, or for a latent diffusion model
+``LDMPipeline.from_pretrained`` (``vqvae/`` besides: the frozen autoencoder whose latents the UNet
+works on, :mod:`maskdm.latent`). Run IDs and ``demo`` are resolved to such folders by
+:mod:`maskdm.tracking`; this module only sees paths and hub ids.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DiffusionPipeline, DDPMScheduler, LDMPipeline, UNet2DModel, VQModel
 
 from maskdm.errors import MaskDMError
 
@@ -86,7 +88,7 @@ ARCH_RESOLUTIONS = {"tiny": 16, "ddpm-cifar10": 32, "ddpm-64": 64, "ddpm-256": 2
 
 
 def downsampling_factor(block_out_channels) -> int:
-    """How much a UNet with these levels shrinks its input: 2 per level after the first."""
+    """How much a UNet (or an autoencoder's encoder) with these levels shrinks its input: 2 per level after the first."""
     return 2 ** (len(block_out_channels) - 1)
 
 
@@ -122,18 +124,38 @@ def default_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "lin
 
 @dataclass
 class DDPM:
-    """A UNet and the noise scheduler it was trained with."""
+    """A UNet and the noise scheduler it was trained with; for latent diffusion, the frozen autoencoder too.
+
+    Every stage prunes, masks and trains ``unet`` only; ``vqvae`` is carried along unchanged.
+    """
 
     unet: UNet2DModel
     scheduler: DDPMScheduler
+    vqvae: VQModel | None = None
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vqvae is not None
+
+    @property
+    def codec(self):
+        """The :class:`maskdm.latent.LatentCodec` of a latent model, else ``None`` (the UNet works on pixels)."""
+        if self.vqvae is None:
+            return None
+        from maskdm.latent import LatentCodec
+
+        return LatentCodec(self.vqvae)
 
     @property
     def resolution(self) -> int:
-        return int(self.unet.config.sample_size)
+        """The side of the images the model makes (for a latent model, the decoded images)."""
+        size = int(self.unet.config.sample_size)
+        return size * self.codec.factor if self.is_latent else size
 
     @property
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """Channels of the images the model makes."""
+        return int(self.vqvae.config.in_channels if self.is_latent else self.unet.config.in_channels)
 
 
 def is_local_path(ref: str) -> bool:
@@ -154,6 +176,17 @@ def _load_local(path: Path) -> DDPM:
     if (path / "model_index.json").exists():
         unet = UNet2DModel.from_pretrained(path, subfolder="unet")
         scheduler = _load_scheduler(path / "scheduler")
+        if AUTOENCODER in _pipeline_components(path / "model_index.json"):
+            if not (path / AUTOENCODER / "config.json").exists():
+                raise MaskDMError(
+                    f"latent pipeline '{path}' names an autoencoder ({AUTOENCODER}) in model_index.json but has no "
+                    f"{AUTOENCODER}/ folder; copy the autoencoder the UNet was trained with into it"
+                )
+            try:
+                vqvae = VQModel.from_pretrained(path, subfolder=AUTOENCODER)
+            except (OSError, ValueError) as exc:
+                raise MaskDMError(f"latent pipeline '{path}': its autoencoder ({AUTOENCODER}/) cannot be loaded ({type(exc).__name__})") from None
+            return _latent_ddpm(vqvae, unet, scheduler, str(path))
     elif (path / "config.json").exists() and _is_unet_config(path / "config.json"):
         # A bare UNet folder: pair it with the scheduler folder beside it, else the DDPM default.
         unet = UNet2DModel.from_pretrained(path)
@@ -166,6 +199,28 @@ def _load_local(path: Path) -> DDPM:
             f"model path '{path}' is neither a diffusers pipeline folder (model_index.json) nor a UNet folder (config.json)"
         )
     return DDPM(unet, scheduler)
+
+
+#: The component of a latent pipeline (diffusers ``LDMPipeline``) holding its frozen autoencoder.
+AUTOENCODER = "vqvae"
+
+
+def _pipeline_components(model_index: Path) -> set[str]:
+    try:
+        return {k for k, v in json.loads(model_index.read_text()).items() if not k.startswith("_") and v}
+    except (OSError, ValueError):
+        raise MaskDMError(f"cannot read {model_index}: not a JSON pipeline index") from None
+
+
+def _latent_ddpm(vqvae: VQModel, unet: UNet2DModel, scheduler: DDPMScheduler, where: str) -> DDPM:
+    """A latent DDPM, once the UNet is checked to work on this autoencoder's latents."""
+    latent_channels = int(vqvae.config.latent_channels)
+    if int(unet.config.in_channels) != latent_channels or int(unet.config.out_channels) != latent_channels:
+        raise MaskDMError(
+            f"latent pipeline '{where}': the UNet takes {unet.config.in_channels} channels but the autoencoder's "
+            f"latents have {latent_channels}; the two do not belong together"
+        )
+    return DDPM(unet, scheduler, vqvae.eval().requires_grad_(False))
 
 
 def _is_unet_config(config: Path) -> bool:
@@ -203,7 +258,20 @@ def _load_hub(hub_id: str, cache_dir: str | None) -> DDPM:
     except Exception:
         log.warning("no scheduler found for %s; using the linear DDPM schedule", hub_id)
         scheduler = default_scheduler()
-    return DDPM(unet, scheduler)
+    try:
+        components = set(DiffusionPipeline.load_config(hub_id, **kwargs))
+    except Exception:  # a repo holding a bare UNet has no model_index.json
+        components = set()
+    if AUTOENCODER not in components:
+        return DDPM(unet, scheduler)
+    try:
+        vqvae = VQModel.from_pretrained(hub_id, subfolder=AUTOENCODER, **kwargs)
+    except Exception as exc:
+        raise MaskDMError(
+            f"latent pipeline '{hub_id}' names an autoencoder ({AUTOENCODER}) that cannot be fetched ({type(exc).__name__}); "
+            "without it the UNet's latents cannot be made or decoded"
+        ) from None
+    return _latent_ddpm(vqvae, unet, scheduler, hub_id)
 
 
 def _hub_reachable() -> bool:
@@ -218,10 +286,28 @@ def _hub_reachable() -> bool:
 
 
 def save_ddpm(ddpm: DDPM, folder: str | os.PathLike) -> Path:
-    """Save as a pipeline folder that ``DDPMPipeline.from_pretrained`` opens (safetensors weights)."""
+    """Save as a pipeline folder that ``DDPMPipeline.from_pretrained`` (a latent model:
+    ``LDMPipeline.from_pretrained``) opens, safetensors weights."""
     folder = Path(folder)
-    DDPMPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler).save_pretrained(folder, safe_serialization=True)
+    if ddpm.is_latent:
+        pipeline = LDMPipeline(vqvae=ddpm.vqvae, unet=ddpm.unet, scheduler=ddpm.scheduler)
+    else:
+        pipeline = DDPMPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler)
+    pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def pipeline_image_shape(folder: str | os.PathLike) -> tuple[int, int, int]:
+    """(C, H, W) of the images a saved pipeline makes, from its configs alone (no weights read)."""
+    folder = Path(folder)
+    unet = UNet2DModel.load_config(str(folder), subfolder="unet")
+    size = unet["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    if AUTOENCODER not in _pipeline_components(folder / "model_index.json"):
+        return int(unet["in_channels"]), int(height), int(width)
+    vqvae = VQModel.load_config(str(folder), subfolder=AUTOENCODER)
+    factor = downsampling_factor(vqvae["block_out_channels"])
+    return int(vqvae["in_channels"]), int(height) * factor, int(width) * factor
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -170,6 +170,7 @@ def generate(ddpm, requests: Sequence[GenerationRequest], batch_size: int = 64, 
             ddpm.unet, ddpm.scheduler.config, range(r.num_images),
             steps=r.ddim_steps, seed=r.seed, batch_size=min(batch_size, r.num_images), device=device,
             clip_sample=False,  # as the sample stage's default (the original DDIM code never clips x0)
+            codec=ddpm.codec,
         )
         for r in requests
     ]
@@ -254,13 +255,10 @@ def log_pyfunc_model(pipeline_dir: str | os.PathLike, name: str = "model", max_i
     The logged copy of the folder stores its weights sparse (:func:`maskdm.sparse_storage.pack_pipeline_copy`);
     ``pipeline_dir`` itself is left as it is.
     """
-    from diffusers import UNet2DModel
-
+    from maskdm.models import pipeline_image_shape
     from maskdm.sparse_storage import pack_pipeline_copy
 
-    config = UNet2DModel.load_config(str(pipeline_dir), subfolder="unet")
-    size = config["sample_size"]
-    height, width = (size, size) if isinstance(size, int) else size
+    channels, height, width = pipeline_image_shape(pipeline_dir)
     with tempfile.TemporaryDirectory(prefix="maskdm-pyfunc-") as tmp:
         pipeline = Path(tmp) / PIPELINE_ARTIFACT
         for packed in pack_pipeline_copy(pipeline_dir, pipeline):
@@ -274,7 +272,7 @@ def log_pyfunc_model(pipeline_dir: str | os.PathLike, name: str = "model", max_i
             python_model=str(code_file),
             artifacts={PIPELINE_ARTIFACT: str(pipeline)},
             code_paths=[str(package)],
-            signature=generation_signature(int(height), int(width), int(config["in_channels"])),
+            signature=generation_signature(height, width, channels),
             input_example=input_example(),
             pip_requirements=pinned_requirements(),
             model_config={**DEFAULT_MODEL_CONFIG, "max_image_steps": check_max_image_steps(max_image_steps)},

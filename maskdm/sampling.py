@@ -312,7 +312,7 @@ class SamplingRun:
     """How to run the sampler: everything except the model and which images (see :func:`make_run`)."""
 
     schedule: DDIMSchedule
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    image_shape: tuple[int, int, int]  # (C, H, W) of what the UNet denoises (for a latent model: the latents)
     seed: int = 42
     batch_size: int = 256
     device: torch.device = torch.device("cpu")
@@ -320,6 +320,13 @@ class SamplingRun:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    #: A latent model's :class:`maskdm.latent.LatentCodec`: samples are decoded by it, batch by batch.
+    codec: object | None = None
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images handed out: decoded, for a latent model."""
+        return self.codec.image_shape(self.image_shape) if self.codec is not None else self.image_shape
 
     @property
     def fast_path(self) -> fastpath.FastPath:
@@ -343,12 +350,14 @@ def make_run(
     compile: bool | str = False,
     compile_mode: str | None = None,
     clip_sample: bool | None = None,
+    codec=None,
 ) -> SamplingRun:
     """Check the options and build the schedule; ``clip_sample`` as in :func:`ddim_schedule`.
 
     ``mixed_precision``, ``channels_last`` and ``compile`` also take ``auto`` (``true``/``false``
     for the two switches), resolved by :func:`maskdm.fastpath.resolve` for ``device`` and for calls
     of ``batch_size`` images (``compile=auto`` compiles on CUDA from ``COMPILE_MIN_BATCH`` images).
+    ``codec``: a latent model's autoencoder; the sampled latents are decoded to images.
     """
     config = getattr(scheduler_config, "config", scheduler_config)
     check_sampling_params(
@@ -380,6 +389,7 @@ def make_run(
         channels_last=fast.channels_last,
         compile=fast.compile,
         compile_mode=compile_mode,
+        codec=codec,
     )
 
 
@@ -392,6 +402,8 @@ def image_shape(unet: nn.Module) -> tuple[int, int, int]:
 def prepare_unet(unet: nn.Module, run: SamplingRun) -> nn.Module:
     """Move ``unet`` (in place) to the run's device in eval mode, channels_last if asked; compile if asked."""
     unet.to(run.device).eval()
+    if run.codec is not None:
+        run.codec.to(run.device)
     # dynamic=False: every call sees the same shape (the last batch is padded, see sample_batch).
     return run.fast_path.prepare(unet, dynamic=False, mode=run.compile_mode)
 
@@ -421,8 +433,11 @@ def sample_batch(model: nn.Module, run: SamplingRun, indices: Sequence[int]) -> 
         def noise_fn(_: int) -> torch.Tensor:
             return _to_device(_pad(draw_per_image(generators, run.image_shape), pad), run)
 
-    x0 = ddim_sample(model, _to_device(x_T, run), run.schedule, noise_fn, run.autocast_dtype)
-    return x0[: len(indices)].float().contiguous().cpu()
+    x0 = ddim_sample(model, _to_device(x_T, run), run.schedule, noise_fn, run.autocast_dtype)[: len(indices)]
+    if run.codec is not None:
+        # float32 and eager: the autoencoder is not part of the fast path (it runs once per image).
+        x0 = run.codec.decode(x0.float().contiguous())
+    return x0.float().contiguous().cpu()
 
 
 def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -457,7 +472,7 @@ def sample_tensors(unet: nn.Module, run: SamplingRun, indices: Sequence[int], pr
     """Images ``indices`` as float32 NCHW in [-1, 1] (not clamped), in the order of ``indices``."""
     model = prepare_unet(unet, run)
     batches = [images for _, images in iter_sample_batches(model, run, indices, progress)]
-    return torch.cat(batches) if batches else torch.empty((0, *run.image_shape))
+    return torch.cat(batches) if batches else torch.empty((0, *run.output_shape))
 
 
 def generate_uint8(
@@ -467,7 +482,7 @@ def generate_uint8(
 
     ``model`` is the output of :func:`prepare_unet` (prepared once, used for any number of calls).
     """
-    channels, height, width = run.image_shape
+    channels, height, width = run.output_shape
     out = np.empty((len(indices), height, width, channels), dtype=np.uint8)
     filled = 0
     for batch, images in iter_sample_batches(model, run, indices, progress):
@@ -493,13 +508,15 @@ def sample_images(
     compile_mode: str | None = None,
     clip_sample: bool | None = None,
     progress: bool = False,
+    codec=None,
 ) -> np.ndarray:
     """DDIM samples ``indices`` of ``unet`` as uint8 NHWC (image ``i`` depends on ``(seed, i)`` only).
 
     ``unet`` is moved to ``device`` and put in eval mode in place. ``mixed_precision`` ``bf16`` or
     ``fp16`` runs the UNet under autocast (the update stays float32). ``compile`` wraps the UNet in
     ``torch.compile`` and pads the last batch to ``batch_size``. The three also take ``auto``
-    (:func:`make_run`); the defaults are the plain float32 eager path.
+    (:func:`make_run`); the defaults are the plain float32 eager path. ``codec``: a latent model's
+    autoencoder (:attr:`maskdm.models.DDPM.codec`); the images are then the decoded latents.
     """
     run = make_run(
         unet,
@@ -515,6 +532,7 @@ def sample_images(
         compile=compile,
         compile_mode=compile_mode,
         clip_sample=clip_sample,
+        codec=codec,
     )
     return generate_uint8(prepare_unet(unet, run), run, indices, progress)
 

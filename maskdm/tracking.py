@@ -197,6 +197,14 @@ def find_runs(
 # --- cached side runs: results shared by many stage runs (FID reference statistics, classifiers) ---
 
 
+def source_digest(*modules: str) -> str:
+    """A digest of these modules' source: a cached side run is remade when the code that made it changes."""
+    sha = hashlib.sha256()
+    for module in modules:
+        sha.update(Path(__import__(module, fromlist=["_"]).__file__).read_bytes())
+    return sha.hexdigest()[:16]
+
+
 def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> tuple[str, Path] | None:
     """(run ID, downloaded artifact) of the FIRST FINISHED ``stage_name`` run tagged ``key_tag=key``, if any.
 

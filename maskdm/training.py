@@ -33,6 +33,7 @@ to be exactly as sparse as the masks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -283,7 +284,8 @@ def train_ddpm(
         log.info("resumed from %s at step %d", resume_from, step)
 
     def ema_ddpm() -> DDPM:
-        return DDPM(_ema_unet(unet, ema, names, masks), scheduler)
+        # A latent model's autoencoder goes along unchanged (it is never trained).
+        return dataclasses.replace(ddpm, unet=_ema_unet(unet, ema, names, masks))
 
     batches = _batches(loader)
     progress = tqdm(total=config.num_iters, initial=step, desc="train", disable=not accelerator.is_local_main_process)

@@ -63,6 +63,53 @@ def mlflow_run(entry_point: str, tracking_uri: str, cwd, **params) -> subprocess
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def shapes_image_folder(folder: Path, count: int, resolution: int) -> str:
+    """``count`` embedded shapes at ``resolution`` as PNGs in ``folder``/all; returns the dataset name."""
+    from PIL import Image
+
+    from maskdm.data import render_shapes
+
+    (folder / "all").mkdir(parents=True)
+    for i, image in enumerate(render_shapes(count, seed=5, resolution=resolution)[0]):
+        Image.fromarray(image).save(folder / "all" / f"{i:03d}.png")
+    return f"imagefolder:{folder}"
+
+
+def newest_run_of(stage: str, tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], f"tags.`maskdm.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return found[0] if found else None
+
+
+def run_whole_chain(model, dataset: str, tracking_uri: str, cwd) -> dict[str, str]:
+    """prune -> extract_masks -> baseline_loss -> train_masks -> finetune -> sample -> fid through
+    ``mlflow run`` with tiny settings (fid: Inception at dims 64, so TORCH_HOME must hold planted
+    weights); stage -> run ID, each checked FINISHED."""
+    steps = [
+        ("prune", lambda ids: {"model": model, "dataset": dataset, "pruning_ratio": "0.5"}),
+        ("extract_masks", lambda ids: {"prune_run_id": ids["prune"]}),
+        ("baseline_loss", lambda ids: {"masks_run_id": ids["extract_masks"], "dataset_size": "32", "batch_size": "8"}),
+        ("train_masks", lambda ids: {"baseline_run_id": ids["baseline_loss"], "max_step": "4", "accumulation": "2",
+                                     "heldout_size": "8", "eval_every": "2"}),
+        ("finetune", lambda ids: {"masks_run_id": ids["train_masks"], "num_iters": "4", "train_batch_size": "8", "save_model_steps": "4"}),
+        ("sample", lambda ids: {"model_run_id": ids["finetune"], "total_samples": "8", "batch_size": "4", "ddim_steps": "2"}),
+        ("fid", lambda ids: {"sample_run_id": ids["sample"], "features": "inception", "dims": "64"}),
+    ]
+    ids: dict[str, str] = {}
+    for stage, params in steps:
+        done = mlflow_run(stage, tracking_uri, cwd, **params(ids))
+        assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+        run = newest_run_of(stage, tracking_uri)
+        assert run.info.status == "FINISHED", stage
+        ids[stage] = run.info.run_id
+    return ids
+
+
 @contextmanager
 def tracking_store(folder):
     """A SQLite tracking store (and artifact root) in ``folder``, for in-process and child runs.

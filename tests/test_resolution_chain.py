@@ -1,8 +1,9 @@
-"""The whole chain at 64 pixels: every stage of a sweep on a tiny UNet at 64x64, through `maskdm main`.
+"""The whole chain at 64 pixels: every stage on a tiny UNet at 64x64.
 
-The other end-to-end sweeps run at 16 pixels; nothing else would notice a stage that assumes the
+The other end-to-end runs are at 16 pixels; nothing else would notice a stage that assumes the
 demo's size (a hard-coded resolution, a grid, the shapes classifier's input, the reference
-statistics' key).
+statistics' key). The default test runs each stage once through `mlflow run` on a 64-pixel image
+folder; the opt-in one runs a whole `maskdm main` sweep (18 stage runs, fid_shapes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import tiny_unet
+from conftest import run_whole_chain, shapes_image_folder, tiny_unet, tracking_store
+from inception_fixture import _planted_torch_home  # noqa: F401
 from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's tests
     E2E_TIMEOUT_S,
     _driver_run_id,
@@ -24,6 +26,32 @@ from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's t
     _start_driver,
     code,
 )
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_home, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from maskdm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
+
+    model_dir = save_ddpm(DDPM(tiny_unet(resolution=64), default_scheduler()), tmp_path / "tiny64")
+    dataset = shapes_image_folder(tmp_path / "shapes64", 48, 64)
+    monkeypatch.setenv("TORCH_HOME", str(_planted_torch_home))
+    with tracking_store(tmp_path) as uri:
+        ids = run_whole_chain(model_dir, dataset, uri, tmp_path)
+        client = MlflowClient(uri)
+        for stage in ("prune", "train_masks", "finetune"):
+            folder = mlflow.artifacts.download_artifacts(run_id=ids[stage], artifact_path="model", dst_path=str(tmp_path / stage))
+            assert load_ddpm(folder).resolution == 64, stage
+        path = mlflow.artifacts.download_artifacts(run_id=ids["sample"], artifact_path="samples.npz", dst_path=str(tmp_path / "s"))
+        with np.load(path, allow_pickle=False) as f:
+            assert f["images"].shape == (8, 64, 64, 3)
+        fid_run = client.get_run(ids["fid"])
+        assert fid_run.data.tags["maskdm.fid_protocol.resolution"] == "64"
+        assert np.isfinite(fid_run.data.metrics["fid_inception_64"])
+        reference = client.get_run(fid_run.data.tags["maskdm.fid_reference_run"])
+        assert reference.data.params["resolution"] == "64" and reference.data.metrics["num_images"] == 48
 
 
 @pytest.mark.e2e

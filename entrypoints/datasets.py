@@ -1,0 +1,85 @@
+"""The data a stage trains or measures a model on: images, or a latent model's cached latents.
+
+A pixel model gets the dataset itself (:func:`maskdm.data.load_dataset`). A latent model (a
+pipeline with a frozen autoencoder, :mod:`maskdm.latent`) gets the latents of its images: each
+dataset, split, resolution and autoencoder is encoded once and cached as a ``latent_cache`` run
+beside the stage run (as the FID reference statistics are), which every later stage finds again
+by its key. The stage run records the one it used in the tag ``maskdm.latent_cache.<split>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from maskdm.data import load_dataset, unflipped_split
+from maskdm.latent import LatentCodec, LatentDataset, check_image_size, encode_dataset
+from maskdm.tracking import StageRun, cached_artifact, log_side_run, source_digest
+
+log = logging.getLogger(__name__)
+
+LATENT_CACHE_STAGE = "latent_cache"
+LATENT_KEY_TAG = "maskdm.latent_key"
+#: ``maskdm.latent_cache.train`` / ``.eval`` on a stage run: the latent_cache run it read.
+LATENT_CACHE_TAG = "maskdm.latent_cache"
+LATENTS_ARTIFACT = "latents"
+#: Images encoded at a time (memory holds one batch of images and latents).
+ENCODE_BATCH = 64
+
+
+def stage_dataset(ddpm, name: str, split: str, augment: bool | None = None, run: StageRun | None = None):
+    """``name``'s ``split`` as ``ddpm`` is trained on: images at its resolution, or its latents.
+
+    ``augment`` (the training split's random flip) applies to images only: a flipped latent is
+    not the latent of the flipped image, so latents are never flipped. ``run``: the stage run to
+    tag with the latent cache it read (none on the non-main processes of a multi-process stage).
+    """
+    if not ddpm.is_latent:
+        return load_dataset(name, ddpm.resolution, split=split, augment=augment)
+    dataset, cache_run = latent_dataset(ddpm.codec, name, split, ddpm.resolution)
+    if run is not None:
+        run.set_tags({f"{LATENT_CACHE_TAG}.{split}": cache_run})
+    return dataset
+
+
+def latent_key(codec: LatentCodec, name: str, split: str, resolution: int) -> str:
+    """What identifies a latent cache: reuse it only when all of this matches."""
+    return (
+        f"dataset={name};split={split};resolution={resolution};autoencoder={codec.digest()};"
+        f"code={source_digest('maskdm.latent', 'maskdm.data')}"
+    )
+
+
+def latent_dataset(codec: LatentCodec, name: str, split: str, resolution: int) -> tuple[LatentDataset, str]:
+    """(the latents of ``name``'s ``split`` under ``codec``, the ``latent_cache`` run holding them)."""
+    check_image_size(codec, resolution, f"dataset '{name}'")
+    # Latents are never flipped, so an image folder's two splits are one set of latents.
+    split = unflipped_split(name, split)
+    key = latent_key(codec, name, split, resolution)
+    # Hashed: a dataset path may hold characters a tag search cannot quote; the params keep it readable.
+    hashed = hashlib.sha256(key.encode()).hexdigest()[:32]
+    found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT)
+    if found is None:
+        images = load_dataset(name, resolution, split=split, augment=False)
+        log.info("encoding the %d images of %s (%s) once; later stages reuse the latents", len(images), name, split)
+        previous = codec.device
+        codec.to("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            folder = encode_dataset(images, codec, Path(tempfile.mkdtemp(prefix="maskdm-latents-")) / LATENTS_ARTIFACT, ENCODE_BATCH)
+        finally:
+            codec.to(previous)
+        cached = LatentDataset(folder)
+        params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": codec.digest(),
+                  "latent_shape": "x".join(map(str, cached.latent_shape)), "scaling_factor": codec.scaling_factor}
+        run_id = log_side_run(LATENT_CACHE_STAGE, {LATENT_KEY_TAG: hashed}, params, {"num_images": len(cached)}, [folder])
+        log.info("latents cached as latent_cache run %s", run_id)
+        # Two processes that both found no cache use the one cached first (as for the FID statistics).
+        found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT)
+    return LatentDataset(found[1]), found[0]
+
+
+__all__ = ["stage_dataset", "latent_dataset", "LATENT_CACHE_STAGE"]
