@@ -151,6 +151,9 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     images = sample_images(
         ddpm.unet, ddpm.scheduler.config, range(num_images), steps=ddim_steps, skip_type="quad", seed=seed,
         batch_size=num_images, device=device, codec=ddpm.codec,
+        # Latents are not confined to [-1, 1]: clipping them (a DDPMScheduler's default) would
+        # distort what is decoded. Pixel models keep their scheduler's choice, as before.
+        clip_sample=False if ddpm.is_latent else None,
     )
     save_grid(images, path)
 

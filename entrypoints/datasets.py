@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from maskdm.data import load_dataset, unflipped_split
-from maskdm.latent import LatentCodec, LatentDataset, check_image_size, encode_dataset
+from maskdm.data import dataset_identity, default_cache_dir, load_dataset, unflipped_split
+from maskdm.latent import LatentCodec, LatentDataset, encode_dataset
 from maskdm.tracking import StageRun, cached_artifact, log_side_run, source_digest
 
 log = logging.getLogger(__name__)
@@ -47,38 +48,43 @@ def stage_dataset(ddpm, name: str, split: str, augment: bool | None = None, run:
 
 
 def latent_key(codec: LatentCodec, name: str, split: str, resolution: int) -> str:
-    """What identifies a latent cache: reuse it only when all of this matches."""
+    """What identifies a latent cache: reuse it only when all of this matches (an image folder by
+    its absolute path and listing, :func:`maskdm.data.dataset_identity`)."""
     return (
-        f"dataset={name};split={split};resolution={resolution};autoencoder={codec.digest()};"
+        f"dataset={dataset_identity(name)};split={split};resolution={resolution};autoencoder={codec.digest()};"
         f"code={source_digest('maskdm.latent', 'maskdm.data')}"
     )
 
 
 def latent_dataset(codec: LatentCodec, name: str, split: str, resolution: int) -> tuple[LatentDataset, str]:
     """(the latents of ``name``'s ``split`` under ``codec``, the ``latent_cache`` run holding them)."""
-    check_image_size(codec, resolution, f"dataset '{name}'")
     # Latents are never flipped, so an image folder's two splits are one set of latents.
     split = unflipped_split(name, split)
     key = latent_key(codec, name, split, resolution)
     # Hashed: a dataset path may hold characters a tag search cannot quote; the params keep it readable.
     hashed = hashlib.sha256(key.encode()).hexdigest()[:32]
-    found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT)
+    # One local copy per cache run, shared by every later stage on this machine: a CelebA-HQ split
+    # is 1.5 GB, too much to download again for each stage.
+    keep_in = default_cache_dir() / "latents"
+    found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT, keep_in)
     if found is None:
         images = load_dataset(name, resolution, split=split, augment=False)
         log.info("encoding the %d images of %s (%s) once; later stages reuse the latents", len(images), name, split)
         previous = codec.device
         codec.to("cuda" if torch.cuda.is_available() else "cpu")
+        work = Path(tempfile.mkdtemp(prefix="maskdm-latents-"))
         try:
-            folder = encode_dataset(images, codec, Path(tempfile.mkdtemp(prefix="maskdm-latents-")) / LATENTS_ARTIFACT, ENCODE_BATCH)
+            folder = encode_dataset(images, codec, work / LATENTS_ARTIFACT, ENCODE_BATCH)
+            cached = LatentDataset(folder)
+            params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": codec.digest(),
+                      "latent_shape": "x".join(map(str, cached.latent_shape)), "scaling_factor": codec.scaling_factor}
+            run_id = log_side_run(LATENT_CACHE_STAGE, {LATENT_KEY_TAG: hashed}, params, {"num_images": len(cached)}, [folder])
         finally:
             codec.to(previous)
-        cached = LatentDataset(folder)
-        params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": codec.digest(),
-                  "latent_shape": "x".join(map(str, cached.latent_shape)), "scaling_factor": codec.scaling_factor}
-        run_id = log_side_run(LATENT_CACHE_STAGE, {LATENT_KEY_TAG: hashed}, params, {"num_images": len(cached)}, [folder])
+            shutil.rmtree(work, ignore_errors=True)  # the logged copy is the cache
         log.info("latents cached as latent_cache run %s", run_id)
         # Two processes that both found no cache use the one cached first (as for the FID statistics).
-        found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT)
+        found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT, keep_in)
     return LatentDataset(found[1]), found[0]
 
 

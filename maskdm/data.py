@@ -7,6 +7,7 @@ measured on it are reproducible.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -165,15 +166,35 @@ def check_one_colour_mode(root: Path, paths: list[Path]) -> None:
             )
 
 
+def image_paths(root: Path) -> list[Path]:
+    """Every png/jpg/jpeg/webp under ``root`` (recursively), sorted by path; one line if there is none."""
+    if not root.is_dir():
+        raise MaskDMError(f"image folder '{root}' does not exist")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise MaskDMError(f"image folder '{root}' holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
+    return paths
+
+
+def dataset_identity(name: str) -> str:
+    """What a cache made from a dataset's images must match: its name, and for an image folder its
+    absolute path and a digest of its listing (every image's path, size and modification time), so
+    that images added, removed or replaced make a new cache. Reads no pixels."""
+    if not name.startswith("imagefolder:"):
+        return name
+    root = Path(os.path.expanduser(name.split(":", 1)[1])).resolve()
+    sha = hashlib.sha256()
+    for path in image_paths(root):
+        stat = path.stat()
+        sha.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"imagefolder:{root};listing={sha.hexdigest()[:16]}"
+
+
 class ImageFolderDataset(Dataset):
     """Every png/jpg/jpeg/webp under a folder (recursively), sorted by path; label = parent folder index."""
 
     def __init__(self, root: Path, resolution: int, train: bool):
-        if not root.is_dir():
-            raise MaskDMError(f"image folder '{root}' does not exist")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.paths:
-            raise MaskDMError(f"image folder '{root}' holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
+        self.paths = image_paths(root)
         check_one_colour_mode(root, self.paths)
         self.classes = sorted({p.parent.name for p in self.paths})
         self._class_index = {c: i for i, c in enumerate(self.classes)}

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline, DDPMScheduler, LDMPipeline, UNet2DModel, VQModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel, VQModel
 
 from maskdm.errors import MaskDMError
 
@@ -207,9 +207,19 @@ AUTOENCODER = "vqvae"
 
 def _pipeline_components(model_index: Path) -> set[str]:
     try:
-        return {k for k, v in json.loads(model_index.read_text()).items() if not k.startswith("_") and v}
+        index = json.loads(model_index.read_text())
     except (OSError, ValueError):
         raise MaskDMError(f"cannot read {model_index}: not a JSON pipeline index") from None
+    # diffusers writes an absent optional component as [null, null].
+    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+
+
+#: The latent scale of an autoencoder whose config does not name one. diffusers then fills in
+#: 0.18215 (Stable Diffusion's KL autoencoder), but the VQ autoencoders of the LDM paper were trained
+#: on unscaled latents (their variance is about 1): CompVis/ldm-celebahq-256's config names no
+#: scaling_factor, and diffusers' own LDMPipeline makes noise with it for that reason
+#: (huggingface/diffusers#6725).
+UNNAMED_LATENT_SCALE = 1.0
 
 
 def _latent_ddpm(vqvae: VQModel, unet: UNet2DModel, scheduler: DDPMScheduler, where: str) -> DDPM:
@@ -220,6 +230,11 @@ def _latent_ddpm(vqvae: VQModel, unet: UNet2DModel, scheduler: DDPMScheduler, wh
             f"latent pipeline '{where}': the UNet takes {unet.config.in_channels} channels but the autoencoder's "
             f"latents have {latent_channels}; the two do not belong together"
         )
+    if "scaling_factor" in vqvae.config.get("_use_default_values", []):
+        log.warning("%s: the autoencoder's config names no scaling_factor; latents are unscaled (%g), as the LDM paper trained them",
+                    where, UNNAMED_LATENT_SCALE)
+        # Written into the config, so every model/ this pipeline becomes names it from now on.
+        vqvae.register_to_config(scaling_factor=UNNAMED_LATENT_SCALE)
     return DDPM(unet, scheduler, vqvae.eval().requires_grad_(False))
 
 
@@ -244,6 +259,7 @@ def _load_hub(hub_id: str, cache_dir: str | None) -> DDPM:
     for subfolder in ("unet", None):  # a pipeline repo, else a repo holding a bare UNet
         try:
             unet = UNet2DModel.from_pretrained(hub_id, subfolder=subfolder, **kwargs)
+            pipeline_repo = subfolder is not None
             break
         except Exception as exc:  # diffusers raises OSError/ValueError/HTTP errors alike
             failure = exc
@@ -258,10 +274,14 @@ def _load_hub(hub_id: str, cache_dir: str | None) -> DDPM:
     except Exception:
         log.warning("no scheduler found for %s; using the linear DDPM schedule", hub_id)
         scheduler = default_scheduler()
-    try:
-        components = set(DiffusionPipeline.load_config(hub_id, **kwargs))
-    except Exception:  # a repo holding a bare UNet has no model_index.json
-        components = set()
+    components: set[str] = set()
+    if pipeline_repo:
+        # A repo with unet/ is a pipeline and has a model_index.json: without it a latent pipeline
+        # would load as a pixel model, its UNet trained on images.
+        try:
+            components = set(DiffusionPipeline.load_config(hub_id, **kwargs))
+        except Exception as exc:
+            raise MaskDMError(f"cannot read the pipeline index (model_index.json) of '{hub_id}' ({type(exc).__name__})") from None
     if AUTOENCODER not in components:
         return DDPM(unet, scheduler)
     try:
@@ -290,6 +310,10 @@ def save_ddpm(ddpm: DDPM, folder: str | os.PathLike) -> Path:
     ``LDMPipeline.from_pretrained``) opens, safetensors weights."""
     folder = Path(folder)
     if ddpm.is_latent:
+        # Imported here: diffusers keeps LDMPipeline among its deprecated pipelines, and pixel models
+        # must not depend on it.
+        from diffusers import LDMPipeline
+
         pipeline = LDMPipeline(vqvae=ddpm.vqvae, unet=ddpm.unet, scheduler=ddpm.scheduler)
     else:
         pipeline = DDPMPipeline(unet=ddpm.unet, scheduler=ddpm.scheduler)

@@ -205,20 +205,44 @@ def source_digest(*modules: str) -> str:
     return sha.hexdigest()[:16]
 
 
-def cached_artifact(stage_name: str, key_tag: str, key: str, artifact: str) -> tuple[str, Path] | None:
+def cached_artifact(
+    stage_name: str, key_tag: str, key: str, artifact: str, keep_in: str | os.PathLike | None = None
+) -> tuple[str, Path] | None:
     """(run ID, downloaded artifact) of the FIRST FINISHED ``stage_name`` run tagged ``key_tag=key``, if any.
 
     The first to finish, not the newest: two processes that find no cache and both make one (two
     drivers at once) must end up using the same one. Each looks again after logging its own, and
     the run that finished first is the same for both, whatever the order they started in.
+
+    ``keep_in``: download into ``keep_in/<run ID>/`` once and reuse that copy (a run's artifacts
+    never change), for artifacts too large to copy again for every stage; else a temporary folder.
     """
     for cached in find_runs(stage_name, {key_tag: key}, order_by="attributes.end_time ASC"):
         run_id = cached.info.run_id
         if has_artifact(run_id, artifact):
             log.info("reusing %s run %s (%s)", stage_name, run_id, key)
+            if keep_in is not None:
+                return run_id, _kept_copy(run_id, artifact, Path(keep_in))
             dst = tempfile.mkdtemp(prefix=f"maskdm-{stage_name}-")
             return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=dst))
     return None
+
+
+def _kept_copy(run_id: str, artifact: str, keep_in: Path) -> Path:
+    folder = keep_in / run_id
+    if not folder.is_dir():
+        keep_in.mkdir(parents=True, exist_ok=True)
+        # Downloaded beside it and renamed when complete: a copy cut off halfway is never taken.
+        partial = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=keep_in))
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(partial))
+            os.rename(partial, folder)
+        except OSError:
+            if not folder.is_dir():  # else another process finished the same copy first
+                raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder / artifact
 
 
 def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, object], metrics: Mapping[str, float], files: list[Path]) -> str:
@@ -386,9 +410,11 @@ class StageRun:
         from maskdm.diffusion import eval_images, eval_loss
         from maskdm.models import save_ddpm
 
-        save_ddpm(ddpm, self.out / "model")
         if isinstance(dataset, str):
+            if ddpm.is_latent:  # its UNet would take the images for latents without a word
+                raise MaskDMError("a latent model's eval_loss needs its latents: pass the loaded latent dataset, not a dataset name")
             dataset = load_dataset(dataset, ddpm.resolution, split="eval")
+        save_ddpm(ddpm, self.out / "model")
         loss = eval_loss(ddpm.unet.to(device), ddpm.scheduler, eval_images(dataset), device)
         self.log_metrics({"eval_loss": loss}, step=step)
         return loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -50,6 +51,29 @@ def tiny_latent_ddpm() -> DDPM:
 @pytest.fixture
 def ldm_dir(tmp_path):
     return save_ddpm(tiny_latent_ddpm(), tmp_path / "tiny_ldm")
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    """Local copies of latent caches go under $MASKDM_DATA_DIR/latents: here, not in the home folder."""
+    monkeypatch.setenv("MASKDM_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_an_autoencoder_config_without_a_scale_means_unscaled_latents(ldm_dir, tmp_path):
+    # CompVis/ldm-celebahq-256's autoencoder names no scaling_factor; diffusers would fill in
+    # 0.18215, Stable Diffusion's, and decode noise.
+    config_file = ldm_dir / "vqvae" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config.pop("scaling_factor") == pytest.approx(0.18215)
+    config_file.write_text(json.dumps(config))
+    ddpm = load_ddpm(str(ldm_dir))
+    assert ddpm.codec.scaling_factor == 1.0
+    saved = save_ddpm(ddpm, tmp_path / "resaved")  # and every model/ made from it says so
+    assert json.loads((saved / "vqvae" / "config.json").read_text())["scaling_factor"] == 1.0
+    assert load_ddpm(str(saved)).codec.scaling_factor == 1.0
+    # A scale the config names is kept.
+    assert load_ddpm(str(save_ddpm(tiny_latent_ddpm(), tmp_path / "named"))).codec.scaling_factor == pytest.approx(0.18215)
 
 
 def test_a_latent_pipeline_saves_and_loads_with_its_autoencoder(ldm_dir):
@@ -151,7 +175,7 @@ def shapes_folder(tmp_path):
     return shapes_image_folder(tmp_path / "shapes_png", 48, IMAGE_SIZE)
 
 
-def test_stage_dataset_encodes_once_per_key_and_reuses_the_cache(tracking, ldm_dir, shapes_folder):
+def test_stage_dataset_encodes_once_per_key_and_reuses_the_cache(tracking, ldm_dir, shapes_folder, data_dir):
     from entrypoints.datasets import LATENT_CACHE_STAGE, stage_dataset
 
     ddpm = load_ddpm(str(ldm_dir))
@@ -170,19 +194,19 @@ def test_stage_dataset_encodes_once_per_key_and_reuses_the_cache(tracking, ldm_d
     # An image folder's eval split is the same images: the same latents, no second cache.
     assert torch.equal(stage_dataset(ddpm, shapes_folder, "eval")[7][0], first[7][0])
     assert len(cache_runs()) == 1
+    # One local copy per cache run, however many stages read it.
+    assert [p.name for p in (data_dir / "latents").iterdir()] == [run.info.run_id]
     # shapes' eval split is other images: another cache.
     evaluation = stage_dataset(ddpm, "shapes", "eval")
     assert len(evaluation) == 2000 and len(cache_runs()) == 2
+    # An image added to the folder is another dataset: not the stale latents.
+    folder = Path(shapes_folder.split(":", 1)[1])
+    shutil.copy(folder / "all" / "000.png", folder / "all" / "extra.png")
+    grown = stage_dataset(ddpm, shapes_folder, "train")
+    assert len(grown) == 49 and len(cache_runs()) == 3
     # A pixel model gets the images themselves.
     pixels = stage_dataset(DDPM(ddpm.unet, ddpm.scheduler), shapes_folder, "train")
     assert pixels[0][0].shape == (3, 8, 8) and not isinstance(pixels, LatentDataset)
-
-
-def test_an_image_size_the_autoencoder_cannot_halve_is_one_line():
-    from maskdm.latent import check_image_size
-
-    with pytest.raises(MaskDMError, match="need a multiple of 2|needs a multiple of 2"):
-        check_image_size(LatentCodec(tiny_vqvae()), 15, "dataset 'x'")
 
 
 # --- end to end, through `mlflow run` ----------------------------------------------------------
@@ -277,4 +301,8 @@ def test_a_latent_pipeline_loads_from_the_hub_cache(ldm_dir, tmp_path, monkeypat
     assert ddpm.is_latent and ddpm.resolution == IMAGE_SIZE
     shutil.rmtree(snapshot / "vqvae")
     with pytest.raises(MaskDMError, match=r"latent pipeline 'maskdm-test/tiny-ldm' names an autoencoder \(vqvae\) that cannot be fetched"):
+        load_ddpm(repo, cache_dir=str(tmp_path / "hub"))
+    # A pipeline repo (unet/) whose index cannot be read is one line, not a pixel model.
+    (snapshot / "model_index.json").unlink()
+    with pytest.raises(MaskDMError, match=r"cannot read the pipeline index \(model_index.json\) of 'maskdm-test/tiny-ldm'"):
         load_ddpm(repo, cache_dir=str(tmp_path / "hub"))
