@@ -302,7 +302,10 @@ def is_stats_file(reference: str) -> bool:
 
 def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """(mu, sigma) of a dataset's training images under ``extractor``, and the ``fid_reference`` run caching them."""
-    key = fid.reference_key(dataset, resolution, extractor.dims, extractor.digest, extractor.name)
+    from maskdm.data import dataset_identity
+
+    # An image folder by path and listing: images added or replaced make new statistics.
+    key = fid.reference_key(dataset_identity(dataset), resolution, extractor.dims, extractor.digest, extractor.name)
     found = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
     if found:
         return fid.load_reference_stats(found[1], extractor.dims), found[0]

@@ -129,3 +129,23 @@ def test_arch_presets():
     with pytest.raises(MaskDMError, match="unknown arch"):
         build_unet("huge")
     assert set(ARCHS) == {"tiny", "ddpm-cifar10", "ddpm-64", "ddpm-256"}
+
+
+def test_dataset_identity_follows_an_image_folders_contents(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from maskdm.data import dataset_identity
+
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    first = dataset_identity(f"imagefolder:{tmp_path / 'imgs'}")
+    monkeypatch.chdir(tmp_path)
+    assert dataset_identity("imagefolder:imgs") == first  # relative or absolute: one folder
+    assert dataset_identity("shapes") == "shapes"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "3.png")
+    added = dataset_identity("imagefolder:imgs")
+    assert added != first
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(folder / "3.png")  # replaced: another size
+    assert dataset_identity("imagefolder:imgs") not in (first, added)
