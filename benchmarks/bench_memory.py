@@ -5,14 +5,18 @@ folder of N generated images (the embedded shapes rendered at the resolution ask
 random UNet at that resolution, and runs prune -> extract_masks -> baseline_loss -> train_masks ->
 sample -> fid on them as separate `maskdm <stage>` processes in a fresh store; each stage's peak
 RSS is read from the kernel's accounting of that process alone (``os.wait4``: ``ru_maxrss``, its
-largest resident set, children not included — the stages start none).
+largest resident set, children not included — the stages start none), by a small launcher
+process (see :data:`LAUNCHER`: started from this one, the reading would include this one's peak).
 
     python benchmarks/bench_memory.py --images 20000 --resolution 256          # the issue's setting
     python benchmarks/bench_memory.py --images 2000 --resolution 256 --out /tmp/mem   # quicker
 
 The whole dataset is read by baseline_loss (``dataset_size`` = N, every batch) and by fid (its
 reference statistics); ``sample`` makes ``--samples`` images (default N). The UNet is deliberately
-tiny (two levels of 8 channels): memory, not speed or quality, is measured. Goal: under 3 GB each.
+tiny (two levels of 4 channels, no resnet in the down path, no attention): memory, not speed or
+quality, is measured. diffusers' default mid-block attention would sit at 128x128 here: 16,384
+tokens, a 16,384^2 score matrix per image, minutes per batch on a CPU and memory no real 256-pixel
+model has (theirs attend at 16x16 or 32x32). Goal: under 3 GB each.
 """
 
 from __future__ import annotations
@@ -64,23 +68,40 @@ def make_model(folder: Path, resolution: int) -> Path:
 
     from maskdm.models import DDPM, default_scheduler, save_ddpm
 
+    # add_attention=False: the mid block would otherwise attend over (resolution / 2)^2 tokens (module docstring).
     unet = UNet2DModel(
-        sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+        sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=0,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        add_attention=False,
     )
     return save_ddpm(DDPM(unet, default_scheduler()), folder)
 
 
+#: Started by this (large) process, a stage would report at least this process's own peak: Linux
+#: carries the high-water RSS of the memory a process exec()s from into its ``ru_maxrss``
+#: (measured: ``python -c pass`` read 2.03 GB under a parent that had touched 2 GB, 14 MB under
+#: a small one). So a small launcher, started fresh, starts the stage and reads its ``wait4``.
+LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"exit": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}, f)
+"""
+
+
 def run_stage(stage: str, args: list[str], env: dict, log: Path) -> tuple[float, float]:
     """Run ``maskdm <stage> ...``; return (peak RSS in GB, wall seconds). Fails loudly on a failed stage."""
+    result = log.with_suffix(".rusage.json")
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", stage, *args], cwd=REPO, env=env, stdout=out, stderr=out)
-        _, status, usage = os.wait4(proc.pid, 0)
+        command = [sys.executable, "-m", "entrypoints.cli", stage, *args]
+        subprocess.run([sys.executable, "-c", LAUNCHER, str(result), *command], cwd=REPO, env=env, stdout=out, stderr=out, check=True)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    usage = json.loads(result.read_text())
+    if usage["exit"] != 0:
         raise SystemExit(f"{stage} failed; its log: {log}")
-    return usage.ru_maxrss / 1024**2, wall  # ru_maxrss is in KiB on Linux
+    return usage["maxrss_kib"] / 1024**2, wall  # ru_maxrss is in KiB on Linux
 
 
 def newest_run(stage: str) -> str:
@@ -97,7 +118,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    # The runs' artifacts (samples.npz alone is N x 3 x resolution^2 bytes) go under --out too: a
+    # sqlite store's default experiment would put them in ./mlruns of the stages' working directory,
+    # the repository.
+    import mlflow
+
+    found = mlflow.get_experiment_by_name("bench_memory")
+    experiment = found.experiment_id if found else mlflow.create_experiment(
+        "bench_memory", artifact_location=(out / "artifacts").resolve().as_uri())
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": str(experiment),
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     if args.plant_inception:
         # Offline: random weights in pytorch-fid's format (as the tests do). Memory does not depend on
         # the weights' values; the FID printed is then meaningless and is not reported.

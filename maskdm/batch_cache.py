@@ -22,8 +22,11 @@ import numpy as np
 import torch
 
 #: In-memory bytes before batches go to the temporary file (the rest of a stage's memory is the
-#: model, the activations of one forward pass and the data loader).
-DEFAULT_MEMORY_BUDGET = 1 << 30
+#: model, the activations of one forward pass and the data loader). 512 MiB: at 1 GiB,
+#: baseline_loss on 10,000 images at 256x256 peaked above 3 GB on a CPU (docs/benchmarks.md), the
+#: rest being the imports (0.8 GB) and one batch of 64 through the UNet; a batch read back from the
+#: file's pages in the OS cache costs milliseconds against the seconds of its forward pass.
+DEFAULT_MEMORY_BUDGET = 512 << 20
 #: ``x`` in [-1, 1] is an 8-bit image when ``round((x + 1) * 127.5) / 127.5 - 1`` gives it back
 #: within this (a normalised ``k / 255`` differs from ``k / 127.5 - 1`` by rounding only).
 EIGHT_BIT_TOLERANCE = 1e-5

@@ -368,13 +368,20 @@ def reference_key(dataset: str, resolution: int, dims: int, weights_digest: str,
     return f"dataset={dataset};resolution={resolution};features={features};dims={dims};weights={weights_digest}"
 
 
+#: Images decoded to float at a time by :func:`dataset_uint8_chunks` (each rounded to uint8 at once).
+DECODE_IMAGES = 32
+
+
 def dataset_uint8_chunks(
     dataset: torch.utils.data.Dataset, limit: int | None = None, batch_size: int = 500
 ) -> Iterator[np.ndarray]:
     """The images of a maskdm dataset ((image in [-1, 1] CHW, label) items) as uint8 NHWC chunks, in order.
 
     Rounded as samples are (:func:`maskdm.sampling.to_uint8`), which gives back a dataset's
-    original uint8 pixels exactly. One chunk of ``batch_size`` images is decoded at a time.
+    original uint8 pixels exactly. One chunk of ``batch_size`` images is held at a time, as uint8:
+    the float images are decoded and rounded :data:`DECODE_IMAGES` at a time into it. (Decoding a
+    whole chunk as one float batch cost about 3.4 GB over the chunk for 1,000 images at 256x256:
+    the items, their stacked copy and ``to_uint8``'s temporaries, 786 MB each; docs/benchmarks.md.)
     """
     from maskdm.sampling import to_uint8
 
@@ -387,10 +394,17 @@ def dataset_uint8_chunks(
         for start in range(0, count, batch_size):
             yield stored[start : min(start + batch_size, count)]
         return
-    subset = torch.utils.data.Subset(dataset, range(count)) if count < len(dataset) else dataset
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
-    for images, _ in loader:
-        yield to_uint8(images)
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        part = torch.utils.data.Subset(dataset, range(start, stop))
+        chunk = None  # allocated once the first images give the shape; a new array per chunk (a consumer may keep it)
+        for images, _ in torch.utils.data.DataLoader(part, batch_size=DECODE_IMAGES, shuffle=False, num_workers=0):
+            pixels = to_uint8(images)
+            if chunk is None:
+                chunk, filled = np.empty((stop - start, *pixels.shape[1:]), dtype=np.uint8), 0
+            chunk[filled : filled + len(pixels)] = pixels
+            filled += len(pixels)
+        yield chunk
 
 
 def dataset_images_uint8(dataset: torch.utils.data.Dataset, limit: int | None = None, batch_size: int = 500) -> np.ndarray:
