@@ -165,9 +165,9 @@ import entrypoints.finetune as finetune
 from maskdm.errors import MaskDMError
 
 if os.environ["RANK"] == "1":
-    def load_dataset(*args, **kwargs):
+    def stage_dataset(*args, **kwargs):
         raise MaskDMError("dataset 'shapes' cannot be read on this machine")
-    finetune.load_dataset = load_dataset
+    finetune.stage_dataset = stage_dataset
 
 from entrypoints.cli import cli
 sys.exit(cli(sys.argv[1:]))
