@@ -47,11 +47,11 @@ def stage_dataset(ddpm, name: str, split: str, augment: bool | None = None, run:
     return dataset
 
 
-def latent_key(codec: LatentCodec, name: str, split: str, resolution: int) -> str:
+def latent_key(autoencoder_digest: str, name: str, split: str, resolution: int) -> str:
     """What identifies a latent cache: reuse it only when all of this matches (an image folder by
     its absolute path and listing, :func:`maskdm.data.dataset_identity`)."""
     return (
-        f"dataset={dataset_identity(name)};split={split};resolution={resolution};autoencoder={codec.digest()};"
+        f"dataset={dataset_identity(name)};split={split};resolution={resolution};autoencoder={autoencoder_digest};"
         f"code={source_digest('maskdm.latent', 'maskdm.data')}"
     )
 
@@ -60,7 +60,9 @@ def latent_dataset(codec: LatentCodec, name: str, split: str, resolution: int) -
     """(the latents of ``name``'s ``split`` under ``codec``, the ``latent_cache`` run holding them)."""
     # Latents are never flipped, so an image folder's two splits are one set of latents.
     split = unflipped_split(name, split)
-    key = latent_key(codec, name, split, resolution)
+    # Hashing every weight of a large autoencoder takes a while: once per lookup.
+    autoencoder_digest = codec.digest()
+    key = latent_key(autoencoder_digest, name, split, resolution)
     # Hashed: a dataset path may hold characters a tag search cannot quote; the params keep it readable.
     hashed = hashlib.sha256(key.encode()).hexdigest()[:32]
     # One local copy per cache run, shared by every later stage on this machine: a CelebA-HQ split
@@ -76,7 +78,7 @@ def latent_dataset(codec: LatentCodec, name: str, split: str, resolution: int) -
         try:
             folder = encode_dataset(images, codec, work / LATENTS_ARTIFACT, ENCODE_BATCH)
             cached = LatentDataset(folder)
-            params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": codec.digest(),
+            params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": autoencoder_digest,
                       "latent_shape": "x".join(map(str, cached.latent_shape)), "scaling_factor": codec.scaling_factor}
             run_id = log_side_run(LATENT_CACHE_STAGE, {LATENT_KEY_TAG: hashed}, params, {"num_images": len(cached)}, [folder])
         finally:
