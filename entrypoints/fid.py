@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from entrypoints.common import optional, stage, truth
+from entrypoints.common import integer, optional, stage, truth
 from maskdm import fid, npz_stream
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import UNKNOWN, FidProtocol
@@ -43,6 +43,8 @@ REFERENCE_STATS = "reference_stats.npz"
 CLASSIFIER_FILE = "shapes_classifier.safetensors"
 REFERENCE_KEY_TAG = "maskdm.fid_reference_key"
 CLASSIFIER_KEY_TAG = "maskdm.shapes_classifier_key"
+#: The images per forward pass this run used (its batch_size param may say auto).
+BATCH_SIZE_TAG = "maskdm.fid_batch_size"
 #: Training of the shapes classifier (maskdm.shapes_features): 99.65% eval accuracy measured, 20 s
 #: on an idle 2-core CPU (docs/details/fid.md).
 CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed": 0}
@@ -60,19 +62,24 @@ CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed"
     "--dims", type=int, default=2048, show_default=True,
     help="Inception features: 2048 (pool3: logs fid), 768, 192 or 64 (log fid_inception_<dims>).",
 )
-@click.option("--batch_size", type=int, default=200, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--batch_size", default="auto", show_default=True,
+    help="Images per forward pass: an integer, or auto (200 on a GPU, 50 on the CPU, where it bounds memory).",
+)
 @click.option(
     "--features", default="inception", show_default=True,
     help="inception (logs fid) or shapes (the embedded dataset's classifier; logs fid_shapes, ignores dims).",
 )
 @click.option("--weights", default="", help="Inception weights file. Default: pytorch-fid's (torch hub cache, else download).")
-def command(sample_run_id: str, reference: str, dims: int, batch_size: int, features: str, weights: str) -> None:
+def command(sample_run_id: str, reference: str, dims: int, batch_size: str, features: str, weights: str) -> None:
     params = {
         "sample_run_id": sample_run_id, "reference": optional(reference), "dims": dims,
         "batch_size": batch_size, "features": features, "weights": optional(weights),
     }
     with stage("fid", params) as run:
-        check_params(features, dims, batch_size)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        batch_size = resolve_batch_size(batch_size, device)
+        check_params(features, dims)
         up = run.upstream(sample_run_id, ["sample"], SAMPLES, "sample_run_id")
         # dense / pruned / masked / finetuned / finetuned_no_mask_training (the arm, from the lineage):
         # what the MLflow UI groups FID-vs-ratio charts by.
@@ -84,7 +91,6 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
         given_stats = check_reference(reference, features, dims)
         samples_path = up.download(SAMPLES)
         shape, saved = read_samples_header(samples_path)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         extractor = load_extractor(features, dims, optional(weights), batch_size, device)
 
         # Chunk by chunk: memory holds one chunk of images and its features, whatever the count.
@@ -115,19 +121,25 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: int, feat
             "maskdm.fid_features": extractor.name,
             "maskdm.fid_weights_digest": extractor.digest,
             "maskdm.device": device,
+            BATCH_SIZE_TAG: str(batch_size),
         })
         run.log_metrics({metric: value, "num_samples": shape[0]})
         log.info("%s = %.4f (%d samples against %s; protocol %s)", metric, value, shape[0],
                  tags["maskdm.fid_reference"], protocol.id)
 
 
-def check_params(features: str, dims: int, batch_size: int) -> None:
+def check_params(features: str, dims: int) -> None:
     if features not in FEATURES:
         raise MaskDMError(f"unknown features '{features}': use one of {', '.join(FEATURES)}")
     if features == "inception":
         fid.check_dims(dims)
-    if batch_size < 1:
-        raise MaskDMError(f"batch_size must be at least 1, not {batch_size}")
+
+
+def resolve_batch_size(value: str, device: str) -> int:
+    """``auto`` by device (:data:`maskdm.fid.AUTO_BATCH_SIZE`), else a positive integer."""
+    if str(value).strip().lower() == "auto":
+        return fid.auto_batch_size(device)
+    return integer("batch_size", value)
 
 
 def check_reference(reference: str, features: str, dims: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -120,7 +120,7 @@ DEMO = {
         # images is a rough estimate. Every model gets the same seeds, so the scores compare model
         # against model on the same starting noise.
         "sample": {"total_samples": "512", "batch_size": "256", "ddim_steps": "10", "skip_type": "uniform", "eta": "0.0", "seed": "42"},
-        "fid": {"features": "shapes", "dims": "2048", "batch_size": "200"},
+        "fid": {"features": "shapes", "dims": "2048", "batch_size": "auto"},
     },
 }
 
@@ -148,7 +148,7 @@ PAPER = {
             "save_model_steps": "1000", "mixed_precision": "auto", "seed": "0",
         },
         "sample": {"total_samples": "50000", "batch_size": "256", "ddim_steps": "100", "skip_type": "uniform", "eta": "0.0", "seed": "42"},
-        "fid": {"features": "inception", "dims": "2048", "batch_size": "200", "reference": "cifar10"},
+        "fid": {"features": "inception", "dims": "2048", "batch_size": "auto", "reference": "cifar10"},
     },
 }
 
@@ -161,7 +161,7 @@ PAPER = {
 #: (they were not tuned for this model); FID against the same folder, as the LDM paper scores
 #: CelebA-HQ against its 30,000 training images.
 LDM_CELEBAHQ = copy.deepcopy(PAPER) | {"model": "CompVis/ldm-celebahq-256", "dataset": ""}
-LDM_CELEBAHQ["stages"]["fid"] = {"features": "inception", "dims": "2048", "batch_size": "200"}
+LDM_CELEBAHQ["stages"]["fid"] = {"features": "inception", "dims": "2048", "batch_size": "auto"}
 
 PRESETS = {"demo": DEMO, "paper": PAPER, "ldm-celebahq": LDM_CELEBAHQ}
 

@@ -177,6 +177,17 @@ def _as_rgb_unit(images: np.ndarray) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).float().div(255)
 
 
+#: ``fid --batch_size auto``. On the CPU memory sets the batch, not throughput: Inception at 299x299
+#: holds about 10 MB per image of a batch (docs/benchmarks.md, "Peak memory at 256 pixels": fid's peak
+#: was 3.2 GiB at 200 images a batch and 1.7 GiB at 50, and 50 was not slower). A GPU wants larger batches.
+AUTO_BATCH_SIZE = {"cpu": 50, "cuda": 200}
+
+
+def auto_batch_size(device: str | torch.device) -> int:
+    """Images per Inception forward pass for ``batch_size=auto`` on ``device``."""
+    return AUTO_BATCH_SIZE["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
 def inception_features(
     images: np.ndarray,
     model: nn.Module,

@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from entrypoints.fid import BATCH_SIZE_TAG
 from inception_fixture import _planted_torch_home  # noqa: F401
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -160,6 +161,22 @@ def test_fid_through_mlflow_run_then_reused_reference(store, image_folder):
     assert second.data.metrics["fid_inception_64"] == pytest.approx(run.data.metrics["fid_inception_64"], rel=1e-6)
     # batch_size is no part of the protocol: the two FIDs compare.
     assert second.data.tags[FID_PROTOCOL_ID_TAG] == run.data.tags[FID_PROTOCOL_ID_TAG]
+    assert (run.data.tags[BATCH_SIZE_TAG], second.data.tags[BATCH_SIZE_TAG]) == ("3", "5")
+
+    # batch_size=auto (the default) on this CPU: 50 images a pass, recorded beside the "auto" param.
+    third = invoke(sample_run_id=sample_run, dims=64)
+    assert third.exit_code == 0, third.output
+    auto = fid_runs_of(sample_run)[0]
+    assert auto.data.params["batch_size"] == "auto" and auto.data.tags[BATCH_SIZE_TAG] == "50"
+    assert auto.data.metrics["fid_inception_64"] == pytest.approx(run.data.metrics["fid_inception_64"], rel=1e-6)
+
+
+def test_auto_batch_size_follows_the_device():
+    from entrypoints.fid import resolve_batch_size
+
+    assert resolve_batch_size("auto", "cpu") == fid.AUTO_BATCH_SIZE["cpu"] == 50
+    assert resolve_batch_size(" Auto ", "cuda") == fid.auto_batch_size("cuda:1") == 200
+    assert resolve_batch_size("16", "cuda") == 16
 
 
 @slow
@@ -281,6 +298,8 @@ def write_npz(path: Path, **arrays) -> Path:
         ("shapes_features_on_cifar10", "features=shapes scores the shapes dataset only"),
         ("missing_weights", "does not exist"),
         ("unknown_dims", "dims=100"),
+        ("zero_batch_size", "batch_size must be an integer >= 1, not '0'"),
+        ("batch_size_not_a_number", "batch_size must be an integer >= 1, not 'big'"),
         ("not_a_sample_run", "expected a sample run"),
     ],
 )
@@ -308,6 +327,10 @@ def test_bad_input_fails_the_run_with_one_line(store, tmp_path, case, message):
         options["weights"] = tmp_path / "nowhere.pth"
     elif case == "unknown_dims":
         options["dims"] = 100
+    elif case == "zero_batch_size":
+        options["batch_size"] = 0
+    elif case == "batch_size_not_a_number":
+        options["batch_size"] = "big"
 
     result = invoke(**options)
     assert result.exit_code == 1

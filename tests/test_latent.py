@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from inception_fixture import _planted_torch_home  # noqa: F401
@@ -250,6 +251,19 @@ def test_every_stage_of_a_latent_pipeline_through_mlflow_run(tmp_path, ldm_dir, 
         fid_run = client.get_run(scored)
         assert np.isfinite(fid_run.data.metrics["fid_inception_64"])
         assert fid_run.data.tags[f"{UPSTREAM_TAG_PREFIX}finetune"] == finetuned
+
+        # promote registers the finetuned latent pipeline; the registered model generates decoded images.
+        from click.testing import CliRunner
+
+        from entrypoints.promote import command as promote
+
+        done = CliRunner().invoke(promote, ["--finetune_run_id", finetuned, "--registered_model", "tiny-ldm"])
+        assert done.exit_code == 0, done.output
+        (version,) = client.search_model_versions("name = 'tiny-ldm'")
+        assert version.tags["finetune_run_id"] == finetuned
+        generator = mlflow.pyfunc.load_model("models:/tiny-ldm@champion")
+        images = generator.predict(pd.DataFrame({"num_images": [2], "ddim_steps": [1], "seed": [0]}))
+        assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
 
 
 def test_latent_pipeline_missing_its_autoencoder_fails_the_run(tracking, ldm_dir, tmp_path):
