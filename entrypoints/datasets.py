@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from maskdm.data import dataset_identity, default_cache_dir, load_dataset, unflipped_split
 from maskdm.latent import LatentCodec, LatentDataset, encode_dataset
-from maskdm.tracking import StageRun, cached_artifact, log_side_run, source_digest
+from maskdm.tracking import SideRun, StageRun, cached_or_made, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +28,8 @@ LATENT_CACHE_TAG = "maskdm.latent_cache"
 LATENTS_ARTIFACT = "latents"
 #: Images encoded at a time (memory holds one batch of images and latents).
 ENCODE_BATCH = 64
+#: Loader processes reading the images while a GPU encodes (on the CPU the encoder needs the cores).
+ENCODE_WORKERS_ON_GPU = 4
 
 
 def stage_dataset(ddpm, name: str, split: str, augment: bool | None = None, run: StageRun | None = None):
@@ -68,26 +68,24 @@ def latent_dataset(codec: LatentCodec, name: str, split: str, resolution: int) -
     # One local copy per cache run, shared by every later stage on this machine: a CelebA-HQ split
     # is 1.5 GB, too much to download again for each stage.
     keep_in = default_cache_dir() / "latents"
-    found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT, keep_in)
-    if found is None:
+
+    def encode(work: Path) -> SideRun:
         images = load_dataset(name, resolution, split=split, augment=False)
         log.info("encoding the %d images of %s (%s) once; later stages reuse the latents", len(images), name, split)
         previous = codec.device
-        codec.to("cuda" if torch.cuda.is_available() else "cpu")
-        work = Path(tempfile.mkdtemp(prefix="maskdm-latents-"))
+        on_gpu = torch.cuda.is_available()
+        codec.to("cuda" if on_gpu else "cpu")
         try:
-            folder = encode_dataset(images, codec, work / LATENTS_ARTIFACT, ENCODE_BATCH)
-            cached = LatentDataset(folder)
-            params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": autoencoder_digest,
-                      "latent_shape": "x".join(map(str, cached.latent_shape)), "scaling_factor": codec.scaling_factor}
-            run_id = log_side_run(LATENT_CACHE_STAGE, {LATENT_KEY_TAG: hashed}, params, {"num_images": len(cached)}, [folder])
+            folder = encode_dataset(images, codec, work / LATENTS_ARTIFACT, ENCODE_BATCH, workers=ENCODE_WORKERS_ON_GPU if on_gpu else 0)
         finally:
             codec.to(previous)
-            shutil.rmtree(work, ignore_errors=True)  # the logged copy is the cache
-        log.info("latents cached as latent_cache run %s", run_id)
-        # Two processes that both found no cache use the one cached first (as for the FID statistics).
-        found = cached_artifact(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT, keep_in)
-    return LatentDataset(found[1]), found[0]
+        cached = LatentDataset(folder)
+        params = {"dataset": name, "split": split, "resolution": resolution, "autoencoder_digest": autoencoder_digest,
+                  "latent_shape": "x".join(map(str, cached.latent_shape)), "scaling_factor": codec.scaling_factor}
+        return SideRun(params, {"num_images": len(cached)}, [folder])
+
+    run_id, folder = cached_or_made(LATENT_CACHE_STAGE, LATENT_KEY_TAG, hashed, LATENTS_ARTIFACT, encode, keep_in)
+    return LatentDataset(folder), run_id
 
 
 __all__ = ["stage_dataset", "latent_dataset", "LATENT_CACHE_STAGE"]

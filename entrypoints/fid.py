@@ -33,7 +33,7 @@ from maskdm import fid, npz_stream
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import UNKNOWN, FidProtocol
 from maskdm.report import MODEL_STAGE_TAG, model_stage_of
-from maskdm.tracking import Upstream, cached_artifact, log_side_run, parse_run_ref, source_digest
+from maskdm.tracking import SideRun, Upstream, cached_or_made, parse_run_ref, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -289,23 +289,19 @@ def shapes_classifier_key(training: Mapping[str, object] = CLASSIFIER_TRAINING) 
 
 def shapes_classifier_file() -> Path:
     """The cached classifier's weights, trained and logged as a ``shapes_classifier`` run when missing."""
-    key = shapes_classifier_key()
-    found = cached_artifact("shapes_classifier", CLASSIFIER_KEY_TAG, key, CLASSIFIER_FILE)
-    if found:
-        return found[1]
-    from maskdm.data import load_dataset
-    from maskdm.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
 
-    log.info("training the shapes classifier once (about a minute on a CPU); later fid runs reuse it")
-    model = train_shapes_classifier(load_dataset("shapes", split="train"), progress=True, **CLASSIFIER_TRAINING)
-    accuracy = classifier_accuracy(model, load_dataset("shapes", split="eval"))
-    path = save_shapes_classifier(model, Path(tempfile.mkdtemp(prefix="maskdm-shapes-classifier-")) / CLASSIFIER_FILE)
-    run_id = log_side_run(
-        "shapes_classifier", {CLASSIFIER_KEY_TAG: key}, {"dataset": "shapes", **CLASSIFIER_TRAINING}, {"eval_accuracy": accuracy}, [path]
-    )
-    log.info("shapes classifier: eval accuracy %.4f, cached as run %s", accuracy, run_id)
-    # Another process may have cached one first (two drivers at once): every process uses that one.
-    return cached_artifact("shapes_classifier", CLASSIFIER_KEY_TAG, key, CLASSIFIER_FILE)[1]
+    def train(work: Path) -> SideRun:
+        from maskdm.data import load_dataset
+        from maskdm.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
+
+        log.info("training the shapes classifier once (about a minute on a CPU); later fid runs reuse it")
+        model = train_shapes_classifier(load_dataset("shapes", split="train"), progress=True, **CLASSIFIER_TRAINING)
+        accuracy = classifier_accuracy(model, load_dataset("shapes", split="eval"))
+        log.info("shapes classifier: eval accuracy %.4f", accuracy)
+        path = save_shapes_classifier(model, work / CLASSIFIER_FILE)
+        return SideRun({"dataset": "shapes", **CLASSIFIER_TRAINING}, {"eval_accuracy": accuracy}, [path])
+
+    return cached_or_made("shapes_classifier", CLASSIFIER_KEY_TAG, shapes_classifier_key(), CLASSIFIER_FILE, train)[1]
 
 
 def is_stats_file(reference: str) -> bool:
@@ -318,24 +314,20 @@ def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> t
 
     # An image folder by path and listing: images added or replaced make new statistics.
     key = fid.reference_key(dataset_identity(dataset), resolution, extractor.dims, extractor.digest, extractor.name)
-    found = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
-    if found:
-        return fid.load_reference_stats(found[1], extractor.dims), found[0]
-    from maskdm.data import load_dataset
 
-    train = load_dataset(dataset, resolution, split="train", augment=False)
-    log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(train), dataset)
-    chunks = progress(fid.dataset_uint8_chunks(train, batch_size=CHUNK_IMAGES), len(train), "reference features")
-    *stats, count = fid.streamed_statistics(chunks, extractor.features)
-    path = fid.save_stats(Path(tempfile.mkdtemp(prefix="maskdm-fid-reference-")) / REFERENCE_STATS, *stats)
-    params = {"dataset": dataset, "resolution": resolution, "features": extractor.name, "dims": extractor.dims,
-              "weights_digest": extractor.digest}
-    run_id = log_side_run("fid_reference", {REFERENCE_KEY_TAG: key}, params, {"num_images": count}, [path])
-    log.info("reference statistics cached as fid_reference run %s", run_id)
-    # As for the classifier: the statistics cached first are the ones every process uses.
-    first_id, first_path = cached_artifact("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS)
-    return (stats if first_id == run_id else fid.load_reference_stats(first_path, extractor.dims)), first_id
+    def score(work: Path) -> SideRun:
+        from maskdm.data import load_dataset
 
+        train = load_dataset(dataset, resolution, split="train", augment=False)
+        log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(train), dataset)
+        chunks = progress(fid.dataset_uint8_chunks(train, batch_size=CHUNK_IMAGES), len(train), "reference features")
+        *stats, count = fid.streamed_statistics(chunks, extractor.features)
+        params = {"dataset": dataset, "resolution": resolution, "features": extractor.name, "dims": extractor.dims,
+                  "weights_digest": extractor.digest}
+        return SideRun(params, {"num_images": count}, [fid.save_stats(work / REFERENCE_STATS, *stats)])
+
+    run_id, path = cached_or_made("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS, score)
+    return fid.load_reference_stats(path, extractor.dims), run_id
 
 
 __all__ = ["command"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from maskdm.errors import MaskDMError
@@ -94,13 +94,16 @@ class LatentCodec:
 
 
 def encode_dataset(
-    dataset: Dataset, codec: LatentCodec, folder: str | os.PathLike, batch_size: int = 64, progress: bool = True
+    dataset: Dataset, codec: LatentCodec, folder: str | os.PathLike, batch_size: int = 64, progress: bool = True,
+    workers: int = 0,
 ) -> Path:
     """Encode every image of ``dataset`` (``(image, label)`` items, in order) into ``folder``.
 
-    ``latents.npy`` (float32, N x C x h x w) is written batch by batch, so memory holds one batch;
-    ``labels.npy`` (int64) beside it. Both are written under temporary names and renamed when
-    complete, so a folder never holds a partial file under the real name.
+    ``latents.npy`` (float32, N x C x h x w) is written batch by batch, so memory holds one batch
+    (and the ``workers`` loader processes' prefetched ones); ``labels.npy`` (int64) beside it. Both
+    are written under temporary names and renamed when complete, so a folder never holds a partial
+    file under the real name. ``workers``: processes that read and resize the images while the
+    autoencoder encodes (on a GPU the reading is what takes the time).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,12 +118,13 @@ def encode_dataset(
         np.lib.format.write_array_header_2_0(
             out, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": (count, *latent_shape)}
         )
-        for start in range(0, count, batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-            images = torch.stack([_image(item) for item in items])
-            labels[start : start + len(items)] = [_label(item) for item in items]
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_images_and_labels)
+        start = 0
+        for images, batch_labels in loader:
+            labels[start : start + len(batch_labels)] = batch_labels
             out.write(codec.encode(images).to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
-            bar.update(len(items))
+            start += len(batch_labels)
+            bar.update(len(batch_labels))
     np.save(folder / (LABELS_FILE + ".partial.npy"), labels)
     os.replace(folder / (LABELS_FILE + ".partial.npy"), folder / LABELS_FILE)
     os.replace(partial, folder / LATENTS_FILE)
@@ -197,3 +201,7 @@ def _image(item) -> torch.Tensor:
 
 def _label(item) -> int:
     return int(item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else 0
+
+
+def _images_and_labels(items: list) -> tuple[torch.Tensor, list[int]]:
+    return torch.stack([_image(item) for item in items]), [_label(item) for item in items]

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +243,63 @@ def _kept_copy(run_id: str, artifact: str, keep_in: Path) -> Path:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return folder / artifact
+
+
+@dataclass
+class SideRun:
+    """What a cache's maker hands :func:`cached_or_made` to log: the side run's params, metrics and files."""
+
+    params: Mapping[str, object]
+    metrics: Mapping[str, float]
+    files: list[Path]
+
+
+def cached_or_made(
+    stage_name: str, key_tag: str, key: str, artifact: str, make: Callable[[Path], SideRun],
+    keep_in: str | os.PathLike | None = None,
+) -> tuple[str, Path]:
+    """(run ID, local ``artifact``) of the ``stage_name`` cache run for ``key``; ``make(folder)``
+    makes it (its files under ``folder``) when there is none, and it is logged as a side run.
+
+    One process per machine and store makes it: the others wait on a lock file, then find it. So a
+    ``--parallel`` sweep encodes a dataset or scores a reference once, not once per process.
+    Processes on different machines sharing a store may each make one; :func:`cached_artifact`
+    keeps them all on the first. A process killed while making it releases the lock (an flock).
+    """
+    found = cached_artifact(stage_name, key_tag, key, artifact, keep_in)
+    if found is not None:
+        return found
+    with _machine_lock(stage_name, key):
+        found = cached_artifact(stage_name, key_tag, key, artifact, keep_in)
+        if found is not None:  # made by the process we waited for
+            return found
+        work = Path(tempfile.mkdtemp(prefix=f"maskdm-{stage_name}-"))
+        try:
+            made = make(work)
+            run_id = log_side_run(stage_name, {key_tag: key}, made.params, made.metrics, made.files)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # the logged copy is the cache
+        log.info("cached as %s run %s", stage_name, run_id)
+    return cached_artifact(stage_name, key_tag, key, artifact, keep_in)
+
+
+@contextmanager
+def _machine_lock(stage_name: str, key: str):
+    from filelock import FileLock, Timeout
+
+    name = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{stage_name}|{key}".encode()).hexdigest()[:32]
+    folder = Path(tempfile.gettempdir()) / "maskdm-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / f"{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is making this %s; waiting for it", stage_name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, object], metrics: Mapping[str, float], files: list[Path]) -> str:

@@ -154,6 +154,10 @@ def test_encoded_dataset_reads_back_the_latents_of_every_image(tmp_path):
         assert label == images[i][1]
     with pytest.raises(IndexError):
         dataset[70]
+    # Loader processes read the images; the files are the same byte for byte.
+    again = encode_dataset(images, codec, tmp_path / "with_workers", batch_size=32, progress=False, workers=2)
+    for name in (LATENTS_FILE, "labels.npy"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes()
     # A cut-off file is one line, not a short tensor.
     data = (folder / LATENTS_FILE).read_bytes()
     (folder / LATENTS_FILE).write_bytes(data[: len(data) - 10])
