@@ -190,3 +190,42 @@ def test_an_error_on_one_rank_is_its_one_line_and_ends_the_job(store, chain, tmp
     assert "maskdm: error: dataset 'shapes' cannot be read on this machine" in done.stderr.splitlines(), done.stderr[-3000:]
     run = new_run("finetune", before)
     assert run.info.status in ("KILLED", "FAILED"), (run.info.status, done.stderr[-3000:])
+
+
+def test_a_latent_model_under_torchrun_encodes_its_training_latents_once(store, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from entrypoints.cli import cli
+    from test_latent import tiny_latent_ddpm
+    from maskdm.models import save_ddpm
+
+    root, uri = store
+    # Local copies of the latents here, for this process and the ranks alike.
+    monkeypatch.setenv("MASKDM_DATA_DIR", str(tmp_path / "data"))
+    model_dir = save_ddpm(tiny_latent_ddpm(), tmp_path / "tiny_ldm")
+    before_prunes = {r.info.run_id for r in runs_of("prune")}
+    done = CliRunner().invoke(cli, ["prune", "--model", str(model_dir), "--dataset", "shapes", "--pruning_ratio", "0.5"])
+    assert done.exit_code == 0, done.output
+    prune_run = new_run("prune", before_prunes)
+    before_masks = {r.info.run_id for r in runs_of("extract_masks")}
+    done = CliRunner().invoke(cli, ["extract_masks", "--prune_run_id", prune_run.info.run_id])
+    assert done.exit_code == 0, done.output
+    masks_run = new_run("extract_masks", before_masks)
+
+    # prune encoded the eval split; the training split has no cache yet, so the job must make one.
+    caches_before = {r.info.run_id for r in runs_of("latent_cache")}
+    before = {r.info.run_id for r in runs_of("finetune")}
+    done = subprocess.run(
+        [*TORCHRUN, "-m", "entrypoints.cli", "finetune", "--masks_run_id", masks_run.info.run_id,
+         "--num_iters", "2", "--save_model_steps", "2", *QUICK],
+        cwd=root, env=env(uri), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = new_run("finetune", before)
+    assert run.info.status == "FINISHED" and run.data.tags["maskdm.num_processes"] == "2"
+    # One training-latent cache for the two ranks (the main process made it; the other found it).
+    (made,) = [r for r in runs_of("latent_cache") if r.info.run_id not in caches_before]
+    assert made.data.params["split"] == "train" and made.data.params["dataset"] == "shapes"
+    assert run.data.tags["maskdm.latent_cache.train"] == made.info.run_id
+    assert run.data.tags["maskdm.latent_cache.eval"] == prune_run.data.tags["maskdm.latent_cache.eval"]
+    assert_every_rank_state_in_checkpoints(run.info.run_id)
