@@ -178,8 +178,9 @@ def _as_rgb_unit(images: np.ndarray) -> torch.Tensor:
 
 
 #: ``fid --batch_size auto``. On the CPU memory sets the batch, not throughput: Inception at 299x299
-#: holds about 10 MB per image of a batch (docs/benchmarks.md, "Peak memory at 256 pixels": fid's peak
-#: was 3.2 GiB at 200 images a batch and 1.7 GiB at 50, and 50 was not slower). A GPU wants larger batches.
+#: holds about 9 MB per image of a batch, and speed barely moves with the batch (docs/benchmarks.md,
+#: "fid's batch size on the CPU": pool3 features peak at 1.8 GiB with 50 images a batch against 3.1
+#: GiB with 200, and 50 was 9% faster). A GPU wants larger batches.
 AUTO_BATCH_SIZE = {"cpu": 50, "cuda": 200}
 
 
