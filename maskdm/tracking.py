@@ -13,6 +13,7 @@ No other module talks to the MLflow client for lineage or upstream lookups.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import logging
 import os
@@ -288,7 +289,9 @@ def _machine_lock(stage_name: str, key: str):
     from filelock import FileLock, Timeout
 
     name = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{stage_name}|{key}".encode()).hexdigest()[:32]
-    folder = Path(tempfile.gettempdir()) / "maskdm-locks"
+    # Per user: a folder another user made first would refuse this one's lock files.
+    user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()  # a uid needs no passwd entry
+    folder = Path(tempfile.gettempdir()) / f"maskdm-locks-{user}"
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(folder / f"{name}.lock")
     try:
