@@ -54,17 +54,22 @@ def assert_every_rank_state_in_checkpoints(run_id: str) -> None:
     assert zero != one
 
 
-def test_finetune_under_torchrun_is_one_run_with_every_rank_state(store, chain):
-    root, uri = store
-    _, masks_run, _ = chain
+def finetune_on_two_ranks(root: Path, uri: str, masks_run_id: str, num_iters: int):
+    """Run finetune under torchrun (2 processes, a checkpoint every 2 steps); its one new run."""
     before = {r.info.run_id for r in runs_of("finetune")}
     done = subprocess.run(
-        [*TORCHRUN, "-m", "entrypoints.cli", "finetune", "--masks_run_id", masks_run.info.run_id,
-         "--num_iters", "4", "--save_model_steps", "2", *QUICK],
+        [*TORCHRUN, "-m", "entrypoints.cli", "finetune", "--masks_run_id", masks_run_id,
+         "--num_iters", str(num_iters), "--save_model_steps", "2", *QUICK],
         cwd=root, env=env(uri), capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    run = new_run("finetune", before)
+    return new_run("finetune", before)
+
+
+def test_finetune_under_torchrun_is_one_run_with_every_rank_state(store, chain):
+    root, uri = store
+    _, masks_run, _ = chain
+    run = finetune_on_two_ranks(root, uri, masks_run.info.run_id, num_iters=4)
     assert run.info.status == "FINISHED"
     assert run.data.tags["maskdm.num_processes"] == "2" and run.data.tags["maskdm.fast_path"] == "fp32"
     assert listed(run.info.run_id, "checkpoints") == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]
@@ -214,14 +219,7 @@ def test_a_latent_model_under_torchrun_encodes_its_training_latents_once(store, 
 
     # prune encoded the eval split; the training split has no cache yet, so the job must make one.
     caches_before = {r.info.run_id for r in runs_of("latent_cache")}
-    before = {r.info.run_id for r in runs_of("finetune")}
-    done = subprocess.run(
-        [*TORCHRUN, "-m", "entrypoints.cli", "finetune", "--masks_run_id", masks_run.info.run_id,
-         "--num_iters", "2", "--save_model_steps", "2", *QUICK],
-        cwd=root, env=env(uri), capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = new_run("finetune", before)
+    run = finetune_on_two_ranks(root, uri, masks_run.info.run_id, num_iters=2)
     assert run.info.status == "FINISHED" and run.data.tags["maskdm.num_processes"] == "2"
     # One training-latent cache for the two ranks (the main process made it; the other found it).
     (made,) = [r for r in runs_of("latent_cache") if r.info.run_id not in caches_before]
