@@ -30,6 +30,19 @@ from maskdm import fid
 REPO = Path(__file__).resolve().parents[1]
 
 
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux), which it returns, in KiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_kib("VmRSS")
+
+
 def inception_rate(count: int) -> float:
     """Images/s of the stage's Inception pass (pool3, batch 50, 256x256 uint8 in), timed after one warm-up batch."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -78,6 +91,7 @@ def main() -> None:
         timings.append(time.perf_counter())  # set-up done: the replicates start
         yield from real_tqdm(iterable, **kwargs)
 
+    rss_before = reset_peak_rss()
     start = time.perf_counter()
     with mock.patch.object(fid, "tqdm", timed_tqdm):
         fids = fid.bootstrap_fids(features, (ref_mu, ref_sigma), args.resamples, seed=0, overwrite=True)
@@ -92,7 +106,8 @@ def main() -> None:
     print(f"SE at se_resamples={args.stage_resamples}: {se_s:.0f} s")
     print(f"stage's Inception pass at {images_per_s:.2f} images/s: {inception_s:.0f} s; "
           f"SE / (stage + SE) = {se_s / (inception_s + fid_s + se_s):.1%}, SE / stage = {se_s / (inception_s + fid_s):.1%}")
-    print(f"the features the stage keeps for it: {features.nbytes / 2**30:.2f} GiB")
+    print(f"the features the stage keeps for it: {features.nbytes / 2**30:.2f} GiB; "
+          f"the SE's peak memory over them: {(status_kib('VmHWM') - rss_before) / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

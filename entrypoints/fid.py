@@ -6,6 +6,8 @@ run, found again by :func:`maskdm.fid.reference_key` (dataset, resolution, featu
 weights digest). ``features=shapes`` scores with a small classifier of the embedded shapes
 dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
 ``fid``. ``fid`` is Inception pool3 (2048 dims) only; other Inception sizes log ``fid_inception_<dims>``.
+Beside the FID, ``<that metric>_se``: its bootstrap standard error over the samples against the
+fixed reference (``se_resamples``, ``se_seed``; :func:`maskdm.fid.bootstrap_fids`).
 
 Every fid run records its FID protocol (:class:`maskdm.fid_protocol.FidProtocol`: features and dims,
 number of samples, reference, weights digest, and the sample run's sampler, steps, skip type, eta,
@@ -122,12 +124,12 @@ def command(
             tags["maskdm.fid_reference"] = reference
             reference_part = f"{reference}:train"
         value = fid.fid_from_stats(*sample_stats, *reference_stats)
-        metrics = {}
+        se = None
         if kept is not None:
-            # After the FID, from the same features and reference, touching neither: the FID is
-            # the same with and without it (tested).
+            # After the statistics and the FID, from the same features (its own copy, which it
+            # overwrites) and the same reference: the FID is the same with and without it (tested).
             replicates = fid.bootstrap_fids(kept.array, reference_stats, se_resamples, se_seed, device, overwrite=True, progress=True)
-            metrics["se"] = fid.bootstrap_se(replicates)
+            se = fid.bootstrap_se(replicates)
 
         protocol = FidProtocol.of(
             features=extractor.name, dims=extractor.dims, samples=shape[0], reference=reference_part,
@@ -142,8 +144,8 @@ def command(
             "maskdm.device": device,
             BATCH_SIZE_TAG: str(batch_size),
         })
-        run.log_metrics({metric: value, "num_samples": shape[0], **{f"{metric}{SE_SUFFIX}": v for v in metrics.values()}})
-        se_text = f" +- {metrics['se']:.4f} (bootstrap SE over the samples, {se_resamples} resamples)" if metrics else ""
+        run.log_metrics({metric: value, "num_samples": shape[0], **({f"{metric}{SE_SUFFIX}": se} if se is not None else {})})
+        se_text = f" +- {se:.4f} (bootstrap SE over the samples, {se_resamples} resamples)" if se is not None else ""
         log.info("%s = %.4f%s (%d samples against %s; protocol %s)", metric, value, se_text, shape[0],
                  tags["maskdm.fid_reference"], protocol.id)
 
