@@ -342,8 +342,8 @@ def fid_of_features(features: np.ndarray, reference: tuple[np.ndarray, np.ndarra
 # --- standard error: a bootstrap over the samples ------------------------------------------------
 
 #: ``fid --se_resamples``: bootstrap replicates of the FID. 100 gives the SE to about 7 % (its own
-#: relative spread is 1/sqrt(2 x 99)) and costs about 9 % of the CPU stage at 50,000 images
-#: (docs/benchmarks.md, "The FID's standard error").
+#: relative spread is 1/sqrt(2 x 99)) and cost 4 to 10 % of the CPU stage's Inception pass at
+#: 50,000 x 2048 in three measurements (docs/benchmarks.md, "The FID's standard error").
 DEFAULT_SE_RESAMPLES = 100
 #: Rows of the features gathered and converted to float64 at a time in a replicate.
 SE_CHUNK_ROWS = 4096
