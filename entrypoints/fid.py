@@ -6,6 +6,8 @@ run, found again by :func:`maskdm.fid.reference_key` (dataset, resolution, featu
 weights digest). ``features=shapes`` scores with a small classifier of the embedded shapes
 dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
 ``fid``. ``fid`` is Inception pool3 (2048 dims) only; other Inception sizes log ``fid_inception_<dims>``.
+Beside the FID, ``<that metric>_se``: its bootstrap standard error over the samples against the
+fixed reference (``se_resamples``, ``se_seed``; :func:`maskdm.fid.bootstrap_fids`).
 
 Every fid run records its FID protocol (:class:`maskdm.fid_protocol.FidProtocol`: features and dims,
 number of samples, reference, weights digest, and the sample run's sampler, steps, skip type, eta,
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from entrypoints.common import integer, optional, stage, truth
 from maskdm import fid, npz_stream
 from maskdm.errors import MaskDMError
-from maskdm.fid_protocol import UNKNOWN, FidProtocol
+from maskdm.fid_protocol import SE_SUFFIX, UNKNOWN, FidProtocol
 from maskdm.report import MODEL_STAGE_TAG, model_stage_of
 from maskdm.tracking import SideRun, Upstream, cached_or_made, parse_run_ref, source_digest
 
@@ -71,15 +73,26 @@ CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed"
     help="inception (logs fid) or shapes (the embedded dataset's classifier; logs fid_shapes, ignores dims).",
 )
 @click.option("--weights", default="", help="Inception weights file. Default: pytorch-fid's (torch hub cache, else download).")
-def command(sample_run_id: str, reference: str, dims: int, batch_size: str, features: str, weights: str) -> None:
+@click.option(
+    "--se_resamples", default=str(fid.DEFAULT_SE_RESAMPLES), show_default=True,
+    help="Bootstrap resamples of the samples for the FID's standard error (metric <fid metric>_se); 0: none.",
+)
+@click.option("--se_seed", default="0", show_default=True, help="Seed of the bootstrap's draws.")
+def command(
+    sample_run_id: str, reference: str, dims: int, batch_size: str, features: str, weights: str,
+    se_resamples: str, se_seed: str,
+) -> None:
     params = {
         "sample_run_id": sample_run_id, "reference": optional(reference), "dims": dims,
         "batch_size": batch_size, "features": features, "weights": optional(weights),
+        "se_resamples": se_resamples, "se_seed": se_seed,
     }
     with stage("fid", params) as run:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         batch_size = resolve_batch_size(batch_size, device)
         check_params(features, dims)
+        se_resamples, se_seed = integer("se_resamples", se_resamples, minimum=0), integer("se_seed", se_seed, minimum=0)
+        fid.check_se_resamples(se_resamples)
         up = run.upstream(sample_run_id, ["sample"], SAMPLES, "sample_run_id")
         # dense / pruned / masked / finetuned / finetuned_no_mask_training (the arm, from the lineage):
         # what the MLflow UI groups FID-vs-ratio charts by.
@@ -93,9 +106,11 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: str, feat
         shape, saved = read_samples_header(samples_path)
         extractor = load_extractor(features, dims, optional(weights), batch_size, device)
 
-        # Chunk by chunk: memory holds one chunk of images and its features, whatever the count.
+        # Chunk by chunk: memory holds one chunk of images and its features, whatever the count (and,
+        # for the standard error, every image's features: n x dims float32, 0.4 GB at 50,000 x 2048).
         chunks = progress(npz_stream.iter_rows(samples_path, "images", CHUNK_IMAGES), shape[0], "sample features")
-        *sample_stats, _ = fid.streamed_statistics(chunks, extractor.features)
+        kept = FeatureKeeper(extractor.features, shape[0], extractor.dims) if se_resamples else None
+        *sample_stats, _ = fid.streamed_statistics(chunks, kept or extractor.features)
         fid.save_stats(run.out / "sample_stats.npz", *sample_stats)
         tags = {}
         if given_stats is not None:
@@ -109,6 +124,12 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: str, feat
             tags["maskdm.fid_reference"] = reference
             reference_part = f"{reference}:train"
         value = fid.fid_from_stats(*sample_stats, *reference_stats)
+        se = None
+        if kept is not None:
+            # After the statistics and the FID, from the same features (its own copy, which it
+            # overwrites) and the same reference: the FID is the same with and without it (tested).
+            replicates = fid.bootstrap_fids(kept.array, reference_stats, se_resamples, se_seed, device, overwrite=True, progress=True)
+            se = fid.bootstrap_se(replicates)
 
         protocol = FidProtocol.of(
             features=extractor.name, dims=extractor.dims, samples=shape[0], reference=reference_part,
@@ -123,9 +144,25 @@ def command(sample_run_id: str, reference: str, dims: int, batch_size: str, feat
             "maskdm.device": device,
             BATCH_SIZE_TAG: str(batch_size),
         })
-        run.log_metrics({metric: value, "num_samples": shape[0]})
-        log.info("%s = %.4f (%d samples against %s; protocol %s)", metric, value, shape[0],
+        run.log_metrics({metric: value, "num_samples": shape[0], **({f"{metric}{SE_SUFFIX}": se} if se is not None else {})})
+        se_text = f" +- {se:.4f} (bootstrap SE over the samples, {se_resamples} resamples)" if se is not None else ""
+        log.info("%s = %.4f%s (%d samples against %s; protocol %s)", metric, value, se_text, shape[0],
                  tags["maskdm.fid_reference"], protocol.id)
+
+
+class FeatureKeeper:
+    """The extractor's features, also written into one preallocated (n, dims) float32 array (for the SE)."""
+
+    def __init__(self, features: Callable[[np.ndarray], np.ndarray], count: int, dims: int) -> None:
+        self._features = features
+        self.array = np.empty((count, dims), dtype=np.float32)
+        self._filled = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = self._features(images)
+        self.array[self._filled : self._filled + len(out)] = out
+        self._filled += len(out)
+        return out
 
 
 def check_params(features: str, dims: int) -> None:

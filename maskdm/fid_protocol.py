@@ -14,12 +14,16 @@ from dataclasses import dataclass
 #: The metric name of Inception pool3 FID, the field's FID.
 FID_METRIC = "fid"
 
+#: ``<fid metric>_se``: the fid stage's bootstrap standard error of that FID (docs/details/fid.md).
+SE_SUFFIX = "_se"
+
 _FID_METRIC_NAME = re.compile(r"^fid(_[A-Za-z0-9_]+)?$")
 
 
 def is_fid_metric(name: str) -> bool:
-    """``fid`` and ``fid_<feature extractor>``; ``fid_*_s`` (timings) and ``fid_*_id`` are not FIDs."""
-    return bool(_FID_METRIC_NAME.match(name)) and not name.endswith(("_s", "_id"))
+    """``fid`` and ``fid_<feature extractor>``; ``fid_*_s`` (timings), ``fid_*_id`` and ``<fid>_se``
+    (the standard error a fid run logs beside its FID) are not FIDs."""
+    return bool(_FID_METRIC_NAME.match(name)) and not name.endswith(("_s", "_id", SE_SUFFIX))
 
 
 # --------------------------------------------------------------------------------------------
