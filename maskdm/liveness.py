@@ -6,16 +6,18 @@ time, plus the host name for people to read. While it works it refreshes a heart
 (:class:`Heartbeat`). :func:`judge` reads those tags and says whether the run is dead, alive or
 unknown, and why. It never ends a run whose process might still be working on it:
 
-1. Recorded on this machine (same machine id), in this PID namespace:
-   - the machine has rebooted since (another boot id, and the run was last seen alive before
-     this boot began): dead;
+1. Recorded on this machine (same machine id) in an earlier boot, last seen alive before this
+   boot began: dead (the machine rebooted). Seen alive after it began: a machine with a copy of
+   this machine id, judged as in 3.
+2. Recorded in this boot of this machine (same machine id and boot id; where either side has no
+   machine id, the same Linux boot id alone, a random UUID per boot), in this PID namespace:
    - no process has that PID, or only a zombie (exited, not yet waited for): dead;
    - a process has that PID but started at another time (the PID was reused): dead;
    - the process cannot be seen (``/proc`` mounted with ``hidepid``, access denied): unknown,
      left alone whatever ``stale_after`` says;
    - otherwise the process is alive and the run is left alone.
-2. Recorded on another machine or in another PID namespace (a container), or by a machine
-   whose id cannot be read, or before machine ids were recorded (older runs, which named the
+3. Recorded on another machine or in another PID namespace (a container), or by a machine
+   that cannot be told from another, or before machine ids were recorded (older runs, which named the
    machine by host name only), or not recorded at all: nothing here can see the process. It is
    dead only when the caller passes an explicit ``stale_after`` and the last sign of life (the
    newest heartbeat, else the run's start) is older than that. Without it the run is left alone.
@@ -196,44 +198,45 @@ def judge(tags: Mapping[str, str], start_time: float, now: float | None = None, 
     last_seen = max(heartbeat or 0.0, start_time)
     host, pid = tags.get(HOST_TAG, ""), tags.get(PID_TAG, "")
     machine, here = tags.get(MACHINE_ID_TAG, ""), machine_id()
+    recorded_boot, current_boot = tags.get(BOOT_ID_TAG, ""), boot_id()
+    same_machine = bool(machine and here and machine == here)
+    # Without a machine id on one side, a Linux boot id (a random UUID per kernel boot) still names
+    # this machine's current boot; psutil's boot time elsewhere ("boot-<seconds>") does not.
+    same_boot = bool(recorded_boot and recorded_boot == current_boot
+                     and (same_machine or ((not machine or not here) and not recorded_boot.startswith("boot-"))))
+    # Runs recorded before machine ids (no PID namespace tag) are judged by their heartbeat only.
+    recorded_here = PID_NS_TAG in tags and pid.isdigit()
     where = ""
-    if machine and here and machine == here and pid.isdigit():
+    if recorded_here and same_machine and not same_boot:
+        if recorded_boot and last_seen < psutil.boot_time():
+            return Verdict(True, f"this machine has rebooted since process {pid} on {host or 'it'} worked on the run", last_seen)
+        # Seen alive after this boot began, under another boot id: a machine with a copy of this
+        # one's machine id (a cloned image), not this one.
+        where = f"on a machine with this machine id but boot {recorded_boot or '(none)'}"
+    elif recorded_here and same_boot and tags.get(PID_NS_TAG, "") != pid_namespace():
+        where = f"in another PID namespace ({tags.get(PID_NS_TAG) or 'none recorded'}; this is {pid_namespace() or 'none'})"
+    elif recorded_here and same_boot:
         name = f"process {pid} on {host or 'this machine'}"
-        recorded_boot, current_boot = tags.get(BOOT_ID_TAG, ""), boot_id()
-        booted = psutil.boot_time()
-        if recorded_boot and current_boot and recorded_boot != current_boot and last_seen < booted:
-            return Verdict(True, f"this machine has rebooted since {name} worked on the run", last_seen)
-        if recorded_boot != current_boot:
-            # Seen alive after this boot began, under another boot id: a machine with a copy of
-            # this one's machine id (a cloned image), not this one.
-            where = f"on a machine with this machine id but boot {recorded_boot or '(none)'}"
-        elif tags.get(PID_NS_TAG, "") != pid_namespace():
-            where = f"in another PID namespace ({tags.get(PID_NS_TAG) or 'none recorded'}; this is {pid_namespace() or 'none'})"
-        else:
-            state = process_state(int(pid))
-            if not state.exists:
-                return Verdict(True, f"{name} no longer exists", last_seen)
-            if state.zombie:
-                return Verdict(True, f"{name} has exited (a zombie not yet waited for)", last_seen)
-            if state.hidden:
-                return Verdict(False, f"unknown: {name} exists but cannot be looked at (hidepid or access denied); left alone", last_seen, unknown=True)
-            recorded = _float(tags.get(PID_CREATED_TAG))
-            if recorded is not None and state.created is not None and abs(recorded - state.created) > START_TOLERANCE_S:
-                return Verdict(True, f"{name} has ended; the PID now belongs to a process started later", last_seen)
-            return Verdict(False, f"{name} is running", last_seen)
-
-    if not where:
-        if machine and here:
-            where = f"on another machine ({host or machine})"
-        elif machine:
-            where = "on a machine, and this machine's id cannot be read"
-        elif pid:
-            where = f"recorded by host name only ({host}, an older run)"
-        else:
-            where = "without a recorded process"
-        where = f"run {where}"
+        state = process_state(int(pid))
+        if not state.exists:
+            return Verdict(True, f"{name} no longer exists", last_seen)
+        if state.zombie:
+            return Verdict(True, f"{name} has exited (a zombie not yet waited for)", last_seen)
+        if state.hidden:
+            return Verdict(False, f"unknown: {name} exists but cannot be looked at (hidepid or access denied); left alone", last_seen, unknown=True)
+        recorded = _float(tags.get(PID_CREATED_TAG))
+        if recorded is not None and state.created is not None and abs(recorded - state.created) > START_TOLERANCE_S:
+            return Verdict(True, f"{name} has ended; the PID now belongs to a process started later", last_seen)
+        return Verdict(False, f"{name} is running", last_seen)
+    elif recorded_here and machine and here:
+        where = f"on another machine ({host or machine})"
+    elif recorded_here:
+        where = f"on {host or 'a machine'}, another boot, and a machine id is missing (here or there)"
+    elif pid:
+        where = f"recorded by host name only ({host}, an older run)"
     else:
-        where = f"run {where}"
+        where = "without a recorded process"
+    where = f"run {where}"
     age = now - last_seen
     seen = f"last seen alive {age:.0f} s ago" + ("" if heartbeat else " (no heartbeat: its start)")
     if stale_after is not None and stale_after > 0 and age > stale_after:

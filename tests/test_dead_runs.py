@@ -109,6 +109,19 @@ def test_judge_same_host_by_pid_start_time_and_boot():
     assert not verdict.dead and "this machine id but boot another-boot" in verdict.reason
 
 
+def test_judge_by_the_boot_id_where_a_machine_id_is_missing(monkeypatch):
+    now = time.time()
+    dead = dead_process_tags()
+    if dead[liveness.BOOT_ID_TAG].startswith("boot-"):
+        pytest.skip("no Linux boot id here")
+    # A container without /etc/machine-id: the kernel's boot id (a random UUID per boot) and the
+    # PID namespace still say that the PID is counted here.
+    monkeypatch.setattr(liveness, "machine_id", lambda: "")
+    no_id = {**dead, liveness.MACHINE_ID_TAG: ""}
+    assert liveness.judge(no_id, now - 10, now=now).dead
+    assert not liveness.judge({**no_id, liveness.BOOT_ID_TAG: "another-boot"}, now - 10, now=now).dead
+
+
 def test_judge_never_ends_a_process_it_cannot_see(monkeypatch):
     now = time.time()
     dead = dead_process_tags()
@@ -218,7 +231,8 @@ def test_reap_bad_input_is_one_line():
 def test_reap_leaves_a_run_of_another_machine_with_the_same_host_name(tracking):
     client = MlflowClient()
     dead = dead_process_tags()  # this host name, a PID that no longer exists here
-    twin = client.create_run("0", tags={STAGE_TAG: "pretrain", **dead, liveness.MACHINE_ID_TAG: "another-machine"}).info.run_id
+    twin = client.create_run("0", tags={STAGE_TAG: "pretrain", **dead, liveness.MACHINE_ID_TAG: "another-machine",
+                                        liveness.BOOT_ID_TAG: "its-own-boot"}).info.run_id
     here = client.create_run("0", tags={STAGE_TAG: "pretrain", **dead}).info.run_id
     code, out, err = reap()
     assert code == 0, err
