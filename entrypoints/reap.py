@@ -4,8 +4,8 @@ A run of a process killed by SIGKILL (or of a machine that went down) stays RUNN
 nothing is left to end it. This command judges the RUNNING runs MaskDM made (those with a
 ``maskdm.*`` tag; ``--all_runs true`` for every run) of the store, of one experiment, or one run,
 by the process each recorded, prints one line per run, and marks the dead ones KILLED with the
-tags ``maskdm.ended_by`` and ``maskdm.killed_reason``. A run recorded on another machine, in
-another PID namespace, or without a machine id, is only ended with an explicit ``--stale_after``;
+tags ``maskdm.ended_by`` and ``maskdm.killed_reason``. A run recorded on another machine or in
+another PID namespace, or by an older MaskDM, is only ended with an explicit ``--stale_after``;
 a run whose process exists but cannot be looked at is never ended. ``--dry_run true`` prints what
 would be ended and changes nothing.
 """
@@ -47,13 +47,16 @@ def command(experiment: str | None, run_id: str | None, stale_after: float, dry_
                 click.echo(f"run {run_id} is {target.info.status}, not RUNNING: nothing to do")
         else:
             experiment_ids = [resolve_experiment(experiment)] if experiment else None
-            running = [r for r in tracking.running_runs(experiment_ids) if r.info.run_id != run.run_id]
+            # Every run MaskDM opens (stage, driver, side run) has maskdm.stage: the store is asked
+            # for those alone, not for every RUNNING run of every tool.
+            only_ours = "" if all_runs else f"tags.`{tracking.STAGE_TAG}` LIKE '%'"
+            running = [r for r in tracking.running_runs(experiment_ids, only_ours) if r.info.run_id != run.run_id]
         if not all_runs:
             # Runs MaskDM did not make keep their own rules (another tool may still be writing them).
             others = [r for r in running if not is_maskdm_run(r.data.tags)]
             running = [r for r in running if is_maskdm_run(r.data.tags)]
             if others:
-                click.echo(f"{len(others)} RUNNING run(s) without MaskDM's tags left alone (--all_runs true judges them too)")
+                click.echo(f"run {others[0].info.run_id} has no MaskDM tags: left alone (--all_runs true judges it too)")
 
         checks = tracking.end_dead_runs(
             running, ended_by=f"maskdm reap (run {run.run_id})", stale_after=stale_after or None, dry_run=dry_run

@@ -250,7 +250,11 @@ def test_reap_touches_only_maskdm_runs_unless_asked(tracking):
     code, out, err = reap("--stale_after", "60", "--dry_run", "true")
     assert code == 0, err
     assert f"{ours} (fid" in out and "would be KILLED" in out and foreign not in out
-    assert "1 RUNNING run(s) without MaskDM's tags left alone" in out
+    assert "1 RUNNING run(s) judged, 1 dead" in out
+
+    code, out, err = reap("--run_id", foreign, "--stale_after", "60")
+    assert code == 0, err
+    assert "has no MaskDM tags: left alone" in out and client.get_run(foreign).info.status == "RUNNING"
 
     code, out, err = reap("--stale_after", "60")
     assert code == 0, err
