@@ -1013,6 +1013,7 @@ def check_plan_inputs(config: SweepConfig, plan: list[Step], project_dir: Path =
             if (step.stage, key) in PARAM_RANGES and value != "":
                 _checked_number(step.stage, key, value)
 
+    _check_model_fits(config, full)
     images = dataset_images((full.get("baseline_loss") or {}).get("dataset") or config.dataset)
     if images is None:
         return
@@ -1039,6 +1040,33 @@ def check_plan_inputs(config: SweepConfig, plan: list[Step], project_dir: Path =
                     f"outside baseline_loss's subset, but {outside} of the dataset's {images} images lie outside its "
                     f"{subset}; lower train_masks.heldout_size or baseline_loss.dataset_size, or set train_masks.heldout_size=0"
                 )
+
+
+def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]) -> None:
+    """The demo model's arch against its resolution, and sample's ddim_steps against the model's
+    training timesteps, where they are known without loading a model (the demo model, a local folder)."""
+    from maskdm.models import ARCHS, check_resolution
+
+    timesteps = None
+    pretrain = full.get("pretrain")
+    if pretrain is not None:
+        arch = pretrain.get("arch", "")
+        if arch not in ARCHS:
+            raise MaskDMError(f"plan: pretrain.arch={arch} is not one of {', '.join(ARCHS)}")
+        try:
+            check_resolution(int(pretrain["resolution"]), ARCHS[arch]["block_out_channels"], f"arch '{arch}'")
+        except MaskDMError as exc:
+            raise MaskDMError(f"plan: pretrain.resolution={pretrain['resolution']}: {exc}") from None
+        timesteps = 1000  # pretrain's scheduler (maskdm.models.default_scheduler)
+    elif os.path.isdir(config.model):
+        try:
+            scheduler = json.loads((Path(config.model) / "scheduler" / "scheduler_config.json").read_text())
+            timesteps = int(scheduler["num_train_timesteps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            timesteps = None  # the prune stage says what is wrong with the folder
+    sample = full.get("sample")
+    if sample is not None and timesteps is not None and int(sample["ddim_steps"]) > timesteps:
+        raise MaskDMError(f"plan: sample.ddim_steps={sample['ddim_steps']} is more than the model's {timesteps} training timesteps")
 
 
 def schedule(

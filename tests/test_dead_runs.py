@@ -460,3 +460,8 @@ def test_the_demo_plan_on_64_images_fails_before_any_run(tracking, tmp_path, mon
     # A parameter of the wrong type anywhere in the plan: one line, before any run.
     result = CliRunner().invoke(cli, ["main", "--set", "sample.ddim_steps=ten", "--dry_run", "true"])
     assert result.exit_code == 1 and "sample.ddim_steps=ten" in result.stderr
+    # The demo model's resolution against its arch, and DDIM steps against its 1,000 timesteps.
+    result = CliRunner().invoke(cli, ["main", "--set", "pretrain.resolution=17", "--dry_run", "true"])
+    assert result.exit_code == 1 and "plan: pretrain.resolution=17" in result.stderr, result.stderr
+    result = CliRunner().invoke(cli, ["main", "--set", "sample.ddim_steps=1001", "--dry_run", "true"])
+    assert result.exit_code == 1 and "more than the model's 1000 training timesteps" in result.stderr
