@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -33,13 +34,23 @@ def fail(message: str) -> None:
 
 @contextmanager
 def stage(name: str, params: Mapping[str, object]):
-    """Run a stage body inside its MLflow run; a :class:`MaskDMError` becomes one line and a FAILED run."""
+    """Run a stage body inside its MLflow run; a :class:`MaskDMError` becomes one line and a FAILED run.
+
+    SIGTERM (a scheduler's stop, ``kill``, the launcher stopping the other processes of a job)
+    ends the run as Ctrl-C does: KILLED, with none of its artifacts logged, instead of RUNNING for good.
+    """
     configure_logging()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with stage_run(name, params) as run:
             yield run
     except MaskDMError as exc:
         fail(str(exc))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -62,9 +73,7 @@ def distributed_stage(name: str, params: Mapping[str, object]):
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
     if state.is_main_process:
-        if state.num_processes > 1:
-            signal.signal(signal.SIGTERM, _interrupt)
-        with stage(name, params) as run:
+        with stage(name, params) as run:  # its SIGTERM handler ends the run KILLED, one process or several
             yield state, run
     else:
         configure_logging()

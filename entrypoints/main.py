@@ -52,6 +52,11 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
     except MaskDMError as exc:
         fail(str(exc))
     plan = driver.build_plan(config)
+    try:
+        # Before any run: a plan that cannot finish fails now, not after hours of stages.
+        driver.check_plan_inputs(config, plan)
+    except MaskDMError as exc:
+        fail(str(exc))
     if dry_run:
         click.echo(describe_plan(plan))
         return
@@ -72,6 +77,10 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
     with stage("main", main_params) as run:
         run.set_tags({MLFLOW_RUN_NAME: run_name(config)})
         experiment_id = run.run.info.experiment_id
+        # A predecessor of this sweep killed outright (SIGKILL, a lost machine) left its run RUNNING.
+        key = driver.driver_key(main_params, experiment_id)
+        run.set_tags({driver.DRIVER_KEY_TAG: key})
+        driver.end_dead_driver_runs(experiment_id, key, run.run_id)
         # How the stages were placed is not part of any cache key; it is logged for the record.
         run.set_tags({"maskdm.launch": launch.describe()})
         outcomes = driver.run_plan(plan, experiment_id=experiment_id, parent_run_id=run.run_id, launch=launch)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from entrypoints.common import distributed_stage, save_preview
+from entrypoints.finetune import drop_logged_checkpoints, log_checkpoint
 from maskdm.data import load_dataset
 from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
@@ -37,6 +38,8 @@ from maskdm.training import TrainConfig, fast_path, train_ddpm
 @click.option("--channels_last", default=DEMO["channels_last"], show_default=True, help="auto (on for CUDA), true or false.")
 @click.option("--compile", "compile_", default=DEMO["compile"], show_default=True, help="auto (on for CUDA from batch 64), true or false: torch.compile the UNet's forward pass.")
 @click.option("--seed", type=int, default=DEMO["seed"], show_default=True)
+@click.option("--checkpoints_total_limit", type=int, default=DEMO["checkpoints_total_limit"], show_default=True,
+              help="Checkpoints kept in the artifact store (oldest deleted; at least one complete is always kept).")
 def command(**params) -> None:
     params["compile"] = params.pop("compile_")
     with distributed_stage("pretrain", params) as (state, run):
@@ -56,7 +59,13 @@ def command(**params) -> None:
         dataset = load_dataset(params["dataset"], params["resolution"], split="train")
 
         def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
-            run.log_artifact_now(path, f"checkpoints/{path.name}")
+            # As finetune does: bounded in the store (room first, so never more than the limit,
+            # even mid-upload), and each with ema.json uploaded last, so a checkpoint is complete
+            # exactly when it holds ema.json.
+            limit = params["checkpoints_total_limit"]
+            drop_logged_checkpoints(run, keep=max(limit - 1, 1))
+            log_checkpoint(run, path)
+            drop_logged_checkpoints(run, keep=limit)
 
         with tempfile.TemporaryDirectory() as checkpoints:
             result = train_ddpm(

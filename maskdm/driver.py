@@ -477,6 +477,31 @@ def end_dead_runs_of_step(experiment_id: str, key: str, parent_run_id: str) -> l
     return [c.run.info.run_id for c in checks if c.ended]
 
 
+#: On a driver (``main``) run: a digest of what it sweeps (its parameters and experiment). A rerun
+#: of the same sweep ends the runs of its predecessors with the same key whose process is dead.
+DRIVER_KEY_TAG = "maskdm.driver_key"
+
+
+def driver_key(params: Mapping[str, object], experiment_id: str) -> str:
+    payload = json.dumps([experiment_id, sorted((str(k), str(v)) for k, v in params.items())])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def end_dead_driver_runs(experiment_id: str, key: str, driver_run_id: str) -> list[str]:
+    """Mark KILLED the RUNNING driver runs of this sweep (``key``) whose process is dead; their IDs.
+
+    A driver killed by SIGKILL cannot end its own run; the stage runs it left are ended step by
+    step (:func:`end_dead_runs_of_step`), and its own run here, by the driver that reruns the sweep.
+    The same rules as there: only what this machine can prove.
+    """
+    from maskdm.tracking import STAGE_TAG, end_dead_runs, running_runs
+
+    running = [r for r in running_runs([experiment_id], f"tags.`{DRIVER_KEY_TAG}` = '{key}' and tags.`{STAGE_TAG}` = 'main'")
+               if r.info.run_id != driver_run_id]
+    checks = end_dead_runs(running, ended_by=f"maskdm main (driver run {driver_run_id})") if running else []
+    return [c.run.info.run_id for c in checks if c.ended]
+
+
 def run_stage(
     stage: str,
     params: Mapping[str, str],
@@ -915,6 +940,133 @@ def check_plan(plan: list[Step]) -> None:
         if missing:
             raise MaskDMError(f"plan: step '{step.name}' needs {', '.join(missing)}, which no earlier step is")
         seen.add(step.name)
+
+
+#: Ranges of stage parameters the stages check inside their runs, checked on the whole plan first:
+#: (stage, key) -> (the least integer, or None for any number; whether ``auto`` is allowed).
+PARAM_RANGES = {
+    ("baseline_loss", "dataset_size"): (1, False), ("baseline_loss", "batch_size"): (1, False),
+    ("baseline_loss", "max_batches"): (0, False), ("baseline_loss", "seed"): (0, False),
+    ("train_masks", "epoch"): (0, False), ("train_masks", "max_step"): (0, False), ("train_masks", "accumulation"): (1, False),
+    ("train_masks", "samples"): (1, False), ("train_masks", "heldout_size"): (0, True), ("train_masks", "eval_every"): (0, True),
+    ("train_masks", "lr"): (None, False), ("train_masks", "logits"): (None, False), ("train_masks", "temperature"): (None, False),
+    ("finetune", "num_iters"): (1, False), ("finetune", "train_batch_size"): (1, False),
+    ("finetune", "gradient_accumulation_steps"): (1, False), ("finetune", "save_model_steps"): (1, False),
+    ("finetune", "lr_warmup_steps"): (0, False),
+    ("sample", "total_samples"): (2, False), ("sample", "batch_size"): (1, False), ("sample", "ddim_steps"): (1, False),
+}
+
+#: Training images of the datasets that have a fixed size (an image folder is counted).
+KNOWN_DATASET_SIZES = {"cifar10": 50000}
+
+
+def dataset_images(name: str) -> int | None:
+    """How many training images ``name`` holds, without reading any; None where that is not known here."""
+    from maskdm import data
+
+    if name == "shapes":
+        return data.SHAPES_TRAIN_SIZE
+    if name.startswith("imagefolder:"):
+        return len(data.image_paths(Path(os.path.expanduser(name.split(":", 1)[1]))))
+    return KNOWN_DATASET_SIZES.get(name)
+
+
+def _checked_number(stage: str, key: str, value: str) -> float | None:
+    least, auto = PARAM_RANGES[(stage, key)]
+    text = str(value).strip()
+    if auto and text.lower() == "auto":
+        return None
+    try:
+        number = float(text) if least is None else int(text)
+    except ValueError:
+        kind = "a number" if least is None else f"an integer >= {least}"
+        raise MaskDMError(f"plan: {stage}.{key}={value} is not {kind}{' or auto' if auto else ''}") from None
+    if least is not None and number < least:
+        raise MaskDMError(f"plan: {stage}.{key}={value} must be >= {least}")
+    if least is None and not math.isfinite(number):
+        raise MaskDMError(f"plan: {stage}.{key}={value} must be a finite number")
+    return number
+
+
+def check_plan_inputs(config: SweepConfig, plan: list[Step], project_dir: Path = REPO_DIR) -> None:
+    """What can be known of the whole plan before any stage runs, checked so that a sweep does not
+    fail hours in: each parameter's type and range (the click command's type, :data:`PARAM_RANGES`),
+    and the sizes that must fit the dataset (baseline_loss's subset and batch, train_masks'
+    held-out images). Raises :class:`MaskDMError` with one line."""
+    import click
+
+    full = {}
+    for step in plan:
+        if step.stage in full:
+            continue
+        params = full_params(step.stage, step.params, project_dir)
+        full[step.stage] = params
+        options = {opt.lstrip("-"): param for param in importlib.import_module(f"entrypoints.{step.stage}").command.params
+                   for opt in param.opts if opt.startswith("--")}
+        for key, value in params.items():
+            option = options.get(key)
+            if option is not None and isinstance(option.type, (click.types.IntParamType, click.types.FloatParamType)) and value != "":
+                try:
+                    option.type.convert(value, option, None)
+                except click.BadParameter as exc:
+                    raise MaskDMError(f"plan: {step.stage}.{key}={value}: {exc.message}") from None
+            if (step.stage, key) in PARAM_RANGES and value != "":
+                _checked_number(step.stage, key, value)
+
+    _check_model_fits(config, full)
+    images = dataset_images((full.get("baseline_loss") or {}).get("dataset") or config.dataset)
+    if images is None:
+        return
+    base = full.get("baseline_loss")
+    if base is not None:
+        subset = min(int(base["dataset_size"]), images)
+        batch = int(base["batch_size"])
+        if subset < batch:
+            raise MaskDMError(
+                f"plan: baseline_loss takes {subset} of the dataset's {images} images, fewer than one batch of "
+                f"batch_size={batch}: lower baseline_loss.batch_size"
+            )
+        masks = full.get("train_masks")
+        if masks is not None:
+            for key in ("dataset", "dataset_size", "batch_size", "seed"):
+                if masks.get(key) and masks[key] != base.get(key, masks[key]):
+                    raise MaskDMError(f"plan: train_masks.{key}={masks[key]} differs from baseline_loss.{key}={base.get(key)}; "
+                                      f"leave train_masks.{key} unset (it takes the baseline's)")
+            heldout = _checked_number("train_masks", "heldout_size", masks.get("heldout_size", "auto"))
+            outside = images - subset
+            if heldout and outside < max(heldout, batch):
+                raise MaskDMError(
+                    f"plan: train_masks.heldout_size={heldout:g} needs that many images (and at least a batch of {batch}) "
+                    f"outside baseline_loss's subset, but {outside} of the dataset's {images} images lie outside its "
+                    f"{subset}; lower train_masks.heldout_size or baseline_loss.dataset_size, or set train_masks.heldout_size=0"
+                )
+
+
+def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]) -> None:
+    """The demo model's arch against its resolution, and sample's ddim_steps against the model's
+    training timesteps, where they are known without loading a model (the demo model, a local folder)."""
+    from maskdm.models import ARCHS, check_resolution
+
+    timesteps = None
+    pretrain = full.get("pretrain")
+    if pretrain is not None:
+        arch = pretrain.get("arch", "")
+        if arch not in ARCHS:
+            raise MaskDMError(f"plan: pretrain.arch={arch} is not one of {', '.join(ARCHS)}")
+        try:
+            check_resolution(int(pretrain["resolution"]), ARCHS[arch]["block_out_channels"], f"arch '{arch}'")
+        except MaskDMError as exc:
+            raise MaskDMError(f"plan: pretrain.resolution={pretrain['resolution']}: {exc}") from None
+        timesteps = 1000  # pretrain's scheduler (maskdm.models.default_scheduler)
+    elif os.path.isdir(config.model):
+        try:
+            scheduler = json.loads((Path(config.model) / "scheduler" / "scheduler_config.json").read_text())
+            timesteps = int(scheduler["num_train_timesteps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            timesteps = None  # the prune stage says what is wrong with the folder
+    sample = full.get("sample")
+    if sample is not None and timesteps is not None and int(sample["ddim_steps"]) > timesteps:
+        raise MaskDMError(f"plan: sample.ddim_steps={sample['ddim_steps']} is more than the model's {timesteps} training timesteps")
 
 
 def schedule(

@@ -11,7 +11,7 @@ columns ``num_images`` and, optionally, ``ddim_steps`` (default 100) and ``seed`
 row per request, and returns one uint8 NHWC array: the images of all rows, in row order (row
 ``i``'s images are those ``sample --seed <seed> --ddim_steps <ddim_steps>`` makes as its first
 ``num_images`` images). One call may ask for at most ``max_image_steps`` image-steps (num_images x
-ddim_steps summed over its rows; :data:`DEFAULT_MAX_IMAGE_STEPS` unless set when registering), so
+the DDIM steps each row runs, summed over its rows; :data:`DEFAULT_MAX_IMAGE_STEPS` unless set when registering), so
 a served request cannot hold the server for hours.
 
 Versions are keyed by the finetune run they hold (version tag ``finetune_run_id``), so registering
@@ -149,12 +149,30 @@ def check_max_image_steps(value: object) -> int:
     return int(number)
 
 
-def check_budget(requests: Sequence[GenerationRequest], max_image_steps: int) -> int:
-    """The image-steps the requests ask for (num_images x ddim_steps, summed); an error above the cap."""
-    total = sum(r.num_images * r.ddim_steps for r in requests)
+def steps_run(ddim_steps: int, num_train_timesteps: int) -> int:
+    """The UNet calls ``ddim_steps`` uniform DDIM steps really make: every ``T // S``-th timestep,
+    so more than ``S`` when ``S`` does not divide ``T`` (501 of 1,000 run 1,000)."""
+    from maskdm.sampling import ddim_timesteps
+
+    return len(ddim_timesteps(num_train_timesteps, ddim_steps, "uniform"))
+
+
+def check_budget(requests: Sequence[GenerationRequest], max_image_steps: int, num_train_timesteps: int | None = None) -> int:
+    """The image-steps the requests ask for (num_images x the steps each row runs, summed); an error
+    above the cap. With the model's ``num_train_timesteps``, each row's steps are those its sampler
+    runs (:func:`steps_run`), and a step count it cannot run is an error, before any row runs."""
+    if num_train_timesteps is None:
+        total = sum(r.num_images * r.ddim_steps for r in requests)
+    else:
+        total = 0
+        for row, r in enumerate(requests):
+            try:
+                total += r.num_images * steps_run(r.ddim_steps, num_train_timesteps)
+            except MaskDMError as exc:
+                raise MaskDMError(f"row {row}: {exc}") from None
     if total > max_image_steps:
         raise MaskDMError(
-            f"the request asks for {total} image-steps (num_images x ddim_steps, summed over its rows); "
+            f"the request asks for {total} image-steps (num_images x the DDIM steps each row runs, summed over its rows); "
             f"this model serves at most max_image_steps={max_image_steps} per request: ask for fewer images "
             f"or steps, or split the request"
         )
@@ -216,7 +234,7 @@ class DDPMImageGenerator(mlflow.pyfunc.PythonModel):
         # Checked before any work: a refused request costs the server nothing.
         try:
             requests = parse_requests(model_input)
-            check_budget(requests, self.max_image_steps)
+            check_budget(requests, self.max_image_steps, int(self.ddpm.scheduler.config.num_train_timesteps))
         except MaskDMError as exc:
             raise BadRequest(str(exc)) from None
         return generate(self.ddpm, requests, self.batch_size, self.device)

@@ -471,7 +471,13 @@ def _restore(sparse: Path):
             skeleton = json.loads(header[_META_SKELETON])
         except (KeyError, ValueError):
             raise MaskDMError(f"sparse tensors file {sparse} is corrupt: its structure record is missing or not JSON") from None
-        return _decode(skeleton, tensors, f"sparse tensors file {sparse}")
+        try:
+            return _decode(skeleton, tensors, f"sparse tensors file {sparse}")
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            # Valid JSON that _encode never writes ({"$tuple": 5}, an unhashable key, a bad float).
+            raise MaskDMError(
+                f"sparse tensors file {sparse} is corrupt: its structure record is malformed ({type(exc).__name__})"
+            ) from None
     return tensors
 
 

@@ -313,8 +313,11 @@ def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, 
     active = mlflow.active_run()
     experiment_id = active.info.experiment_id if active else None
     mlflow_client = client()
-    created = mlflow_client.create_run(experiment_id or "0", tags={STAGE_TAG: stage_name, **tags})
+    # The process, as on a stage run: a side run whose process dies while logging it is ended by
+    # `maskdm reap` (maskdm.liveness) instead of staying RUNNING.
+    created = mlflow_client.create_run(experiment_id or "0", tags={STAGE_TAG: stage_name, **liveness.process_tags(), **tags})
     run_id = created.info.run_id
+    heartbeat = _heartbeat(run_id).start()
     try:
         for key, value in params.items():
             mlflow_client.log_param(run_id, key, str(value))
@@ -322,9 +325,15 @@ def log_side_run(stage_name: str, tags: Mapping[str, str], params: Mapping[str, 
             mlflow_client.log_metric(run_id, key, float(value))
         for path in files:
             mlflow_client.log_artifact(run_id, str(path))
+    except KeyboardInterrupt:
+        heartbeat.stop()
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
     except BaseException:
+        heartbeat.stop()
         mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
+    heartbeat.stop()
     mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run_id
 

@@ -99,6 +99,7 @@ DEMO_PRETRAIN = dict(
     channels_last="auto",
     compile="auto",
     seed=0,
+    checkpoints_total_limit=2,
 )
 
 

@@ -159,3 +159,36 @@ def test_checkpoints_total_limit_below_one_is_a_user_error(chain):
     done = invoke("finetune", "--masks_run_id", masks_run.info.run_id, "--checkpoints_total_limit", "0", *QUICK)
     assert done.exit_code == 1 and "maskdm: error: checkpoints_total_limit must be at least 1, got 0" in done.stderr
     assert newest_run("finetune").info.status == "FAILED"
+
+
+def test_pretrain_keeps_its_limit_of_checkpoints_with_ema_json_last(tmp_path, monkeypatch):
+    """pretrain: 5 checkpoints written, at most ``checkpoints_total_limit`` (2) in the store at any
+    time, and each uploaded with ``ema.json`` last."""
+    from click.testing import CliRunner
+
+    from conftest import tracking_store
+    from entrypoints.cli import cli
+
+    uploads: list[str] = []
+    seen: list[int] = []
+    original = StageRun.log_artifact_now
+
+    def recording(self, local_path, artifact_path=None):
+        if str(artifact_path or "").startswith("checkpoints/"):
+            seen.append(len(finetune_stage.logged_checkpoints(self.run_id)))
+            uploads.append(f"{artifact_path}/{Path(local_path).name}")
+        original(self, local_path, artifact_path)
+
+    with tracking_store(tmp_path):
+        monkeypatch.setattr(StageRun, "log_artifact_now", recording)
+        done = CliRunner().invoke(cli, ["pretrain", "--num_iters", "5", "--save_model_steps", "1", "--train_batch_size", "4",
+                                        "--checkpoints_total_limit", "2", "--lr_warmup_steps", "0"])
+        assert done.exit_code == 0, done.output
+        run_id = MlflowClient().search_runs(["0"], f"tags.`{STAGE_TAG}` = 'pretrain'")[0].info.run_id
+        assert complete_steps(run_id) == [4, 5]
+        assert len(finetune_stage.logged_checkpoints(run_id)) == 2
+    assert max(seen) <= 2, seen
+    # Per checkpoint, ema.json is the last file uploaded.
+    for step in range(1, 6):
+        mine = [u for u in uploads if u.startswith(f"checkpoints/checkpoint-{step}/")]
+        assert mine and mine[-1].endswith(f"/{CHECKPOINT_DONE}") and len(mine) > 1, mine

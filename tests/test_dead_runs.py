@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -93,19 +94,75 @@ def test_judge_same_host_by_pid_start_time_and_boot():
     verdict = liveness.judge(dead_process_tags(), now - 10, now=now)
     assert verdict.dead and "no longer exists" in verdict.reason
 
-    reused = {**alive, liveness.PID_START_TAG: str(int(alive[liveness.PID_START_TAG]) - 1)}
+    reused = {**alive, liveness.PID_CREATED_TAG: f"{float(alive[liveness.PID_CREATED_TAG]) - 100:.2f}"}
     verdict = liveness.judge(reused, now - 10, now=now)
     assert verdict.dead and "PID now belongs to a process started later" in verdict.reason
 
-    if alive[liveness.BOOT_ID_TAG]:
-        rebooted = {**alive, liveness.BOOT_ID_TAG: "another-boot"}
-        verdict = liveness.judge(rebooted, now - 10, now=now)
-        assert verdict.dead and "rebooted" in verdict.reason
+    # Another boot of this machine, last seen before this boot began: it rebooted since.
+    booted = psutil.boot_time()
+    rebooted = {**alive, liveness.BOOT_ID_TAG: "another-boot", liveness.HEARTBEAT_TAG: str(int(booted - 60))}
+    verdict = liveness.judge(rebooted, booted - 120, now=now)
+    assert verdict.dead and "rebooted" in verdict.reason
+    # Another boot id but seen alive after this boot began: a machine with a copy of this machine id.
+    clone = {**dead_process_tags(), liveness.BOOT_ID_TAG: "another-boot"}
+    verdict = liveness.judge(clone, now - 10, now=now)
+    assert not verdict.dead and "this machine id but boot another-boot" in verdict.reason
+
+
+def test_judge_by_the_boot_id_where_a_machine_id_is_missing(monkeypatch):
+    now = time.time()
+    dead = dead_process_tags()
+    if dead[liveness.BOOT_ID_TAG].startswith("boot-"):
+        pytest.skip("no Linux boot id here")
+    # A container without /etc/machine-id: the kernel's boot id (a random UUID per boot) and the
+    # PID namespace still say that the PID is counted here.
+    monkeypatch.setattr(liveness, "machine_id", lambda: "")
+    no_id = {**dead, liveness.MACHINE_ID_TAG: ""}
+    assert liveness.judge(no_id, now - 10, now=now).dead
+    assert not liveness.judge({**no_id, liveness.BOOT_ID_TAG: "another-boot"}, now - 10, now=now).dead
+
+
+def test_judge_never_ends_a_process_it_cannot_see(monkeypatch):
+    now = time.time()
+    dead = dead_process_tags()
+    assert liveness.judge(dead, now - 10, now=now).dead
+    # The same dead PID recorded by a machine with the same host name but another machine id,
+    # in another PID namespace (a container sharing the host's network), or (an older run) by
+    # host name only: this machine cannot see that process.
+    for tags, words in (
+        ({**dead, liveness.MACHINE_ID_TAG: "another-machine"}, "on another machine"),
+        ({**dead, liveness.PID_NS_TAG: "4026599999"}, "in another PID namespace"),
+        ({k: v for k, v in dead.items() if k not in (liveness.MACHINE_ID_TAG, liveness.PID_NS_TAG)}, "by host name only"),
+    ):
+        assert tags[liveness.HOST_TAG] == liveness.host_name()
+        verdict = liveness.judge(tags, now - 10, now=now)
+        assert not verdict.dead and words in verdict.reason, verdict.reason
+        stale = {**tags, liveness.HEARTBEAT_TAG: str(int(now - 3600))}
+        assert liveness.judge(stale, now - 3600, now=now, stale_after=600).dead  # only its heartbeat can tell
+    # A process that exists but cannot be looked at (hidepid, access denied): unknown, even when stale.
+    monkeypatch.setattr(liveness, "process_state", lambda pid: liveness.ProcessState(True, hidden=True))
+    verdict = liveness.judge({**dead, liveness.HEARTBEAT_TAG: str(int(now - 3600))}, now - 3600, now=now, stale_after=1)
+    assert not verdict.dead and verdict.unknown and "unknown" in verdict.reason
+
+
+def test_process_state_tells_a_hidden_process_from_a_gone_one(monkeypatch):
+    import psutil as ps
+
+    pid = os.getppid()
+    # What psutil raises for a PID that /proc (mounted with hidepid) does not list: the kernel still knows it.
+    def hidden(pid):
+        raise ps.NoSuchProcess(pid)
+
+    monkeypatch.setattr(ps, "Process", hidden)
+    assert liveness.process_state(pid) == liveness.ProcessState(True, hidden=True)
+    monkeypatch.setattr(ps, "pid_exists", lambda pid: False)
+    assert liveness.process_state(pid) == liveness.ProcessState(False)
 
 
 def test_judge_other_hosts_only_by_an_explicit_stale_after():
     now = float(int(time.time()))
-    elsewhere = {**liveness.process_tags(), liveness.HOST_TAG: "another-host", liveness.HEARTBEAT_TAG: str(int(now - 900))}
+    elsewhere = {**liveness.process_tags(), liveness.HOST_TAG: "another-host", liveness.MACHINE_ID_TAG: "another-machine",
+                 liveness.HEARTBEAT_TAG: str(int(now - 900))}
     quiet = liveness.judge(elsewhere, now - 3600, now=now)
     assert not quiet.dead and "another-host" in quiet.reason and "unless stale_after" in quiet.reason
     assert quiet.last_seen == pytest.approx(now - 900, abs=1)
@@ -171,6 +228,70 @@ def test_reap_bad_input_is_one_line():
     ]
 
 
+def test_reap_leaves_a_run_of_another_machine_with_the_same_host_name(tracking):
+    client = MlflowClient()
+    dead = dead_process_tags()  # this host name, a PID that no longer exists here
+    twin = client.create_run("0", tags={STAGE_TAG: "pretrain", **dead, liveness.MACHINE_ID_TAG: "another-machine",
+                                        liveness.BOOT_ID_TAG: "its-own-boot"}).info.run_id
+    here = client.create_run("0", tags={STAGE_TAG: "pretrain", **dead}).info.run_id
+    code, out, err = reap()
+    assert code == 0, err
+    assert client.get_run(twin).info.status == "RUNNING" and "on another machine" in out
+    assert client.get_run(here).info.status == "KILLED"  # the same tags on this machine: dead
+    client.set_terminated(twin, "FAILED")
+
+
+def test_reap_touches_only_maskdm_runs_unless_asked(tracking):
+    client = MlflowClient()
+    hour_ago = time.time() - 3600
+    foreign = client.create_run("0", start_time=int(hour_ago * 1000), tags={"team.job": "etl"}).info.run_id
+    ours = client.create_run("0", start_time=int(hour_ago * 1000), tags={STAGE_TAG: "fid"}).info.run_id
+
+    code, out, err = reap("--stale_after", "60", "--dry_run", "true")
+    assert code == 0, err
+    assert f"{ours} (fid" in out and "would be KILLED" in out and foreign not in out
+    assert "1 RUNNING run(s) judged, 1 dead" in out
+
+    code, out, err = reap("--run_id", foreign, "--stale_after", "60")
+    assert code == 0, err
+    assert "has no MaskDM tags: left alone" in out and client.get_run(foreign).info.status == "RUNNING"
+
+    code, out, err = reap("--stale_after", "60")
+    assert code == 0, err
+    assert client.get_run(foreign).info.status == "RUNNING"
+    assert client.get_run(ours).info.status == "KILLED"
+
+    code, out, err = reap("--stale_after", "60", "--all_runs", "true")
+    assert code == 0, err
+    assert f"{foreign} (non-MaskDM" in out and client.get_run(foreign).info.status == "KILLED"
+
+
+def test_a_single_process_stage_sent_sigterm_ends_killed(tracking, tmp_path):
+    client = MlflowClient()
+    proc = start_stage(tracking, tmp_path)
+    try:
+        run_id = wait_for_heartbeat(proc, tmp_path).info.run_id
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            sigkill(proc)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert client.list_artifacts(run_id, "model") == []  # a killed run logs none of its outputs
+
+
+def test_side_runs_record_their_process(tracking, tmp_path):
+    from maskdm.tracking import log_side_run
+
+    (tmp_path / "stats.txt").write_text("1\n")
+    run_id = log_side_run("fid_reference", {"maskdm.reference_key": "k"}, {"n": 1}, {}, [tmp_path / "stats.txt"])
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[liveness.PID_TAG] == str(os.getpid())
+    assert run.data.tags[liveness.MACHINE_ID_TAG] == liveness.machine_id() and liveness.HEARTBEAT_TAG in run.data.tags
+
+
 # --------------------------------------------------------------------------------------------
 # The driver's rerun
 
@@ -199,7 +320,8 @@ def test_driver_rerun_marks_the_killed_run_of_its_step_and_leaves_live_ones(trac
     # Another run of the step whose process (this one) is alive, and one from another host.
     live = client.create_run("0", tags={driver.CACHE_KEY_TAG: key, STAGE_TAG: "pretrain", **liveness.process_tags()}).info.run_id
     hour_ago = time.time() - 3600
-    remote_tags = {**dead_process_tags(), liveness.HOST_TAG: "another-host", liveness.HEARTBEAT_TAG: str(int(hour_ago))}
+    remote_tags = {**dead_process_tags(), liveness.HOST_TAG: "another-host", liveness.MACHINE_ID_TAG: "another-machine",
+                   liveness.HEARTBEAT_TAG: str(int(hour_ago))}
     remote = client.create_run("0", start_time=int(hour_ago * 1000),
                                tags={driver.CACHE_KEY_TAG: key, STAGE_TAG: "pretrain", **remote_tags}).info.run_id
     other_key = client.create_run("0", tags={driver.CACHE_KEY_TAG: "other", **dead_process_tags()}).info.run_id
@@ -277,3 +399,69 @@ def test_report_leaves_out_killed_and_running_runs(tracking):
     # Whatever the FID columns are called: the FINISHED run's 10, not the newer 1 or 2.
     fids = [c for c in table.columns if "fid" in c and not c.endswith(("_run_id", "_wall_s")) and not c.startswith("protocol")]
     assert fids and {float(v) for c in fids for v in table[c] if report._present(v)} == {10.0}
+
+
+def test_a_rerun_of_the_driver_ends_its_killed_predecessor(tracking, monkeypatch):
+    from entrypoints.cli import cli
+
+    client = MlflowClient()
+
+    def stop(*args, **kwargs):  # the sweep itself is not what this test is about
+        raise driver.MaskDMError("stopped before any stage")
+
+    monkeypatch.setattr(driver, "run_plan", stop)
+    args = ["main", "--ratios", "0.5", "--mask_training", "false"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "stopped before any stage" in result.stderr
+    first = client.search_runs(["0"], f"tags.`{STAGE_TAG}` = 'main'")[0]
+    key = first.data.tags[driver.DRIVER_KEY_TAG]
+    # A driver of the same sweep killed by SIGKILL: its run RUNNING, its process gone.
+    killed = client.create_run("0", tags={STAGE_TAG: "main", driver.DRIVER_KEY_TAG: key, **dead_process_tags()}).info.run_id
+    # One of another sweep, its process as dead: not this rerun's to end.
+    other = client.create_run("0", tags={STAGE_TAG: "main", driver.DRIVER_KEY_TAG: "other", **dead_process_tags()}).info.run_id
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    rerun = client.search_runs(["0"], f"tags.`{STAGE_TAG}` = 'main'", order_by=["attributes.start_time DESC"])[0]
+    ended = client.get_run(killed)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags[liveness.ENDED_BY_TAG] == f"maskdm main (driver run {rerun.info.run_id})"
+    assert client.get_run(other).info.status == "RUNNING"
+    client.set_terminated(other, "FAILED")
+
+
+# --------------------------------------------------------------------------------------------
+# The plan is checked before any run
+
+
+def test_the_demo_plan_on_64_images_fails_before_any_run(tracking, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from entrypoints.cli import cli
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(64):
+        Image.new("RGB", (8, 8), (i * 4, 0, 0)).save(folder / f"{i:02d}.png")
+    started = []
+    monkeypatch.setattr(driver, "run_plan", lambda *a, **k: started.append(a) or {})
+
+    result = CliRunner().invoke(cli, ["main", "--dataset", f"imagefolder:{folder}"])
+    assert result.exit_code == 1 and not started
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskdm: error: plan: train_masks.heldout_size=256"), result.stderr
+    assert "0 of the dataset's 64 images" in lines[0]
+    assert MlflowClient().search_runs(["0"]) == []  # not even the driver's own run
+
+    # The same folder with the held-out scoring off and a smaller baseline subset: the plan passes.
+    sets = ["--set", "train_masks.heldout_size=0", "--set", "baseline_loss.dataset_size=32"]
+    result = CliRunner().invoke(cli, ["main", "--dataset", f"imagefolder:{folder}", "--dry_run", "true", *sets])
+    assert result.exit_code == 0, result.stderr
+    # A parameter of the wrong type anywhere in the plan: one line, before any run.
+    result = CliRunner().invoke(cli, ["main", "--set", "sample.ddim_steps=ten", "--dry_run", "true"])
+    assert result.exit_code == 1 and "sample.ddim_steps=ten" in result.stderr
+    # The demo model's resolution against its arch, and DDIM steps against its 1,000 timesteps.
+    result = CliRunner().invoke(cli, ["main", "--set", "pretrain.resolution=17", "--dry_run", "true"])
+    assert result.exit_code == 1 and "plan: pretrain.resolution=17" in result.stderr, result.stderr
+    result = CliRunner().invoke(cli, ["main", "--set", "sample.ddim_steps=1001", "--dry_run", "true"])
+    assert result.exit_code == 1 and "more than the model's 1000 training timesteps" in result.stderr

@@ -72,7 +72,7 @@ def test_requests_beyond_the_cap_are_refused_before_any_work(models):
         ({"num_images": [7], "ddim_steps": [1], "seed": [0]}, 7),
         ({"num_images": [2, 2], "ddim_steps": [2, 2], "seed": [0, 0]}, 8),  # each row fits, together they do not
         ({"num_images": [1]}, 100),  # the default 100 steps count
-        ({"num_images": [10**12], "ddim_steps": [10**6], "seed": [0]}, 10**18),
+        ({"num_images": [10**12], "ddim_steps": [2], "seed": [0]}, 2 * 10**12),
     ]:
         with pytest.raises(MaskDMError) as refused:
             model.predict(pd.DataFrame(frame))
@@ -81,11 +81,27 @@ def test_requests_beyond_the_cap_are_refused_before_any_work(models):
         # An MlflowException with a 400 code: `mlflow models serve` answers 400 with this message.
         assert isinstance(refused.value, registry.BadRequest) and refused.value.get_http_status_code() == 400
 
+    # More steps than the model has timesteps: refused as a 400 before any row runs.
+    with pytest.raises(registry.BadRequest, match="row 1: ddim_steps must be between 1 and the model's 1000") as refused:
+        model.predict(pd.DataFrame({"num_images": [1, 1], "ddim_steps": [1, 10**6], "seed": [0, 0]}))
+    assert refused.value.get_http_status_code() == 400
+
     # The cap is the model's config: a caller loading the model itself may set another.
     raised = mlflow.pyfunc.load_model(models.capped, model_config={"max_image_steps": 8})
     assert raised.predict(pd.DataFrame({"num_images": [2, 2], "ddim_steps": [2, 2], "seed": [0, 0]})).shape[0] == 4
     with pytest.raises(MaskDMError, match="max_image_steps must be an integer >= 1, got 0"):
         mlflow.pyfunc.load_model(models.capped, model_config={"max_image_steps": 0})
+
+
+def test_the_cap_counts_the_steps_the_sampler_runs():
+    # 501 uniform DDIM steps over 1,000 timesteps take every 1000 // 501 = 1st timestep: 1,000 UNet calls.
+    assert registry.steps_run(501, 1000) == 1000 and registry.steps_run(500, 1000) == 500
+    requests = [registry.GenerationRequest(2, 501, 0)]
+    assert registry.check_budget(requests, 2000, num_train_timesteps=1000) == 2000
+    with pytest.raises(MaskDMError, match="asks for 2000 image-steps"):
+        registry.check_budget(requests, 1999, num_train_timesteps=1000)
+    with pytest.raises(MaskDMError, match="row 0: ddim_steps must be between 1 and the model's 1000"):
+        registry.check_budget([registry.GenerationRequest(1, 1001, 0)], 10**9, num_train_timesteps=1000)
 
 
 def test_check_budget_and_cap_values():

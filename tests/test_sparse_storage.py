@@ -418,3 +418,23 @@ def test_checkpoint_bytes_of_the_cifar10_arch(cifar10_unet, tmp_path, pattern, p
     print(f"\n{pattern}, {what}: model+EMA+optimizer {dense_bytes:,} B -> {sparse_bytes:,} B "
           f"({sparse_bytes / dense_bytes:.4f}x); pack with verify {seconds:.1f} s, unpack {unpacked_s:.1f} s")
     assert sparse_bytes / dense_bytes <= (0.6 if protect is None else 0.55)
+
+
+@pytest.mark.parametrize("skeleton", [
+    {"$tuple": 5}, {"$dict": [[["unhashable"], 1]]}, {"$dict": [[1]]}, {"$float": "not a float"}, {"$tensor": ["a"]},
+])
+def test_a_malformed_structure_record_is_a_one_line_error(tmp_path, skeleton):
+    from safetensors import safe_open
+
+    torch.save({"state": {0: {"exp_avg": torch.tensor([0.0, 1.0, 0.0, 0.0])}}}, tmp_path / "optimizer.bin")
+    ss.pack_file(tmp_path / "optimizer.bin")
+    path = tmp_path / "optimizer.sparse.safetensors"
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k, v in header.items() if v.startswith("{") and '"$' in v and "exp_avg" in v)
+    header[key] = json.dumps(skeleton)
+    save_file(stored, str(path), metadata=header)
+    with pytest.raises(MaskDMError, match="structure record is malformed") as raised:
+        ss.unpack_file(path, tmp_path / "out")
+    assert "\n" not in str(raised.value)
