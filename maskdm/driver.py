@@ -1102,16 +1102,19 @@ def used_run_ids(outcomes: Mapping[str, StageOutcome]) -> list[str]:
 class Results:
     markdown: str
     rows: int
-    #: ``{metric key: {step: value}}``: the FID curves as MLflow metrics (step = ratio in percent).
+    #: ``{metric key: {step: value}}``: the FID curves (means over replicates, and their standard
+    #: errors) as MLflow metrics (step = ratio in percent).
     series: dict[str, dict[int, float]]
 
 
 def write_results(run_ids: list[str], folder: Path, title: str) -> Results:
-    """results.md / results.csv / fid_vs_sparsity.png of exactly these stage runs (and their ancestors)."""
+    """The report files (results.md / .csv, fid_vs_sparsity.png, replicates.csv, verdicts.csv) of
+    exactly these stage runs (and their ancestors)."""
     from maskdm import report
 
-    table = report.build_table(report.runs_frame(run_ids=run_ids))
-    files = report.write_table_report(table, folder, title=title)
+    replicates = report.build_replicate_table(report.runs_frame(run_ids=run_ids))
+    table = report.summarize_table(replicates)
+    files = report.write_table_report(table, folder, title=title, replicates=replicates)
     return Results(files.markdown.read_text(), len(table), report.ui_series(table))
 
 
