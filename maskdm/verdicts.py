@@ -43,6 +43,8 @@ def mean_se_n(values: Iterable[float]) -> tuple[float, float, int]:
         return math.nan, math.nan, 0
     mean = float(numbers.mean())
     se = float(numbers.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
+    if n >= 2 and numbers.nunique() == 1:
+        se = 0.0  # equal values: exactly no spread (not the 1e-17 that summing floats leaves)
     return mean, se, n
 
 
@@ -78,8 +80,9 @@ def summarize(replicates: pd.DataFrame, keys: Sequence[str], measures: Mapping[s
     if replicates.empty:
         return pd.DataFrame(columns=columns)
     rows = []
-    ordered = replicates.sort_values(REPLICATE_COLUMN, kind="stable")
-    for _, group in ordered.groupby(list(keys), dropna=False, sort=False):
+    # Groups in the order of their first row (the replicate table's order), each by replicate.
+    for _, group in replicates.groupby(list(keys), dropna=False, sort=False):
+        group = group.sort_values(REPLICATE_COLUMN, kind="stable")
         row = group.iloc[0].to_dict()
         row["replicates"] = ",".join(str(int(r)) for r in group[REPLICATE_COLUMN])
         for column, source in measures.items():
@@ -93,7 +96,6 @@ def summarize(replicates: pd.DataFrame, keys: Sequence[str], measures: Mapping[s
     table = pd.DataFrame(rows, columns=columns)
     for column in measures:
         table[f"{column}_n"] = table[f"{column}_n"].astype("int64")
-    # The groups in the order the replicate table had them (groupby with sort=False keeps first appearance).
     return table.reset_index(drop=True)
 
 
