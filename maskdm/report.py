@@ -4,7 +4,10 @@ Every number comes from ``mlflow.search_runs`` (one pandas frame of runs, :func:
 nothing is read from files on disk. Runs are joined through their lineage tags
 ``maskdm.upstream.<stage>``:
 
-* A row is one (model, dataset, pruning_ratio, pruner, pattern, mask_training) combination. It is
+* A row is one (model, dataset, pruning_ratio, pruner, pattern, scope, mask_training) combination
+  and replicate (``maskdm.replicate``: :func:`build_replicate_table`); :func:`build_table`
+  summarises a combination's replicates into one row, each FID and loss as mean, ``_se`` and
+  ``_n`` (:mod:`maskdm.verdicts`, which also pairs arms replicate by replicate). A row is
   anchored on the newest FINISHED ``finetune`` run of that combination; where there is none, on the
   newest ``train_masks`` run (mask_training true), else on the newest ``prune`` run (mask_training
   empty: no mask stage has run on it yet). The anchor's lineage names the row's other stage runs.
