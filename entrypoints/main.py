@@ -27,6 +27,9 @@ from maskdm.tracking import runs_view_url
 @click.option("--scope", default=None, help="layer or global [default: the preset's].")
 @click.option("--mask_training", default="both", show_default=True,
               help="true: finetune from the learned masks; false: from the pruning masks (the plain baseline); both.")
+@click.option("--seeds", default="0", show_default=True,
+              help="Replicates, e.g. 0,1,2: every stochastic stage of every arm (mask sampling, finetune, sampling) once per "
+                   "replicate, its seed offset by the replicate's number; the report gives mean, SE and paired verdicts. 0 = one draw.")
 @click.option("--set", "sets", multiple=True,
               help="Any stage parameter: stage.key=value[,stage.key=value...], repeatable; wins over the preset.")
 @click.option("--experiment", default=None, help="MLflow experiment name (created if missing) [default: MLflow's active one].")
@@ -40,13 +43,13 @@ from maskdm.tracking import runs_view_url
 @click.option("--backend", default="local", show_default=True,
               help="MLflow Projects backend the stages run on: local, kubernetes, databricks or a plugin's.")
 @click.option("--backend_config", default="", help="The backend's configuration: a JSON file or inline JSON (e.g. kubernetes: kube-job-template-path, repository-uri).")
-def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_training, sets, experiment, dry_run,
+def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_training, seeds, sets, experiment, dry_run,
             parallel, gpus, threads, backend, backend_config) -> None:
     configure_logging()
     try:
         config = driver.resolve_config(
             preset, model=model, dataset=dataset, ratios=ratios, pruner=pruner, pattern=pattern,
-            scope=scope, mask_training=mask_training, sets=sets,
+            scope=scope, mask_training=mask_training, sets=sets, seeds=seeds,
         )
         launch = driver.resolve_launch(parallel, gpus, threads, backend, backend_config)
     except MaskDMError as exc:
@@ -71,6 +74,7 @@ def command(preset, model, dataset, ratios, pruner, pattern, scope, mask_trainin
         "preset": config.preset, "model": config.model, "dataset": config.dataset,
         "ratios": ",".join(driver.format_ratio(r) for r in config.ratios), "pruner": config.pruner,
         "pattern": config.pattern, "scope": config.scope, "mask_training": config.mask_training,
+        "seeds": ",".join(map(str, config.seeds)),
     }
     if sets:
         main_params["set"] = ";".join(sets)
@@ -119,6 +123,8 @@ def run_name(config: driver.SweepConfig) -> str:
     parts.append(",".join(driver.format_ratio(r) for r in config.ratios))
     if config.mask_training != "both":
         parts.append(f"mask_training={config.mask_training}")
+    if config.seeds != (0,):
+        parts.append("seeds=" + ",".join(map(str, config.seeds)))
     return " ".join(parts)
 
 

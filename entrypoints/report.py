@@ -1,4 +1,5 @@
-"""report: results.md, results.csv and fid_vs_sparsity.png of an experiment or a driver run.
+"""report: results.md, results.csv, fid_vs_sparsity.png, replicates.csv and verdicts.csv of an
+experiment or a driver run.
 
 Built from the tracking store alone (``mlflow.search_runs``; see :mod:`maskdm.report`). The files
 are logged as artifacts of the report run and the markdown is printed to stdout.
@@ -11,10 +12,11 @@ import click
 from entrypoints.common import optional, stage
 from maskdm.errors import MaskDMError
 from maskdm.report import (
-    build_table,
+    build_replicate_table,
     get_run_or_fail,
     resolve_experiment,
     runs_frame,
+    summarize_table,
     ui_series,
     write_table_report,
 )
@@ -42,8 +44,9 @@ def command(experiment: str | None, run_id: str | None) -> None:
             experiment_id = resolve_experiment(experiment) if experiment else run.run.info.experiment_id
             runs, source = runs_frame([experiment_id]), f"experiment {experiment_id}"
 
-        table = build_table(runs)
-        files = write_table_report(table, run.out, title=f"MaskDM results: {source}")
+        replicates = build_replicate_table(runs)
+        table = summarize_table(replicates)
+        files = write_table_report(table, run.out, title=f"MaskDM results: {source}", replicates=replicates)
         run.set_tags({"maskdm.report.source": source, "maskdm.report.rows": len(table)})
         # The same curves as fid_vs_sparsity.png, as metrics an MLflow line chart can draw.
         for key, points in ui_series(table).items():

@@ -2,8 +2,9 @@
 
 Everything that fixes the minibatches (dataset, dataset_size, batch_size, max_batches, seed and
 the sampling protocol) comes from the baseline run; a given value that contradicts it is an error.
-Each update samples ``samples`` masks from the logits, measures each on the same ``accumulation``
-replayed batches and moves the logits against its advantage (see :mod:`maskdm.maskpro`). The
+Each update samples ``samples`` masks from the logits (drawn from ``mask_seed``, independent of
+the subset's seed, so replicates of the masks share one baseline run), measures each on the same
+``accumulation`` replayed batches and moves the logits against its advantage (see :mod:`maskdm.maskpro`). The
 current final mask is scored on held-out images every ``eval_every`` updates.
 ``max_step`` counts updates and ``epoch`` passes over the subset; training stops at whichever comes
 first (0 = no limit for that one).
@@ -17,7 +18,6 @@ precisions rather than masks. An update's ``accumulation`` batches then go throu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -83,6 +83,8 @@ def read_baseline(up) -> tuple[dict, np.ndarray]:
 @click.option("--normalize", default="false", show_default=True, help="Divide advantages by a running estimate of their spread.")
 @click.option("--heldout_size", default="auto", show_default=True, help="Training images outside the subset to score masks on (auto: up to 512, as many as there are; 0: no held-out scoring).")
 @click.option("--eval_every", default="auto", show_default=True, help="Updates between held-out scores of the current final mask (auto: within 10 % of the forward passes; 0: before and after only).")
+@click.option("--mask_seed", default="0", show_default=True,
+              help="Seed of the mask sampling (which masks each update draws); the subset and its draws keep the baseline run's seed. main --seeds replicates through it.")
 @click.option("--targets", default="", help="Layers to train: all or prefixes [default: the baseline run's].")
 @click.option("--dataset", default="", help="[default: the baseline run's; another value is an error]")
 @click.option("--dataset_size", default="", help="[default: the baseline run's; another value is an error]")
@@ -93,18 +95,18 @@ def read_baseline(up) -> tuple[dict, np.ndarray]:
 @click.option("--compile", "compile_unet", default="auto", show_default=True, help="auto: the baseline run's (true or false; another value is an error).")
 def command(
     baseline_run_id, lr, epoch, logits, max_step, accumulation, init, temperature, samples, reward_baseline, normalize,
-    heldout_size, eval_every, targets, dataset, dataset_size, batch_size, seed, mixed_precision, channels_last, compile_unet,
+    heldout_size, eval_every, mask_seed, targets, dataset, dataset_size, batch_size, seed, mixed_precision, channels_last, compile_unet,
 ) -> None:
     params = dict(
         baseline_run_id=baseline_run_id, lr=lr, epoch=epoch, logits=logits, max_step=max_step, accumulation=accumulation,
         init=init, temperature=temperature, samples=samples, reward_baseline=reward_baseline, normalize=normalize,
-        heldout_size=heldout_size, eval_every=eval_every, targets=targets, dataset=dataset, dataset_size=dataset_size,
+        heldout_size=heldout_size, eval_every=eval_every, mask_seed=mask_seed, targets=targets, dataset=dataset, dataset_size=dataset_size,
         batch_size=batch_size, seed=seed, mixed_precision=mixed_precision, channels_last=channels_last, compile=compile_unet,
     )
     with stage("train_masks", params) as run:
         config = TrainConfig(
             lr=number("lr", lr), epoch=integer("epoch", epoch, minimum=0), max_step=integer("max_step", max_step, minimum=0),
-            accumulation=integer("accumulation", accumulation), seed=0, samples=integer("samples", samples),
+            accumulation=integer("accumulation", accumulation), seed=integer("mask_seed", mask_seed, minimum=0), samples=integer("samples", samples),
             reward_baseline=choice("reward_baseline", reward_baseline, REWARD_BASELINES), normalize=boolean("normalize", normalize),
         )
         init_kind = choice("init", init, INIT_CHOICES)
@@ -126,7 +128,6 @@ def command(
         fast, group = fast_path_of(replay), int(replay["forward_batches"])
         check_forward_batches(group, len(baseline), config.accumulation)
         run.set_tags({FAST_PATH_TAG: fast.describe()})
-        config = dataclasses.replace(config, seed=int(replay["seed"]))
         pattern = recorded["pattern"]
         target_spec = optional(targets) or recorded["targets"]
         run.log_params({"dataset": replay["dataset"], "pattern": pattern})

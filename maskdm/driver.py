@@ -182,6 +182,9 @@ class SweepConfig:
     scope: str
     mask_training: str
     stages: dict[str, dict[str, str]]
+    #: The replicates (``--seeds``): each re-runs every stochastic stage of every arm with seeds
+    #: offset by its number (:func:`build_plan`); (0,) is the one draw of the preset's seeds.
+    seeds: tuple[int, ...] = (0,)
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
@@ -201,6 +204,23 @@ def parse_ratios(text: str) -> tuple[float, ...]:
     if not ratios:
         raise MaskDMError("ratios: give at least one pruning ratio, e.g. --ratios 0.5")
     return tuple(ratios)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2): the replicates to run, each an integer >= 0, no duplicates."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            seed = int(part)
+        except ValueError:
+            raise MaskDMError(f"seeds: '{part}' is not an integer; pass e.g. --seeds 0,1,2 (three replicates)") from None
+        if seed < 0:
+            raise MaskDMError(f"seeds: {seed} is negative; replicates are numbered 0, 1, 2, ...")
+        if seed in seeds:
+            raise MaskDMError(f"seeds: {seed} is given twice")
+        seeds.append(seed)
+    return tuple(seeds)
 
 
 def format_ratio(ratio: float) -> str:
@@ -264,6 +284,7 @@ def resolve_config(
     scope: str | None = None,
     mask_training: str = "both",
     sets: Iterable[str] | str | None = None,
+    seeds: str = "0",
 ) -> SweepConfig:
     """The preset, then the explicit options (None = not given), then ``--set`` on top."""
     if preset not in PRESETS:
@@ -291,6 +312,7 @@ def resolve_config(
         if wrong:
             raise MaskDMError(f"pattern {base['pattern']} prunes {implied:g} of the weights; ratios {wrong} contradict it")
 
+    parsed_seeds = parse_seeds(seeds)
     overrides = parse_sets(sets)
     check_sets(overrides)
     stages = base["stages"]
@@ -300,6 +322,7 @@ def resolve_config(
         preset=preset, model=_abs_if_path(base["model"]), dataset=_abs_if_path(base["dataset"]),
         ratios=parsed_ratios, pruner=base["pruner"], pattern=base["pattern"], scope=base["scope"],
         mask_training=mask_training, stages={s: {k: _abs_if_path(v, k) for k, v in p.items()} for s, p in stages.items()},
+        seeds=parsed_seeds,
     )
 
 
@@ -337,17 +360,37 @@ def build_plan(config: SweepConfig) -> list[Step]:
 
     Per ratio the cheap pruned score comes first and each finetune right after what it needs, so
     a sweep stopped early has complete rows for what it reached.
+
+    Replicates (``config.seeds``): prune, extract_masks and baseline_loss run once per ratio (prune
+    is deterministic for magnitude; the baseline's subset is shared, see docs/details/main.md);
+    every stochastic stage after them runs once per replicate ``k`` with its seed offset by ``k``
+    (:data:`maskdm.tracking.REPLICATE_SEEDS`: train_masks' ``mask_seed``, finetune's and sample's
+    ``seed``), and so does the scoring of the dense and pruned models. Replicate 0 runs the
+    preset's parameters unchanged; step names get `` #k`` when there is more than one replicate.
     """
+    from maskdm.tracking import REPLICATE_SEEDS, replicate_seed
+
     p = config.stages
     plan: list[Step] = []
+    several = len(config.seeds) > 1
 
     def add(step: Step) -> Step:
         plan.append(step)
         return step
 
-    def score(model_step: Step, variant: str, ratio: float, label: str) -> None:
-        sample = add(Step(f"sample {label}", "sample", dict(p.get("sample", {})), {"model_run_id": model_step.name}, ratio, variant))
-        add(Step(f"fid {label}", "fid", dict(p.get("fid", {})), {"sample_run_id": sample.name}, ratio, variant))
+    def named(name: str, k: int) -> str:
+        return f"{name} #{k}" if several else name
+
+    def params_of(stage: str, k: int) -> dict[str, str]:
+        params = dict(p.get(stage, {}))
+        if k:  # replicate 0 is the preset as it always ran, so its runs stay cached
+            key, _ = REPLICATE_SEEDS[stage]
+            params[key] = replicate_seed(params.get(key, declared_defaults(stage)[key]), k)
+        return params
+
+    def score(model_step: Step, variant: str, ratio: float, label: str, k: int) -> None:
+        sample = add(Step(named(f"sample {label}", k), "sample", params_of("sample", k), {"model_run_id": model_step.name}, ratio, variant))
+        add(Step(named(f"fid {label}", k), "fid", dict(p.get("fid", {})), {"sample_run_id": sample.name}, ratio, variant))
 
     prune_base = {**p.get("prune", {}), "dataset": config.dataset}
     needs_model: dict[str, str] = {}
@@ -367,24 +410,29 @@ def build_plan(config: SweepConfig) -> list[Step]:
         return params
 
     # The dense reference is pruning_ratio 0 whatever the pruner, pattern and scope: one run (and
-    # one score) shared by every sweep of the same model.
+    # one score per replicate) shared by every sweep of the same model.
     dense = add(Step("prune dense", "prune", prune_params(0.0, "magnitude", "unstructured", "layer"), dict(needs_model), 0.0, "dense"))
-    score(dense, "dense", 0.0, "dense")
+    for k in config.seeds:
+        score(dense, "dense", 0.0, "dense", k)
 
     for ratio in config.ratios:
         r = f"r={format_ratio(ratio)}"
         pruned = add(Step(f"prune {r}", "prune", prune_params(ratio, config.pruner, config.pattern, config.scope), dict(needs_model), ratio, "pruned"))
-        score(pruned, "pruned", ratio, f"{r} (pruned)")
+        for k in config.seeds:
+            score(pruned, "pruned", ratio, f"{r} (pruned)", k)
         masks = add(Step(f"extract_masks {r}", "extract_masks", {}, {"prune_run_id": pruned.name}, ratio))
+        baseline = None
         if config.mask_training in ("true", "both"):
             baseline = add(Step(f"baseline_loss {r}", "baseline_loss", dict(p.get("baseline_loss", {})), {"masks_run_id": masks.name}, ratio))
-            trained = add(Step(f"train_masks {r}", "train_masks", dict(p.get("train_masks", {})), {"baseline_run_id": baseline.name}, ratio, "masked"))
-            score(trained, "masked", ratio, f"{r} (masked)")
-            tuned = add(Step(f"finetune {r} (from masked)", "finetune", dict(p.get("finetune", {})), {"masks_run_id": trained.name}, ratio, "finetuned"))
-            score(tuned, "finetuned", ratio, f"{r} (finetuned)")
-        if config.mask_training in ("false", "both"):
-            plain = add(Step(f"finetune {r} (from pruned)", "finetune", dict(p.get("finetune", {})), {"masks_run_id": masks.name}, ratio, "finetuned_no_mask_training"))
-            score(plain, "finetuned_no_mask_training", ratio, f"{r} (finetuned, no mask training)")
+        for k in config.seeds:
+            if baseline is not None:
+                trained = add(Step(named(f"train_masks {r}", k), "train_masks", params_of("train_masks", k), {"baseline_run_id": baseline.name}, ratio, "masked"))
+                score(trained, "masked", ratio, f"{r} (masked)", k)
+                tuned = add(Step(named(f"finetune {r} (from masked)", k), "finetune", params_of("finetune", k), {"masks_run_id": trained.name}, ratio, "finetuned"))
+                score(tuned, "finetuned", ratio, f"{r} (finetuned)", k)
+            if config.mask_training in ("false", "both"):
+                plain = add(Step(named(f"finetune {r} (from pruned)", k), "finetune", params_of("finetune", k), {"masks_run_id": masks.name}, ratio, "finetuned_no_mask_training"))
+                score(plain, "finetuned_no_mask_training", ratio, f"{r} (finetuned, no mask training)", k)
     return plan
 
 
@@ -1206,16 +1254,19 @@ def used_run_ids(outcomes: Mapping[str, StageOutcome]) -> list[str]:
 class Results:
     markdown: str
     rows: int
-    #: ``{metric key: {step: value}}``: the FID curves as MLflow metrics (step = ratio in percent).
+    #: ``{metric key: {step: value}}``: the FID curves (means over replicates, and their standard
+    #: errors) as MLflow metrics (step = ratio in percent).
     series: dict[str, dict[int, float]]
 
 
 def write_results(run_ids: list[str], folder: Path, title: str) -> Results:
-    """results.md / results.csv / fid_vs_sparsity.png of exactly these stage runs (and their ancestors)."""
+    """The report files (results.md / .csv, fid_vs_sparsity.png, replicates.csv, verdicts.csv) of
+    exactly these stage runs (and their ancestors)."""
     from maskdm import report
 
-    table = report.build_table(report.runs_frame(run_ids=run_ids))
-    files = report.write_table_report(table, folder, title=title)
+    replicates = report.build_replicate_table(report.runs_frame(run_ids=run_ids))
+    table = report.summarize_table(replicates)
+    files = report.write_table_report(table, folder, title=title, replicates=replicates)
     return Results(files.markdown.read_text(), len(table), report.ui_series(table))
 
 

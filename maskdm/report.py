@@ -4,7 +4,10 @@ Every number comes from ``mlflow.search_runs`` (one pandas frame of runs, :func:
 nothing is read from files on disk. Runs are joined through their lineage tags
 ``maskdm.upstream.<stage>``:
 
-* A row is one (model, dataset, pruning_ratio, pruner, pattern, mask_training) combination. It is
+* A row is one (model, dataset, pruning_ratio, pruner, pattern, scope, mask_training) combination
+  and replicate (``maskdm.replicate``: :func:`build_replicate_table`); :func:`build_table`
+  summarises a combination's replicates into one row, each FID and loss as mean, ``_se`` and
+  ``_n`` (:mod:`maskdm.verdicts`, which also pairs arms replicate by replicate). A row is
   anchored on the newest FINISHED ``finetune`` run of that combination; where there is none, on the
   newest ``train_masks`` run (mask_training true), else on the newest ``prune`` run (mask_training
   empty: no mask stage has run on it yet). The anchor's lineage names the row's other stage runs.
@@ -45,7 +48,8 @@ from maskdm.fid_protocol import (  # noqa: F401 (re-exported: callers import the
     FID_DIMS, FID_FEATURES, FID_METRIC, FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG,
     PROTOCOL_PARTS, UNKNOWN, UNRECORDED, FidProtocol, describe_protocol, fid_metric_name, is_fid_metric,
 )
-from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, lineage_stages, masks_source_of, parse_run_ref
+from maskdm.tracking import REPLICATE_TAG, STAGE_TAG, UPSTREAM_TAG_PREFIX, lineage_stages, masks_source_of, parse_run_ref
+from maskdm.verdicts import REPLICATE_COLUMN, format_estimate, paired_differences, summarize, summary_columns
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ MODEL_STAGE_VALUES = ("dense", "pruned", "masked", "finetuned", "finetuned_no_ma
 MODEL_STAGE_NAMES = ("dense", "pruned", "masked", "finetuned")
 #: The stages of one ratio's chain, whose run IDs and wall times a row carries.
 PIPELINE_STAGES = ("prune", "extract_masks", "baseline_loss", "train_masks", "finetune")
-KEY_COLUMNS = ("model", "dataset", "pruning_ratio", "pruner", "pattern", "mask_training")
+KEY_COLUMNS = ("model", "dataset", "pruning_ratio", "pruner", "pattern", "scope", "mask_training")
 SIZE_COLUMNS = (
     "sparsity",
     "params_total",
@@ -73,7 +77,9 @@ INTEGER_COLUMNS = ("params_total", "params_nonzero", "compact_checkpoint_bytes",
 #: so that ``report --run_id <driver>`` finds it although it is not the driver's child.
 USED_BY_TAG_PREFIX = "maskdm.used_by."
 PARENT_TAG = "mlflow.parentRunId"
-REPORT_FILES = ("results.md", "results.csv", "fid_vs_sparsity.png")
+#: results.csv: one row per key, each measure as mean, ``_se`` and ``_n`` over the replicates;
+#: replicates.csv: one row per key and replicate (one draw each); verdicts.csv: the paired differences.
+REPORT_FILES = ("results.md", "results.csv", "fid_vs_sparsity.png", "replicates.csv", "verdicts.csv")
 
 _ANCHOR_PRIORITY = {"finetune": 2, "train_masks": 1, "prune": 0}
 _IN_CHUNK = 100
@@ -209,6 +215,7 @@ class FidScore:
     metric: str = FID_METRIC
     protocol: FidProtocol | None = None
     start_time: float = 0.0
+    replicate: int = 0
 
     @property
     def protocol_id(self) -> str:
@@ -221,6 +228,10 @@ class ModelScores:
 
     fids: Mapping[tuple[str, str], FidScore]  # newest value per (FID metric, protocol id)
     newest_sample: RunRecord | None  # the newest sample run of the model
+    #: Newest value per (FID metric, replicate 0's protocol id, replicate): a replicate's sample
+    #: seed is offset by its number, so its protocol is named by the seed replicate 0 had
+    #: (:func:`replicate_zero_protocol`) and all replicates of one protocol share a column.
+    by_replicate: Mapping[tuple[str, str, int], FidScore] = None  # type: ignore[assignment]
 
     def of_metric(self, metric: str) -> list[FidScore]:
         """The model's scores under ``metric``, one per protocol, newest first."""
@@ -244,14 +255,40 @@ def collect_scores(records: Mapping[str, RunRecord]) -> dict[str, ModelScores]:
     for model_run, samples in samples_by_model.items():
         fid_runs = newest_first(f for s in samples for f in fids_by_sample.get(s.run_id, ()))
         fids: dict[tuple[str, str], FidScore] = {}
+        by_replicate: dict[tuple[str, str, int], FidScore] = {}
         for fid_run in fid_runs:
             protocol = FidProtocol.from_tags(fid_run.tags)
+            replicate = replicate_of_run(fid_run)
+            base = replicate_zero_protocol(protocol, replicate)
             for name, value in fid_run.metrics.items():
                 if is_fid_metric(name):
                     score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, protocol, fid_run.start_time)
                     fids.setdefault((name, score.protocol_id), score)
-        scores[model_run] = ModelScores(fids, newest_first(samples)[0])
+                    score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, base, fid_run.start_time, replicate)
+                    by_replicate.setdefault((name, score.protocol_id, replicate), score)
+        scores[model_run] = ModelScores(fids, newest_first(samples)[0], by_replicate)
     return scores
+
+
+def replicate_of_run(record: RunRecord) -> int:
+    """The run's ``maskdm.replicate`` tag; 0 for a run without one (made before replicates, or of a
+    stage all replicates share)."""
+    try:
+        return int(record.tags.get(REPLICATE_TAG, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def replicate_zero_protocol(protocol: FidProtocol | None, replicate: int) -> FidProtocol | None:
+    """The protocol with the sampling seed replicate 0 used (seed - replicate): what a replicate's
+    FID is compared under."""
+    if protocol is None or not replicate:
+        return protocol
+    try:
+        seed = int(protocol.get("seed"))
+    except ValueError:
+        return protocol
+    return FidProtocol(tuple((p, str(seed - replicate) if p == "seed" else v) for p, v in protocol.parts))
 
 
 @dataclass(frozen=True)
@@ -274,7 +311,13 @@ def fid_columns(scores: Mapping[str, ModelScores], model_runs: Iterable[str] | N
     wanted = set(scores) if model_runs is None else set(model_runs) & set(scores)
     coverage: dict[tuple[str, str], list] = {}
     for model_run in wanted:
-        for key, score in scores[model_run].fids.items():
+        # Under replicate 0's protocol (by_replicate), so a model's replicates count once.
+        per_protocol: dict[tuple[str, str], FidScore] = {}
+        for (metric, protocol_id, _), score in scores[model_run].by_replicate.items():
+            kept = per_protocol.setdefault((metric, protocol_id), score)
+            if score.start_time > kept.start_time:
+                per_protocol[(metric, protocol_id)] = score
+        for key, score in per_protocol.items():
             entry = coverage.setdefault(key, [0, -math.inf, score.protocol])
             entry[0] += 1
             entry[1] = max(entry[1], score.start_time)
@@ -310,12 +353,19 @@ def is_fid_column(name: str) -> bool:
 # The table
 
 
-def table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
-    """The columns of :func:`build_table`, in order (FID ones only for the FID column names given)."""
-    columns = [*KEY_COLUMNS, *SIZE_COLUMNS]
+#: The model run each model stage's values are read from (its eval_loss: one value per run).
+MODEL_RUN_ID_COLUMNS = {"dense": "dense_run_id", "pruned": "prune_run_id", "masked": "train_masks_run_id", "finetuned": "finetune_run_id"}
+#: The mask-trained model's loss on held-out images (train_masks' ``heldout_loss_final``).
+HELDOUT_COLUMN = "masked_heldout_loss"
+
+
+def replicate_table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
+    """The columns of :func:`build_replicate_table`, in order (FID ones only for the FID column names given)."""
+    columns = [*KEY_COLUMNS, REPLICATE_COLUMN, *SIZE_COLUMNS]
     columns += [f"{ms}_{name}" for name in fid_names for ms in MODEL_STAGE_NAMES]
     columns += [f"protocol_{name}" for name in fid_names]
     columns += [f"{ms}_eval_loss" for ms in MODEL_STAGE_NAMES]
+    columns += [HELDOUT_COLUMN]
     columns += [f"{ms}_images_per_s" for ms in MODEL_STAGE_NAMES]
     columns += [f"{stage}_wall_s" for stage in PIPELINE_STAGES]
     columns += [f"{ms}_{what}_wall_s" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
@@ -324,8 +374,49 @@ def table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
     return columns
 
 
+def measure_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> dict[str, str | None]:
+    """The columns summarised over replicates (mean, ``_se``, ``_n``): every FID, eval_loss and the
+    held-out loss; each mapped to the column of the run its value comes from where replicates may
+    share that run (:func:`maskdm.verdicts.summarize`)."""
+    measures: dict[str, str | None] = {f"{ms}_{name}": None for name in fid_names for ms in MODEL_STAGE_NAMES}
+    measures.update({f"{ms}_eval_loss": MODEL_RUN_ID_COLUMNS[ms] for ms in MODEL_STAGE_NAMES})
+    measures[HELDOUT_COLUMN] = MODEL_RUN_ID_COLUMNS["masked"]
+    return measures
+
+
+def table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
+    """The columns of :func:`build_table`, in order: each measure as mean, ``_se`` and ``_n``."""
+    return summary_columns(replicate_table_columns(fid_names), measure_columns(fid_names))
+
+
 def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per (model, dataset, pruning_ratio, pruner, pattern, mask_training); see the module doc."""
+    """One row per (model, dataset, pruning_ratio, pruner, pattern, scope, mask_training): the
+    replicates of :func:`build_replicate_table` summarised (:func:`summarize_table`)."""
+    return summarize_table(build_replicate_table(runs))
+
+
+def summarize_table(replicates: pd.DataFrame) -> pd.DataFrame:
+    """Mean, SE and n over the replicates of each row key (:func:`maskdm.verdicts.summarize`)."""
+    names = table_fid_names(replicates)
+    table = summarize(replicates, list(KEY_COLUMNS), measure_columns(names)).reindex(columns=table_columns(names))
+    return _typed(table)
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    table["mask_training"] = table["mask_training"].astype("boolean")
+    table["pruning_ratio"] = table["pruning_ratio"].astype("float64")
+    for column in INTEGER_COLUMNS:
+        table[column] = pd.to_numeric(table[column]).round().astype("Int64")
+    return table
+
+
+def build_replicate_table(runs: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per (model, dataset, pruning_ratio, pruner, pattern, scope, mask_training, replicate); see the module doc.
+
+    A row's replicate is its anchor's ``maskdm.replicate`` tag; its FIDs are those of the fid runs
+    of the same replicate (of the dense and pruned models too, which replicates share but score
+    each with its own sampling seed).
+    """
     records = run_records(runs)
     scores = collect_scores(records)
     dense_runs = newest_first(r for r in records.values() if r.stage == "prune" and r.pruning_ratio == 0)
@@ -334,54 +425,66 @@ def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:
     # the scores of those model runs only.
     planned = []
     used_dense = set()
-    for key, anchor in _row_anchors(records):
+    for key, anchor in _row_anchors(records, scores):
         dense = _dense_for(key, dense_runs)
         used_dense.add(dense.run_id if dense else None)
         planned.append((key, anchor.lineage, dense))
     # A dense reference that no pruned row points at still gets a row, so a dense-only store reports.
     for dense in dense_runs:
-        key = _key(dense, mask_training=None)
+        key = _key(dense, None, records)
         if dense.run_id not in used_dense and not any(_same_model(k, key) for k, _, _ in planned):
-            planned.append((key, {}, dense))
+            planned += [({**key, REPLICATE_COLUMN: r}, {}, dense) for r in _scored_replicates(dense, scores)]
             used_dense.add(dense.run_id)
 
     model_runs = {run_id for _, lineage, dense in planned for run_id in _model_runs(lineage, dense).values() if run_id}
     columns = fid_columns(scores, model_runs)
     rows = [_row(key, lineage, dense, records, scores, columns) for key, lineage, dense in planned]
     rows.sort(key=_sort_key)
-    table = pd.DataFrame(rows, columns=table_columns([c.name for c in columns]))
-    table["mask_training"] = table["mask_training"].astype("boolean")
-    table["pruning_ratio"] = table["pruning_ratio"].astype("float64")
-    for column in INTEGER_COLUMNS:
-        table[column] = pd.to_numeric(table[column]).round().astype("Int64")
-    return table
+    table = pd.DataFrame(rows, columns=replicate_table_columns([c.name for c in columns]))
+    table[REPLICATE_COLUMN] = table[REPLICATE_COLUMN].astype("int64")
+    return _typed(table)
 
 
-def _key(anchor: RunRecord, mask_training: bool | None) -> dict:
+def _key(anchor: RunRecord, mask_training: bool | None, records: Mapping[str, RunRecord] | None = None) -> dict:
     params = anchor.params
+    # Scope is a prune parameter the later stages do not copy: read it from the prune run.
+    prune = (records or {}).get(anchor.lineage.get("prune", "")) or anchor
     return {
         "model": params.get("model"),
         "dataset": params.get("dataset"),
         "pruning_ratio": anchor.pruning_ratio,
         "pruner": params.get("pruner"),
         "pattern": params.get("pattern"),
+        "scope": prune.params.get("scope"),
         "mask_training": mask_training,
     }
 
 
-def _row_anchors(records: Mapping[str, RunRecord]) -> list[tuple[dict, RunRecord]]:
+def _scored_replicates(model: RunRecord, scores: Mapping[str, ModelScores]) -> list[int]:
+    """The replicates a model run that replicates share (prune) was scored in; [0] if none."""
+    score = scores.get(model.run_id)
+    found = sorted({r for _, _, r in score.by_replicate}) if score else []
+    return found or [0]
+
+
+def _row_anchors(records: Mapping[str, RunRecord], scores: Mapping[str, ModelScores]) -> list[tuple[dict, RunRecord]]:
     """The run each row is built from, one per key: see the module doc for the choice."""
     finetunes = [r for r in records.values() if r.stage == "finetune"]
     trained_masks = {f.upstream.get("train_masks") for f in finetunes}
     used_prunes = {r.upstream.get("prune") for r in records.values() if r.stage in ("finetune", "train_masks")}
-    candidates = [(_key(f, "train_masks" in f.upstream), f) for f in finetunes]
+
+    def keyed(anchor: RunRecord, mask_training: bool | None, replicate: int) -> tuple[dict, RunRecord]:
+        return {**_key(anchor, mask_training, records), REPLICATE_COLUMN: replicate}, anchor
+
+    candidates = [keyed(f, "train_masks" in f.upstream, replicate_of_run(f)) for f in finetunes]
     candidates += [
-        (_key(r, True), r) for r in records.values() if r.stage == "train_masks" and r.run_id not in trained_masks
+        keyed(r, True, replicate_of_run(r)) for r in records.values() if r.stage == "train_masks" and r.run_id not in trained_masks
     ]
     candidates += [
-        (_key(r, None), r)
+        keyed(r, None, replicate)
         for r in records.values()
         if r.stage == "prune" and r.pruning_ratio != 0 and r.run_id not in used_prunes
+        for replicate in _scored_replicates(r, scores)
     ]
     candidates.sort(key=lambda c: (_ANCHOR_PRIORITY[c[1].stage], c[1].start_time), reverse=True)
     chosen: dict[tuple, tuple[dict, RunRecord]] = {}
@@ -433,18 +536,21 @@ def _row(
         row["sparsity"] = next((r.metrics["sparsity"] for r in later if r and "sparsity" in r.metrics), None)
 
     model_runs = _model_runs(lineage, dense)
+    replicate = key[REPLICATE_COLUMN]
     for column in fid_columns_:
         row[f"protocol_{column.name}"] = column.protocol.key if column.protocol else column.protocol_id or None
     for ms, run_id in model_runs.items():
         record = records.get(run_id or "")
         score = scores.get(run_id or "")
-        fids = score.fids if score else {}
+        fids = score.by_replicate if score else {}
         behind = None  # the first FID column's score: its sample and fid runs are the row's
         for column in fid_columns_:
-            found = fids.get((column.metric, column.protocol_id))
+            found = fids.get((column.metric, column.protocol_id, replicate))
             row[f"{ms}_{column.name}"] = found.value if found else None
             behind = behind or found
         row[f"{ms}_eval_loss"] = record.metrics.get("eval_loss") if record else None
+        if ms == "masked":
+            row[HELDOUT_COLUMN] = record.metrics.get("heldout_loss_final") if record else None
         sample = records.get(behind.sample_run_id or "") if behind else None
         sample = sample or (score.newest_sample if score else None)
         fid_run = records.get(behind.fid_run_id) if behind else None
@@ -465,7 +571,8 @@ def _row(
 def _sort_key(row: Mapping) -> tuple:
     mask_order = {None: 0, False: 1, True: 2}[row["mask_training"]]
     ratio = row["pruning_ratio"] if row["pruning_ratio"] is not None else -1.0
-    return (str(row["model"]), str(row["dataset"]), str(row["pruner"]), str(row["pattern"]), ratio, mask_order)
+    return (str(row["model"]), str(row["dataset"]), str(row["pruner"]), str(row["pattern"]), str(row["scope"]), ratio,
+            mask_order, row[REPLICATE_COLUMN])
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +623,8 @@ def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, s
         title = "FID (Inception pool3, `fid`)" if name == FID_METRIC else f"FID (`{name}`)"
         yield title, [(ms, f"{ms}_{name}") for ms in MODEL_STAGE_NAMES]
     yield "eval_loss", [(ms, f"{ms}_eval_loss") for ms in MODEL_STAGE_NAMES]
+    yield "Held-out loss (train_masks' final mask)", [("masked", HELDOUT_COLUMN)]
+    yield VERDICTS_SECTION, []
     yield "Sampling speed (images/s)", [(ms, f"{ms}_images_per_s") for ms in MODEL_STAGE_NAMES]
     yield "Wall time (s)", [(stage, f"{stage}_wall_s") for stage in PIPELINE_STAGES] + [
         (f"{ms} {what}", f"{ms}_{what}_wall_s") for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")
@@ -526,15 +635,50 @@ def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, s
     ]
 
 
+VERDICTS_SECTION = "Paired differences (replicate by replicate)"
+VERDICTS_NOTE = (
+    "Difference = first arm - second arm, pairs matched by replicate (same seeds); lower FID and loss are "
+    "better, so a negative difference favours the first arm. Verdict `better` / `worse` when |mean| > 2 SE "
+    "of the paired differences, else `no difference at 2 SE`; `one replicate` when n = 1 "
+    "(no spread to judge by: run `main --seeds 0,1,2`)."
+)
+
+
+def _cell(row: pd.Series, column: str) -> str:
+    """A measure as ``mean ± SE (n=...)`` where the table has its ``_se`` and ``_n``; else the value."""
+    if f"{column}_se" in row.index and f"{column}_n" in row.index:
+        return format_estimate(row[column], row[f"{column}_se"], row[f"{column}_n"])
+    return _format(row[column], column)
+
+
 def _markdown_table(table: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_format(row[column], column) for _, column in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row, column) for _, column in columns) + " |")
     return "\n".join(lines)
 
 
-def to_markdown(table: pd.DataFrame, title: str = "MaskDM results") -> str:
-    """results.md: one small table per quantity, each keyed by ratio/pruner/pattern/mask_training.
+def verdicts_markdown(verdicts: pd.DataFrame) -> list[str]:
+    """The paired-differences section's lines (none without a comparison to make)."""
+    if verdicts is None or verdicts.empty:
+        return []
+    varying = [c for c in ("model", "dataset", "pruner", "pattern", "scope") if verdicts[c].nunique(dropna=False) > 1]
+    columns = [("comparison", "comparison"), ("pruning_ratio", "pruning_ratio"), *[(c, c) for c in varying],
+               ("arm", "arm"), ("metric", "metric")]
+    lines = [f"## {VERDICTS_SECTION}", "", VERDICTS_NOTE, ""]
+    lines += ["| " + " | ".join([h for h, _ in columns] + ["mean difference", "SE", "n", "verdict"]) + " |",
+              "|" + "---|" * (len(columns) + 4)]
+    for _, row in verdicts.iterrows():
+        se = _format(row["se"], "se") if _present(row["se"]) else ""
+        cells = [_format(row[c], c) for _, c in columns] + [_format(row["mean_difference"], "mean"), se, str(int(row["n"])), row["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def to_markdown(table: pd.DataFrame, title: str = "MaskDM results", verdicts: pd.DataFrame | None = None) -> str:
+    """results.md: one small table per quantity, each keyed by ratio/pruner/pattern/scope/mask_training;
+    FIDs and losses as mean ± SE over the replicates (n); then the paired differences (``verdicts``,
+    :func:`maskdm.verdicts.paired_differences`).
 
     Columns that are empty in every row are left out (results.csv keeps them all); model and
     dataset become a line under the title when they are the same in every row.
@@ -545,9 +689,14 @@ def to_markdown(table: pd.DataFrame, title: str = "MaskDM results") -> str:
     constant = [c for c in ("model", "dataset") if table[c].nunique(dropna=False) == 1]
     if constant:
         lines += [", ".join(f"{c}: `{_format(table[c].iloc[0], c) or '-'}`" for c in constant), ""]
+    lines += ["FIDs and losses: mean ± standard error over the replicates (n = replicates measured; "
+              "SE = sample standard deviation / sqrt(n)).", ""]
     keys = [(c, c) for c in KEY_COLUMNS if c not in constant]
     fid_titles = {f"{ms}_{name}": name for name in table_fid_names(table) for ms in MODEL_STAGE_NAMES}
     for title_, columns in _sections(table_fid_names(table)):
+        if title_ == VERDICTS_SECTION:
+            lines += verdicts_markdown(verdicts)
+            continue
         filled = [(h, c) for h, c in columns if c in table.columns and table[c].map(_present).any()]
         if filled:
             lines += [f"## {title_}", ""]
@@ -567,12 +716,16 @@ class CurvePoint:
     sparsity: float
     fid: float
     run_id: str  # the model run
+    se: float | None = None  # standard error over the replicates (None: one replicate)
+    n: int = 1
 
 
 def table_fid_names(table: pd.DataFrame) -> list[str]:
     """The FID column names a :func:`build_table` table has (``fid``, ``fid_shapes``, ``fid@<id>``), ``fid`` first."""
     prefix = "finetuned_"
-    return [c[len(prefix):] for c in table.columns if c.startswith(prefix) and is_fid_column(c[len(prefix):])]
+    names = [c[len(prefix):] for c in table.columns if c.startswith(prefix) and is_fid_column(c[len(prefix):])]
+    # A summary's fid_se / fid_n are the replicates' standard error and count of `fid`, not FIDs of their own.
+    return [n for n in names if not any(n == f"{base}{suffix}" for base in names for suffix in ("_se", "_n"))]
 
 
 def chart_metric(table: pd.DataFrame) -> str:
@@ -596,7 +749,8 @@ def fid_curves(table: pd.DataFrame, metric: str = FID_METRIC) -> dict[str, list[
     """
     if table.empty or f"finetuned_{metric}" not in table.columns:
         return {}
-    group_columns = [c for c in ("model", "dataset", "pruner", "pattern") if table[c].nunique(dropna=False) > 1]
+    group_columns = [c for c in ("model", "dataset", "pruner", "pattern", "scope")
+                     if c in table.columns and table[c].nunique(dropna=False) > 1]
     curves: dict[str, dict[str, CurvePoint]] = defaultdict(dict)
     order: dict[str, int] = {}
     # The dense model does not depend on pruner or pattern: its series splits by model and dataset only.
@@ -618,7 +772,10 @@ def fid_curves(table: pd.DataFrame, metric: str = FID_METRIC) -> dict[str, list[
             value, run_id = row[f"{ms}_{metric}"], row[id_column]
             if _present(value) and _present(run_id) and _present(ratio):
                 sparsity = float(sparsity) if _present(sparsity) else float(ratio)
-                curves[label].setdefault(run_id, CurvePoint(float(ratio), sparsity, float(value), run_id))
+                se = row.get(f"{ms}_{metric}_se")
+                n = row.get(f"{ms}_{metric}_n")
+                curves[label].setdefault(run_id, CurvePoint(
+                    float(ratio), sparsity, float(value), run_id, float(se) if _present(se) else None, int(n) if _present(n) else 1))
                 order.setdefault(label, MODEL_STAGE_NAMES.index(ms))
     labels = sorted(curves, key=lambda label: (order[label], label))
     return {label: sorted(curves[label].values(), key=lambda p: p.pruning_ratio) for label in labels}
@@ -644,7 +801,10 @@ def plot_fid_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike, metric: s
     axes = figure.add_subplot()
     curves = fid_curves(table, metric)
     for label, points in curves.items():
-        line = axes.plot([p.sparsity for p in points], [p.fid for p in points], marker="o", label=label)[0]
+        # Error bars: +-1 standard error of the mean over the replicates (none with one replicate).
+        errors = [p.se if p.se is not None else 0.0 for p in points]
+        line = axes.errorbar([p.sparsity for p in points], [p.fid for p in points], yerr=errors, marker="o", capsize=3,
+                             label=label)[0]
         if label.startswith("dense"):
             # The dense model is the reference every pruned model is measured against.
             for point in points:
@@ -655,7 +815,9 @@ def plot_fid_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike, metric: s
         axes.text(0.5, 0.5, f"no '{metric}' logged yet", ha="center", va="center", transform=axes.transAxes)
     axes.set_xlabel("sparsity (share of prunable weights removed)")
     axes.set_ylabel(metric if metric != FID_METRIC else "FID (Inception)")
-    axes.set_title(f"{metric} vs sparsity")
+    replicates = max((p.n for points in curves.values() for p in points), default=1)
+    axes.set_title(f"{metric} vs sparsity: mean ± 1 SE over replicates (up to n={replicates})" if replicates > 1
+                   else f"{metric} vs sparsity (one replicate: no error bars)", fontsize="medium")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path = Path(path)
@@ -666,8 +828,9 @@ def plot_fid_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike, metric: s
 def ui_series(table: pd.DataFrame, metric: str | None = None) -> dict[str, dict[int, float]]:
     """``{metric key: {step: value}}`` that plots :func:`fid_curves` as MLflow line charts.
 
-    The key is ``<metric>_by_ratio/<series>`` and the step is the pruning ratio in percent (rounded),
-    because an MLflow metric's x axis is an integer step.
+    The key is ``<metric>_by_ratio/<series>`` (the mean over replicates) and, where there are two or
+    more replicates, ``<metric>_se_by_ratio/<series>`` (its standard error); the step is the pruning
+    ratio in percent (rounded), because an MLflow metric's x axis is an integer step.
     """
     metric = metric or chart_metric(table)
     series = {}
@@ -677,6 +840,9 @@ def ui_series(table: pd.DataFrame, metric: str | None = None) -> dict[str, dict[
         series[f"{name}_by_ratio/{slug}"] = {
             int(round(p.pruning_ratio * 100)): p.fid for p in points
         }
+        errors = {int(round(p.pruning_ratio * 100)): p.se for p in points if p.se is not None}
+        if errors:
+            series[f"{name}_se_by_ratio/{slug}"] = errors
     return series
 
 
@@ -688,21 +854,39 @@ class ReportFiles(NamedTuple):
     markdown: Path
     csv: Path
     plot: Path
+    replicates: Path
+    verdicts: Path
 
 
-def write_table_report(table: pd.DataFrame, folder: str | os.PathLike, title: str = "MaskDM results") -> ReportFiles:
+def verdicts_of(replicates: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences of a :func:`build_replicate_table` table: every FID, eval_loss and held-out loss."""
+    metrics = [*table_fid_names(replicates), "eval_loss", HELDOUT_COLUMN[len("masked_"):]]
+    return paired_differences(replicates, metrics)
+
+
+def write_table_report(
+    table: pd.DataFrame, folder: str | os.PathLike, title: str = "MaskDM results", replicates: pd.DataFrame | None = None,
+) -> ReportFiles:
+    """The :data:`REPORT_FILES` of ``table`` (:func:`build_table`) and, when given, of the replicate
+    table it summarises (replicates.csv, and the paired differences: verdicts.csv and their section)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown, csv, plot = (folder / name for name in REPORT_FILES)
-    markdown.write_text(to_markdown(table, title))
+    markdown, csv, plot, replicates_csv, verdicts_csv = (folder / name for name in REPORT_FILES)
+    if replicates is None:
+        replicates = pd.DataFrame(columns=replicate_table_columns(table_fid_names(table)))
+    verdicts = verdicts_of(replicates)
+    markdown.write_text(to_markdown(table, title, verdicts))
     table.to_csv(csv, index=False)
+    replicates.to_csv(replicates_csv, index=False)
+    verdicts.to_csv(verdicts_csv, index=False)
     plot_fid_vs_sparsity(table, plot)
-    return ReportFiles(markdown, csv, plot)
+    return ReportFiles(markdown, csv, plot, replicates_csv, verdicts_csv)
 
 
 def write_report(runs: pd.DataFrame | None, folder: str | os.PathLike, title: str = "MaskDM results") -> ReportFiles:
-    """results.md, results.csv and fid_vs_sparsity.png of the runs in ``runs`` (a search_runs frame)."""
-    return write_table_report(build_table(runs), folder, title)
+    """The :data:`REPORT_FILES` of the runs in ``runs`` (a search_runs frame)."""
+    replicates = build_replicate_table(runs)
+    return write_table_report(summarize_table(replicates), folder, title, replicates)
 
 
 # --------------------------------------------------------------------------------------------

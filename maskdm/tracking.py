@@ -51,6 +51,16 @@ LINEAGE_PARAMS = ("model", "dataset", "pruning_ratio", "pruner", "pattern")
 #: (the pruning masks, no mask training). Derived from the lineage by :func:`masks_source_of`.
 MASKS_SOURCE_TAG = "maskdm.masks_source"
 MASKS_SOURCES = ("train_masks", "extract_masks")
+#: Which replicate of a sweep a run belongs to (``main --seeds``): the offset of its own seed from
+#: the seed replicate 0 uses (:data:`REPLICATE_SEEDS`), set by :func:`stage_run` from the run's
+#: parameters, so a hand-made run is tagged like the driver's. A run of a stage without a
+#: replicated seed (fid, promote) takes its upstream run's tag; prune, extract_masks and
+#: baseline_loss are shared by every replicate and carry none.
+REPLICATE_TAG = "maskdm.replicate"
+#: ``{stage: (seed parameter, its value in replicate 0)}``: the stochastic stages a replicate
+#: re-runs (mask sampling, finetune data order and noise, sampling noise). The values are the
+#: MLproject defaults (a test holds them equal), so a run with default seeds is replicate 0.
+REPLICATE_SEEDS = {"train_masks": ("mask_seed", 0), "finetune": ("seed", 0), "sample": ("seed", 42)}
 #: The experiment tag where MLflow 3 records what kind an experiment is; ``custom_model_development``
 #: is "Machine learning" (runs), ``genai_development`` GenAI (traces). MLflow 3.17's UI picks its
 #: view from the link instead (:func:`runs_view_url`); the tag says what the experiment is.
@@ -142,6 +152,25 @@ def masks_source_of(stages: Iterable[str]) -> str | None:
     if "finetune" not in stages:
         return None
     return next((source for source in MASKS_SOURCES if source in stages), None)
+
+
+def replicate_of(stage: str, params: Mapping[str, object]) -> int | None:
+    """The replicate a ``stage`` run with these parameters belongs to: its seed's offset from
+    replicate 0's (:data:`REPLICATE_SEEDS`); None for a stage without a replicated seed or a seed
+    that is not an integer (the stage itself rejects that)."""
+    if stage not in REPLICATE_SEEDS:
+        return None
+    key, base = REPLICATE_SEEDS[stage]
+    value = params.get(key)
+    try:
+        return int(str(base if value in (None, "") else value).strip()) - base
+    except ValueError:
+        return None
+
+
+def replicate_seed(base: int | str, replicate: int) -> str:
+    """The seed replicate ``replicate`` of a stage runs with when replicate 0 runs with ``base``."""
+    return str(int(str(base).strip()) + int(replicate))
 
 
 def has_artifact(run_id: str, artifact_path: str) -> bool:
@@ -435,6 +464,8 @@ class StageRun:
         source = masks_source_of({*up.lineage, self.stage})
         if source:
             tags[MASKS_SOURCE_TAG] = source
+        if self.stage not in REPLICATE_SEEDS and REPLICATE_TAG in up.tags:
+            tags[REPLICATE_TAG] = up.tags[REPLICATE_TAG]  # fid of a replicate's sample, promote of its finetune
         self.set_tags(tags)
         self.log_params({k: up.params[k] for k in LINEAGE_PARAMS if k in up.params})
 
@@ -515,6 +546,9 @@ def stage_run(stage: str, params: Mapping[str, object]):
     try:
         # The process working on the run, so that `maskdm reap` and the driver can tell when it died.
         run.set_tags({STAGE_TAG: stage, CODE_VERSION_TAG: code_version(), **liveness.process_tags()})
+        replicate = replicate_of(stage, params)
+        if replicate is not None:
+            run.set_tags({REPLICATE_TAG: replicate})
         heartbeat.start()
         try:
             run.log_params(params)

@@ -131,6 +131,77 @@ def test_the_dense_reference_is_the_same_whatever_the_pruning_setup(tiny_model_d
     assert dense()["pruning_ratio"] == "0.0" and dense()["pattern"] == "unstructured"
 
 
+def test_replicate_zero_is_todays_plan_and_replicate_k_offsets_only_its_seeds(tiny_model_dir):
+    from maskdm.tracking import REPLICATE_SEEDS, replicate_of
+
+    def plan(seeds: str | None, **options) -> list:
+        extra = {"seeds": seeds} if seeds is not None else {}
+        return driver.build_plan(driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.3,0.6", **options, **extra))
+
+    def shape(steps) -> list:
+        return [(s.name, s.stage, s.params, s.needs, s.ratio, s.variant) for s in steps]
+
+    # Seeds 0 (the default) is the plan as it always was: the same steps, names and parameters.
+    assert shape(plan(None)) == shape(plan("0"))
+    single = {s.name: s for s in plan("0", sets=["sample.seed=7"])}
+    several = plan("0,1,2", sets=["sample.seed=7"])
+    by_name = {s.name: s for s in several}
+    for name, step in single.items():
+        if step.stage in ("pretrain", "prune", "extract_masks", "baseline_loss"):
+            assert by_name[name].params == step.params and by_name[name].needs == step.needs  # shared, once
+            continue
+        for k in (0, 1, 2):
+            replicate = by_name[f"{name} #{k}"]
+            if k == 0:
+                assert replicate.params == step.params
+            else:
+                key = REPLICATE_SEEDS[step.stage][0] if step.stage in REPLICATE_SEEDS else None
+                expected = dict(step.params)
+                if key:  # offset from the preset's (or --set's) seed, else from the MLproject default
+                    expected[key] = str(int(step.params.get(key, REPLICATE_SEEDS[step.stage][1])) + k)
+                assert replicate.params == expected, replicate.name
+                if step.stage in ("train_masks", "finetune"):
+                    assert replicate_of(step.stage, replicate.params) == k  # the tag the run will carry
+    assert len(several) == len(single) + 2 * sum(s.stage not in ("prune", "extract_masks", "baseline_loss") for s in single.values())
+    # A replicate's steps need the same replicate's upstream steps (or the shared ones).
+    for step in several:
+        if step.name.endswith(" #1"):
+            assert all(n.endswith(" #1") or by_name[n].stage in ("prune", "extract_masks", "baseline_loss") for n in step.needs.values())
+    assert by_name["sample r=0.3 (pruned) #2"].params["seed"] == "9"
+
+
+def test_replicate_seeds_are_the_mlproject_defaults_and_name_the_replicate():
+    from maskdm.tracking import REPLICATE_SEEDS, replicate_of
+
+    for stage, (key, base) in REPLICATE_SEEDS.items():
+        assert driver.declared_defaults(stage)[key] == str(base), stage
+        assert replicate_of(stage, {}) == 0 and replicate_of(stage, {key: base + 3}) == 3
+    assert replicate_of("fid", {"seed": 5}) is None and replicate_of("sample", {"seed": "x"}) is None
+
+
+def test_a_hand_made_run_is_tagged_with_its_replicate(tmp_path):
+    from conftest import tracking_store
+    from maskdm.tracking import REPLICATE_TAG, client, stage_run
+
+    with tracking_store(tmp_path):
+        with stage_run("sample", {"seed": 44, "model_run_id": "x"}) as run:
+            sample = run.run_id
+        with stage_run("fid", {"sample_run_id": sample}) as run:
+            run.upstream(sample, ["sample"], None, "sample_run_id")  # fid has no seed: its sample's replicate
+            fid = run.run_id
+        with stage_run("prune", {"seed": 5}) as run:
+            prune = run.run_id
+        tags = {run_id: client().get_run(run_id).data.tags for run_id in (sample, fid, prune)}
+    assert tags[sample][REPLICATE_TAG] == "2" and tags[fid][REPLICATE_TAG] == "2"
+    assert REPLICATE_TAG not in tags[prune]  # shared by the replicates
+
+
+@pytest.mark.parametrize("seeds, message", [("0,0", "twice"), ("-1", "negative"), ("a", "not an integer")])
+def test_bad_seeds_are_one_line_errors(seeds, message):
+    with pytest.raises(MaskDMError, match=message):
+        driver.resolve_config("demo", seeds=seeds)
+
+
 def test_demo_model_is_a_pretrain_step_named_by_run_id():
     plan = driver.build_plan(driver.resolve_config("demo"))
     assert plan[0].stage == "pretrain"
@@ -529,17 +600,21 @@ DRIVER_TIMEOUT_S = 1500
 E2E_TIMEOUT_S = 3600
 
 
-def _main_args(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = ()) -> list[str]:
+def _main_args(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = (), seeds: str = "0") -> list[str]:
     args = ["main", "--model", str(model_dir), "--dataset", "shapes", "--ratios", "0.5",
-            "--mask_training", mask_training, "--set", TINY_SETS]
+            "--mask_training", mask_training, "--seeds", seeds, "--set", TINY_SETS]
     for extra in extra_sets:
         args += ["--set", extra]
     return args
 
 
-def _config(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = ()):
+def _config(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str, ...] = (), seeds: str = "0"):
     return driver.resolve_config("demo", model=str(model_dir), dataset="shapes", ratios="0.5",
-                                 mask_training=mask_training, sets=[TINY_SETS, *extra_sets])
+                                 mask_training=mask_training, sets=[TINY_SETS, *extra_sets], seeds=seeds)
+
+
+#: The shared sweep's replicates: two, so its runs, cache and report are checked replicate by replicate.
+SWEEP_SEEDS = "0,1"
 
 
 #: Set by the ``code`` fixture: the frozen copy of the project every end-to-end driver runs.
@@ -688,7 +763,7 @@ def sweep(tmp_path_factory, code):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     log_path = folder / "first.log"
-    output = _finish(_start_driver(_main_args(model_dir, mask_training="both"), uri, folder, log_path), log_path)
+    output = _finish(_start_driver(_main_args(model_dir, mask_training="both", seeds=SWEEP_SEEDS), uri, folder, log_path), log_path)
     yield {"folder": folder, "uri": uri, "model_dir": model_dir, "first_driver": _driver_run_id(output), "output": output}
     mlflow.set_tracking_uri(previous)
     if previous is None:
@@ -700,8 +775,9 @@ def sweep(tmp_path_factory, code):
 @pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_e2e_rerun_creates_no_stage_runs(sweep):
-    plan = driver.build_plan(_config(sweep["model_dir"], mask_training="both"))
+    plan = driver.build_plan(_config(sweep["model_dir"], mask_training="both", seeds=SWEEP_SEEDS))
     first = _check_lineage(sweep["first_driver"], plan)
+    _check_replicates(plan, first, sweep["first_driver"])
     _assert_table_complete(sweep["first_driver"], mask_training=False)
     _assert_table_complete(sweep["first_driver"], mask_training=True)
     assert "fid_shapes" in sweep["output"] and "mlflow ui --backend-store-uri" in sweep["output"]
@@ -713,7 +789,8 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
 
     # The same sweep through `mlflow run` (the other way in): same cache keys, so nothing runs.
     command = ["mlflow", "run", str(_SNAPSHOT["dir"]), "--env-manager", "local", "-P", f"model={sweep['model_dir']}",
-               "-P", "dataset=shapes", "-P", "ratios=0.5", "-P", "mask_training=both", "-P", f"set={TINY_SETS}"]
+               "-P", "dataset=shapes", "-P", "ratios=0.5", "-P", "mask_training=both", "-P", f"seeds={SWEEP_SEEDS}",
+               "-P", f"set={TINY_SETS}"]
     log_path = sweep["folder"] / "rerun.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(command, cwd=sweep["folder"], env=_env(sweep["uri"]), stdout=out,
@@ -725,6 +802,79 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
     assert all(s["reused"] for s in _stage_runs(second_driver))
     assert _check_lineage(second_driver, plan) == first
     assert _results(second_driver).equals(_results(sweep["first_driver"]))
+
+
+def _check_replicates(plan: list, step_runs: dict[str, str], driver_run: str) -> None:
+    """Two replicates: a run of its own per replicate for every stochastic step, tagged with its
+    replicate and seeded by it; shared steps (prune, extract_masks, baseline_loss) untagged; and the
+    report's means, SEs and paired verdicts are those of the runs' own metrics."""
+    import math
+    import re
+
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from maskdm.tracking import REPLICATE_TAG
+
+    client = MlflowClient()
+    base = {"train_masks": ("mask_seed", 0), "finetune": ("seed", 0), "sample": ("seed", 42)}
+    steps: dict[int, set[str]] = {0: set(), 1: set()}
+    runs: dict[int, set[str]] = {0: set(), 1: set()}
+    for step in plan:
+        run = client.get_run(step_runs[step.name])
+        found = re.search(r" #(\d+)$", step.name)
+        if step.stage in ("prune", "extract_masks", "baseline_loss", "pretrain"):
+            assert not found and REPLICATE_TAG not in run.data.tags, step.name
+            continue
+        k = int(found.group(1))
+        assert run.data.tags[REPLICATE_TAG] == str(k), step.name
+        if step.stage in base:
+            key, seed = base[step.stage]
+            assert run.data.params[key] == str(seed + k), step.name
+        steps[k].add(step.name[: found.start()])
+        runs[k].add(run.info.run_id)
+    # The same steps in both replicates (sample + fid of dense and pruned; train_masks, finetune and
+    # the plain finetune, each with its sample + fid), each replicate with runs of its own.
+    assert steps[0] == steps[1] and len(steps[0]) == len(runs[0]) == len(runs[1]) == 13
+    assert not runs[0] & runs[1]
+
+    def metric(step: str, name: str) -> list[float]:
+        return [client.get_run(step_runs[f"{step} #{k}"]).data.metrics[name] for k in (0, 1)]
+
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) / math.sqrt(len(values))
+
+    table = _results(driver_run)
+    rows = {bool(m): row for m, row in zip(table["mask_training"], table.to_dict("records"))}
+    hand = {
+        (True, "finetuned_fid_shapes"): metric("fid r=0.5 (finetuned)", "fid_shapes"),
+        (False, "finetuned_fid_shapes"): metric("fid r=0.5 (finetuned, no mask training)", "fid_shapes"),
+        (True, "masked_fid_shapes"): metric("fid r=0.5 (masked)", "fid_shapes"),
+        (True, "pruned_fid_shapes"): metric("fid r=0.5 (pruned)", "fid_shapes"),
+        (True, "dense_fid_shapes"): metric("fid dense", "fid_shapes"),
+        (True, "finetuned_eval_loss"): metric("finetune r=0.5 (from masked)", "eval_loss"),
+        (True, "masked_heldout_loss"): metric("train_masks r=0.5", "heldout_loss_final"),
+    }
+    for (mask_training, column), values in hand.items():
+        mean, se = mean_se(values)
+        row = rows[mask_training]
+        assert row[column] == pytest.approx(mean) and row[f"{column}_se"] == pytest.approx(se), column
+        assert row[f"{column}_n"] == 2 and row["replicates"] == "0,1"
+    # The pruned model's eval_loss is one run, shared by the replicates: counted once.
+    assert rows[True]["pruned_eval_loss_n"] == 1 and pd.isna(rows[True]["pruned_eval_loss_se"])
+
+    verdicts = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=driver_run, artifact_path="verdicts.csv"))
+    (learned,) = verdicts[(verdicts["comparison"].str.startswith("learned")) & (verdicts["metric"] == "fid_shapes")].to_dict("records")
+    differences = [a - b for a, b in zip(hand[(True, "finetuned_fid_shapes")], hand[(False, "finetuned_fid_shapes")])]
+    mean, se = mean_se(differences)
+    assert learned["mean_difference"] == pytest.approx(mean) and learned["se"] == pytest.approx(se) and learned["n"] == 2
+    assert learned["verdict"] == ("better" if mean < -2 * se else "worse" if mean > 2 * se else "no difference at 2 SE")
+    # The driver run charts the means and their SEs per arm.
+    series = client.get_run(driver_run).data.metrics
+    assert series["fid_shapes_by_ratio/finetuned"] == pytest.approx(rows[True]["finetuned_fid_shapes"])
+    assert series["fid_shapes_se_by_ratio/finetuned"] == pytest.approx(rows[True]["finetuned_fid_shapes_se"])
 
 
 @pytest.mark.e2e

@@ -148,6 +148,27 @@ def test_train_masks_writes_n_m_masks_a_sparse_model_and_logits(store, chain):
     assert len(metric_history(tid, "loss")) == 2
 
 
+def test_mask_seed_changes_the_sampled_masks_not_the_replayed_batches(chain):
+    """mask_seed seeds the mask samples only: another seed samples other masks on the same replayed
+    batches (same baseline losses), the same seed the same masks; the run is tagged its replicate."""
+    from maskdm.tracking import REPLICATE_TAG
+
+    _, _, bid = chain
+    runs = {}
+    for label, seed in (("a", "0"), ("b", "1"), ("a again", "0")):
+        # lr 0 and weak logits: every update samples masks far from the initial one, the same way.
+        ok(invoke("train_masks", "--baseline_run_id", bid, "--lr", "0", "--logits", "0.5", "--max_step", "2",
+                  "--accumulation", "2", "--heldout_size", "0", "--mask_seed", seed))
+        runs[label] = runs_of("train_masks")[0]
+    histories = {label: (metric_history(r.info.run_id, "loss"), metric_history(r.info.run_id, "baseline_loss"))
+                 for label, r in runs.items()}
+    assert histories["a"] == histories["a again"]
+    assert histories["a"][1] == histories["b"][1]  # the same replayed batches
+    assert histories["a"][0] != histories["b"][0]  # other masks measured on them
+    assert runs["b"].data.params["mask_seed"] == "1" and runs["b"].data.tags[REPLICATE_TAG] == "1"
+    assert runs["a"].data.tags[REPLICATE_TAG] == "0"
+
+
 def test_unstructured_masks_keep_the_pruning_sparsity_per_layer(store):
     _, masks_id = masks_run(store[2], "unstructured")
     bid = baseline_run(masks_id, targets="up_blocks")

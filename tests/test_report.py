@@ -512,3 +512,70 @@ def test_report_through_mlflow_run(pipeline, store_uri, tmp_path):
     run = newest_report_run(experiment_id)
     assert run.info.status == "FINISHED" and run.data.params.get("experiment") == "pipeline"
     assert {f.path for f in MlflowClient().list_artifacts(run.info.run_id)} == set(report.REPORT_FILES)
+
+
+# --------------------------------------------------------------------------------------------
+# Replicates
+
+
+def test_replicates_give_mean_se_n_and_paired_verdicts(store_uri, tmp_path):
+    """Three replicates of one ratio, made as `main --seeds 0,1,2` makes them: sample seeds 42+k (so
+    each replicate's fid run records its own protocol), every replicated run tagged with k."""
+    from maskdm.tracking import REPLICATE_TAG
+
+    store = FakeStore(mlflow.create_experiment("replicates"))
+    lineage = {"model": "tiny-test", "dataset": "shapes", "pruner": "magnitude", "pattern": "unstructured", "scope": "layer"}
+    dense = store.make("prune", None, {**lineage, "pruning_ratio": "0"}, {"sparsity": 0.0, "eval_loss": 0.1})
+    prune = store.make("prune", None, {**lineage, "pruning_ratio": "0.5"}, {"sparsity": 0.5, "eval_loss": 0.3})
+    extract = store.make("extract_masks", prune, {"prune_run_id": prune.run_id})
+    baseline = store.make("baseline_loss", extract, {"masks_run_id": extract.run_id})
+
+    def scored(model: Made, value: float, k: int) -> Made:
+        tag = {REPLICATE_TAG: str(k)}
+        sample = store.make("sample", model, {"model_run_id": model.run_id, "seed": str(42 + k)}, {"images_per_s": 9.0}, tags=tag)
+        return store.make("fid", sample, {"sample_run_id": sample.run_id}, {"fid_shapes": value},
+                          tags={**fake_protocol("fid_shapes", seed=42 + k).tags(), **tag})
+
+    learned, plain, heldout = [5.0, 5.5, 4.8], [7.0, 7.9, 6.5], [0.30, 0.33, 0.31]
+    for k in range(3):
+        tag = {REPLICATE_TAG: str(k)}
+        scored(dense, 10.0 + k, k)
+        scored(prune, 40.0 + k, k)
+        train = store.make("train_masks", baseline, {"baseline_run_id": baseline.run_id, "mask_seed": str(k)},
+                           {"eval_loss": 0.2, "heldout_loss_final": heldout[k]}, tags=tag)
+        scored(train, 20.0 + k, k)
+        finetune = store.make("finetune", train, {"masks_run_id": train.run_id, "seed": str(k)}, {"eval_loss": 0.1 + k / 100}, tags=tag)
+        scored(finetune, learned[k], k)
+        nomt = store.make("finetune", extract, {"masks_run_id": extract.run_id, "seed": str(k)}, {"eval_loss": 0.15}, tags=tag)
+        scored(nomt, plain[k], k)
+
+    replicates = report.build_replicate_table(report.runs_frame([store.experiment_id]))
+    assert len(replicates) == 6 and sorted(replicates["replicate"]) == [0, 0, 1, 1, 2, 2]
+    table = report.summarize_table(replicates)
+    # Three seeds, one protocol column: the replicates are compared under replicate 0's protocol.
+    assert report.table_fid_names(table) == ["fid", "fid_shapes"]
+    assert set(table["protocol_fid_shapes"]) == {fake_protocol("fid_shapes", seed=42).key}
+    assert list(table.columns) == report.table_columns(["fid", "fid_shapes"])
+    row = row_of(table, 0.5, True)
+    for column, values in {"finetuned_fid_shapes": learned, "dense_fid_shapes": [10.0, 11.0, 12.0],
+                           "pruned_fid_shapes": [40.0, 41.0, 42.0], "masked_fid_shapes": [20.0, 21.0, 22.0],
+                           "finetuned_eval_loss": [0.10, 0.11, 0.12], "masked_heldout_loss": heldout}.items():
+        assert row[column] == pytest.approx(sum(values) / 3), column
+        assert row[f"{column}_se"] == pytest.approx(pd.Series(values).std(ddof=1) / 3 ** 0.5), column
+        assert row[f"{column}_n"] == 3
+    assert row["pruned_eval_loss_n"] == 1 and row["scope"] == "layer" and row["replicates"] == "0,1,2"
+    assert row_of(table, 0.5, False)["finetuned_fid_shapes"] == pytest.approx(sum(plain) / 3)
+
+    files = report.write_table_report(table, tmp_path, "T", replicates=replicates)
+    verdict_rows = pd.read_csv(files.verdicts)
+    (paired,) = verdict_rows[verdict_rows["metric"] == "fid_shapes"].to_dict("records")
+    differences = pd.Series(learned) - pd.Series(plain)
+    assert paired["mean_difference"] == pytest.approx(differences.mean()) and paired["n"] == 3
+    assert paired["se"] == pytest.approx(differences.std(ddof=1) / 3 ** 0.5) and paired["verdict"] == "better"
+    assert len(pd.read_csv(files.replicates)) == 6
+    markdown = files.markdown.read_text()
+    assert "## Paired differences" in markdown and "| better |" in markdown
+    assert f"{sum(learned) / 3:.4g} ± {pd.Series(learned).std(ddof=1) / 3 ** 0.5:.4g} (n=3)" in markdown
+    series = report.ui_series(table)
+    assert series["fid_shapes_se_by_ratio/finetuned"][50] == pytest.approx(row["finetuned_fid_shapes_se"])
+    assert series["fid_shapes_by_ratio/finetuned"][50] == pytest.approx(row["finetuned_fid_shapes"])

@@ -179,10 +179,15 @@ def test_report_columns_are_the_metrics_the_stages_log(two_protocols):
             else:
                 assert str(row[column]) == str(expected), column
 
+        prune = run_of(runs["prune"])
         for column in report.KEY_COLUMNS:
             check(column, mask_training if column == "mask_training" else
-                  float(finetune.data.params[column]) if column == "pruning_ratio" else finetune.data.params[column])
-        prune = run_of(runs["prune"])
+                  float(finetune.data.params[column]) if column == "pruning_ratio" else
+                  prune.data.params[column] if column == "scope" else finetune.data.params[column])
+        check("replicates", "0")  # one replicate: every measure's SE is empty and its n is 1 (0 where unmeasured)
+        for measure in report.measure_columns(names):
+            check(f"{measure}_se", None)
+            check(f"{measure}_n", 1 if pd.notna(row[measure]) else 0)
         for column in report.SIZE_COLUMNS:
             check(column, float(prune.data.metrics[column]))
         for stage in report.PIPELINE_STAGES:
@@ -201,10 +206,12 @@ def test_report_columns_are_the_metrics_the_stages_log(two_protocols):
         for ms, id_column in model_runs.items():
             model_run = row[id_column]
             if pd.isna(model_run):
-                for column in [c for c in table.columns if c.startswith(f"{ms}_")]:
+                for column in [c for c in table.columns if c.startswith(f"{ms}_") and not c.endswith(("_se", "_n"))]:
                     check(column, None)
                 continue
             check(f"{ms}_eval_loss", float(run_of(model_run).data.metrics["eval_loss"]))
+            if ms == "masked":
+                check(report.HELDOUT_COLUMN, run_of(model_run).data.metrics.get("heldout_loss_final"))
             # The sample and fid runs behind the row: those of the first FID column with a value, so
             # fid_inception_64's for the mask-trained finetune, else the 3-step fid_shapes ones.
             key = {"dense": "dense", "pruned": "prune", "masked": "train_masks",
