@@ -112,8 +112,9 @@ DEMO = {
             "eval_every": "auto",
         },
         "finetune": {
+            # No dropout: the finetune takes the model's own (the demo model was trained without any).
             "num_iters": "40", "train_batch_size": "32", "learning_rate": "2e-4", "lr_warmup_steps": "0",
-            "ema_max_decay": "0.99", "dropout": "0.1", "gradient_accumulation_steps": "1",
+            "ema_max_decay": "0.99", "gradient_accumulation_steps": "1",
             "save_model_steps": "40", "mixed_precision": "auto", "seed": "0",
         },
         # 512 images, 8x the 64 feature dimensions of fid_shapes: a 64x64 covariance from 128
