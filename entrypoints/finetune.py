@@ -40,7 +40,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 
-from entrypoints.common import distributed_stage, optional, save_preview
+from entrypoints.common import distributed_stage, number, optional, save_preview
 from entrypoints.datasets import stage_dataset
 from maskdm.diffusion import eval_images, eval_loss
 from maskdm.errors import MaskDMError
@@ -56,6 +56,9 @@ MASKS_FILE = "masks.safetensors"
 RESUMED_FROM_TAG = "maskdm.resumed_from"
 #: The dataset trained on when neither the option nor the masks run's lineage names one.
 FALLBACK_DATASET = "cifar10"
+#: The ``dropout`` value that keeps the model's own dropout (diffusers' UNet config ``dropout``):
+#: a model trained without dropout is finetuned without it unless a value is asked for.
+MODEL_DROPOUT = "model"
 
 
 @dataclass
@@ -84,7 +87,7 @@ class Job:
 @click.option("--learning_rate", type=float, default=2e-4, show_default=True, help="AdamW learning rate after warm-up.")
 @click.option("--lr_warmup_steps", type=int, default=0, show_default=True, help="Linear warm-up steps, then constant.")
 @click.option("--ema_max_decay", type=float, default=0.9999, show_default=True, help="Upper bound of the EMA decay (warm-up 1-(1+step)^-3/4).")
-@click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout probability set on the UNet.")
+@click.option("--dropout", default=MODEL_DROPOUT, show_default=True, help="model (the model's own, its UNet config's dropout) or a probability set on every dropout layer of the UNet (the paper recipe: 0.1).")
 @click.option("--gradient_accumulation_steps", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--save_model_steps", type=int, default=1000, show_default=True, help="Checkpoint, eval_loss and sample grid every this many steps.")
 @click.option("--mixed_precision", default="auto", show_default=True, help="auto (bf16 on CUDA, no on CPU), no, bf16 or fp16.")
@@ -111,7 +114,7 @@ def prepare(params: dict, workdir: Path, run: StageRun | None) -> Job:
         learning_rate=params["learning_rate"],
         lr_warmup_steps=params["lr_warmup_steps"],
         ema_max_decay=params["ema_max_decay"],
-        dropout=params["dropout"],
+        dropout=parse_dropout(params["dropout"]),
         gradient_accumulation_steps=params["gradient_accumulation_steps"],
         save_model_steps=params["save_model_steps"],
         mixed_precision=params["mixed_precision"],
@@ -181,7 +184,9 @@ def finetune(job: Job, state, run: StageRun | None) -> None:
         train_set = stage_dataset(job.ddpm, job.dataset, "train", run=run)
     on_checkpoint = None
     if run is not None:
-        run.log_params({"dataset": job.dataset})
+        # The dropout in effect, whether asked for or the model's own (``dropout`` may say "model").
+        dropout_used = job.config.dropout if job.config.dropout is not None else model_dropout(job.ddpm.unet)
+        run.log_params({"dataset": job.dataset, "dropout_used": dropout_used})
         fast = fast_path(job.config, state.device)
         run.set_tags({
             "maskdm.device": str(state.device),
@@ -207,6 +212,22 @@ def finetune(job: Job, state, run: StageRun | None) -> None:
     sparsity = mask_sparsity(masks_from_weights(result.ddpm.unet, job.masks))
     run.log_metrics({"sparsity": sparsity, "train_steps_per_s": result.steps_per_s}, step=result.steps)
     run.log_model(result.ddpm, eval_set, state.device)
+
+
+def parse_dropout(value: str) -> float | None:
+    """``model`` -> None (keep the model's own), else the probability (checked by TrainConfig)."""
+    if str(value).strip().lower() == MODEL_DROPOUT:
+        return None
+    try:
+        return number("dropout", value)
+    except MaskDMError:
+        raise MaskDMError(f"dropout must be '{MODEL_DROPOUT}' or a probability in [0, 1), not '{value}'") from None
+
+
+def model_dropout(unet: torch.nn.Module) -> float:
+    """The dropout a UNet was configured with (diffusers' ``UNet2DModel`` default is 0.0)."""
+    config = getattr(unet, "config", None)
+    return float(config.get("dropout", 0.0)) if config is not None else 0.0
 
 
 def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device, total_limit: int = 2):

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import torch
 
 from entrypoints.common import distributed_stage, save_preview
 from entrypoints.finetune import drop_logged_checkpoints, log_checkpoint
@@ -49,12 +50,14 @@ def command(**params) -> None:
             run.set_tags({DEMO_TAG: str(is_demo).lower(), MODEL_URI_TAG: f"runs:/{run.run_id}/model"})
 
         # Model and settings first: a bad arch, schedule or setting fails before the data is built.
-        ddpm = DDPM(build_unet(params["arch"], params["resolution"]), default_scheduler(beta_schedule=params["beta_schedule"]))
+        ddpm = DDPM(build_unet(params["arch"], params["resolution"], seed=params["seed"]), default_scheduler(beta_schedule=params["beta_schedule"]))
         config = TrainConfig(**{k: params[k] for k in TrainConfig.__dataclass_fields__ if k in params})
         config.validate()
         if run is not None:
             fast = fast_path(config, state.device)
-            run.log_params({"params_total": count_parameters(ddpm.unet)})
+            # CPU float sums depend on how many threads split them: a run is reproducible bit for bit
+            # given its seed and this thread count (docs/details/pretrain.md#determinism).
+            run.log_params({"params_total": count_parameters(ddpm.unet), "torch_threads": torch.get_num_threads()})
             run.set_tags({"maskdm.num_processes": state.num_processes, "maskdm.fast_path": fast.describe()})
         dataset = load_dataset(params["dataset"], params["resolution"], split="train")
 

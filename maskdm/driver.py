@@ -86,9 +86,9 @@ DEMO_MODEL_STEP = "pretrain demo"
 
 # --- presets -------------------------------------------------------------------------------------
 
-#: ``demo``: the embedded model and dataset; step counts sized so the whole sweep (3 ratios,
-#: mask_training=both, 45 stage runs) fits 15 minutes on an unloaded 2-core CPU, once the demo
-#: model exists (training it is a one-time cost per tracking store). How that was measured and
+#: ``demo``: the shipped model and the embedded dataset; step counts sized so the whole sweep (3
+#: ratios, mask_training=both, 45 stage runs) fits 15 minutes on an unloaded 2-core CPU (the demo
+#: model ships with the package, nothing is pretrained). How that was measured and
 #: estimated: docs/details/main.md.
 DEMO = {
     "model": "demo",
@@ -98,7 +98,7 @@ DEMO = {
     "pattern": "unstructured",
     "scope": "layer",
     "stages": {
-        # Empty: the pretrain entry point's defaults are the demo model's configuration.
+        # Empty: the shipped demo model, made by the pretrain entry point's defaults.
         "pretrain": {},
         "prune": {"protect": "conv_in,conv_out,time_emb,class_emb", "seed": "0"},
         # 1,024 images in 32 batches; an update measures 2 of them, so the stream passes over the
@@ -112,8 +112,9 @@ DEMO = {
             "eval_every": "auto",
         },
         "finetune": {
+            # No dropout: the finetune takes the model's own (the demo model was trained without any).
             "num_iters": "40", "train_batch_size": "32", "learning_rate": "2e-4", "lr_warmup_steps": "0",
-            "ema_max_decay": "0.99", "dropout": "0.1", "gradient_accumulation_steps": "1",
+            "ema_max_decay": "0.99", "gradient_accumulation_steps": "1",
             "save_model_steps": "40", "mixed_precision": "auto", "seed": "0",
         },
         # 512 images, 8x the 64 feature dimensions of fid_shapes: a 64x64 covariance from 128
@@ -396,9 +397,9 @@ def build_plan(config: SweepConfig) -> list[Step]:
     needs_model: dict[str, str] = {}
     model = config.model
     if model == "demo":
-        # The demo model as a step of its own (an existing demo model is reused, see run_plan;
-        # otherwise it is trained as a child run, timed like the rest), named by run ID downstream
-        # so that the cache keys pin exactly which demo model was pruned.
+        # The demo model as a step of its own: the shipped weights, registered once per store (see
+        # run_plan; a pretrain configured with `set` trains as a child run instead), named by run ID
+        # downstream so that the cache keys pin exactly which demo model was pruned.
         add(Step(DEMO_MODEL_STEP, "pretrain", dict(p.get("pretrain", {}))))
         needs_model = {"model": DEMO_MODEL_STEP}
         model = ""
@@ -1189,16 +1190,16 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def find_demo_model() -> str | None:
-    """The newest FINISHED demo ``pretrain`` run of any experiment, as ``model=demo`` resolves it.
+def find_demo_model(experiment_id: str | None = None) -> str:
+    """The run of the shipped demo model in this tracking store, as ``model=demo`` resolves it.
 
-    The demo model is trained once per tracking store and then reused whatever the code version
-    (the contract's rule for ``demo``), so editing the code does not retrain it.
+    The package ships the demo model's weights; the first use in a store registers them as a
+    ``pretrain`` run (:func:`maskdm.tracking.demo_model_run_id`, in ``experiment_id``), every later
+    one reuses that run whatever the code version, so no store trains its own.
     """
-    from maskdm.tracking import DEMO_TAG, find_runs
+    from maskdm.tracking import demo_model_run_id
 
-    runs = find_runs("pretrain", {DEMO_TAG: "true"})
-    return runs[0].info.run_id if runs else None
+    return demo_model_run_id(experiment_id)
 
 
 def run_plan(
@@ -1229,9 +1230,9 @@ def run_plan(
         params = {**step.params, **{param: done[needed].run_id for param, needed in step.needs.items()}}
         tags = {VARIANT_TAG: step.variant} if step.variant else {}
         log.info("[%d/%d] %s", position[step.name], len(plan), step.name)
-        demo = find_demo_model() if step.name == DEMO_MODEL_STEP and not step.params else None
+        demo = find_demo_model(experiment_id) if step.name == DEMO_MODEL_STEP and not step.params else None
         if demo:
-            log.info("%s: reusing the demo model, run %s", step.name, demo)
+            log.info("%s: the shipped demo model, run %s", step.name, demo)
             _client().set_tag(demo, f"{USED_BY_TAG_PREFIX}{parent_run_id}", "true")
             return StageOutcome(step.name, step.stage, demo, reused=True)
         return run_stage(

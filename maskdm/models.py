@@ -9,6 +9,7 @@ works on, :mod:`maskdm.latent`). Run IDs and ``demo`` are resolved to such folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -102,11 +103,47 @@ def check_resolution(resolution: int, block_out_channels, what: str) -> None:
         )
 
 
-def build_unet(arch: str, resolution: int = 32, in_channels: int = 3) -> UNet2DModel:
+def build_unet(arch: str, resolution: int = 32, in_channels: int = 3, seed: int | None = None) -> UNet2DModel:
+    """A freshly initialised UNet of preset ``arch``.
+
+    ``seed``: the initial weights are drawn with torch's RNG seeded with it (and the caller's RNG
+    state is restored after), so ``pretrain`` with one seed starts from the same weights every time;
+    unseeded, two demo pretrains on one machine differed by up to 0.5 after 30 steps
+    (docs/details/pretrain.md#determinism). None: drawn from the global RNG as it stands.
+    """
     if arch not in ARCHS:
         raise MaskDMError(f"unknown arch '{arch}': choose one of {', '.join(ARCHS)}")
     check_resolution(resolution, ARCHS[arch]["block_out_channels"], f"arch '{arch}'")
-    return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
+    if seed is None:
+        return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
+
+
+#: The demo model shipped with the package: the diffusers pipeline folder that ``pretrain`` with its
+#: defaults saved (its ``model/`` artifact), so ``model=demo`` is the same weights in every tracking
+#: store and on every machine. How it was made: docs/details/pretrain.md#the-shipped-demo-model.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo_model"
+#: What it was made with: the pretrain run's params, thread count, code and library versions.
+DEMO_RECIPE_FILE = DEMO_MODEL_DIR.parent / "demo_model_recipe.json"
+
+
+def demo_model_digest() -> str:
+    """A digest of the shipped demo model's files (paths and bytes): which demo model a run is."""
+    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+        raise MaskDMError(f"the shipped demo model is missing from {DEMO_MODEL_DIR}; reinstall maskdm")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(DEMO_MODEL_DIR).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+def demo_recipe() -> dict:
+    """The recipe the shipped demo model was made with (:data:`DEMO_RECIPE_FILE`)."""
+    return json.loads(DEMO_RECIPE_FILE.read_text())
 
 
 #: Noise (beta) schedules a model can be trained with: ``linear`` is Ho et al. (2020), which

@@ -19,8 +19,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -43,8 +41,11 @@ UPSTREAM_TAG_PREFIX = "maskdm.upstream."
 #: The original dense model every run descends from, as something :func:`load_model_ref` opens.
 MODEL_URI_TAG = "maskdm.model_uri"
 CODE_VERSION_TAG = "maskdm.code_version"
-#: Marks a ``pretrain`` run made with the demo configuration, which ``model=demo`` resolves to.
+#: Marks a ``pretrain`` run made with the demo configuration; ``model=demo`` resolves to the one
+#: holding the shipped demo model (:func:`demo_model_run_id`).
 DEMO_TAG = "maskdm.demo"
+#: On the run of the shipped demo model: the digest of its files (:func:`maskdm.models.demo_model_digest`).
+DEMO_DIGEST_TAG = "maskdm.demo_digest"
 LINEAGE_PARAMS = ("model", "dataset", "pruning_ratio", "pruner", "pattern")
 #: Where the masks of a finetuned model came from, set on the finetune run and on every run
 #: descending from it (sample, fid, promote): ``train_masks`` (learned) or ``extract_masks``
@@ -641,20 +642,51 @@ def end_dead_runs(
 # --- the demo model -------------------------------------------------------------------------------
 
 
-def demo_model_run_id() -> str:
-    """The newest FINISHED demo ``pretrain`` run; trains one first (in a child process) if none exists."""
-    runs = find_runs("pretrain", {DEMO_TAG: "true"})
+def demo_model_run_id(experiment_id: str | None = None) -> str:
+    """The run of the shipped demo model in this tracking store; registered first if there is none.
+
+    The package ships the demo model (:data:`maskdm.models.DEMO_MODEL_DIR`), so every store and
+    machine prunes the same weights; it is logged once per store as a FINISHED ``pretrain`` run
+    tagged ``maskdm.demo=true`` and ``maskdm.demo_digest=<digest of the files>``, with its recipe
+    as params and the weights as its ``model/`` artifact, so lineage runs back to it as to a trained
+    one. Demo runs trained by earlier versions (another digest, or none) are not used.
+    ``experiment_id``: where to register it (default: the active run's experiment, else ``0``).
+    """
+    from maskdm.models import demo_model_digest
+
+    digest = demo_model_digest()
+    tags = {DEMO_TAG: "true", DEMO_DIGEST_TAG: digest}
+    runs = find_runs("pretrain", tags)
     if runs:
         return runs[0].info.run_id
-    log.warning("no demo model in %s yet: training one with `maskdm pretrain` (a few minutes on a CPU)", mlflow.get_tracking_uri())
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
-    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    experiment_id = _experiment_id()
-    if experiment_id:
-        env["MLFLOW_EXPERIMENT_ID"] = experiment_id
-        env.pop("MLFLOW_EXPERIMENT_NAME", None)
-    done = subprocess.run([sys.executable, "-m", "entrypoints.cli", "pretrain"], env=env, cwd=_PACKAGE_ROOT.parent)
-    runs = find_runs("pretrain", {DEMO_TAG: "true"})
-    if done.returncode != 0 or not runs:
-        raise MaskDMError("training the demo model failed; run `maskdm pretrain` to see why")
-    return runs[0].info.run_id
+    with _machine_lock("pretrain", digest):
+        runs = find_runs("pretrain", tags)  # registered by the process we waited for
+        if runs:
+            return runs[0].info.run_id
+        return _register_demo_model(digest, experiment_id or _experiment_id() or "0")
+
+
+def _register_demo_model(digest: str, experiment_id: str) -> str:
+    from maskdm.models import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_recipe
+
+    recipe = demo_recipe()
+    mlflow_client = client()
+    created = mlflow_client.create_run(experiment_id, tags={STAGE_TAG: "pretrain", DEMO_TAG: "true", DEMO_DIGEST_TAG: digest})
+    run_id = created.info.run_id
+    try:
+        params = {**recipe["params"], "torch_threads": recipe["torch_threads"], "model": "demo", "pruning_ratio": 0,
+                  "pruner": "none", "pattern": "dense"}
+        mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        mlflow_client.set_tag(run_id, MODEL_URI_TAG, f"runs:/{run_id}/model")
+        for key in ("code_commit", "code_version", "torch_version"):
+            mlflow_client.set_tag(run_id, f"maskdm.demo_{key}", str(recipe.get(key, "")))
+        for key, value in recipe.get("metrics", {}).items():
+            mlflow_client.log_metric(run_id, key, float(value))
+        mlflow_client.log_artifacts(run_id, str(DEMO_MODEL_DIR), "model")
+        mlflow_client.log_artifact(run_id, str(DEMO_RECIPE_FILE))
+    except BaseException:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    log.info("registered the shipped demo model in %s as run %s", mlflow.get_tracking_uri(), run_id)
+    return run_id

@@ -81,7 +81,8 @@ LR_SCHEDULERS = tuple(s.value for s in SchedulerType)
 #: The demo model's configuration, the ``pretrain`` entry point's defaults: a 0.7M-parameter UNet
 #: on the embedded shapes at 16x16, about 4 minutes on 2 CPU cores (docs/details/pretrain.md).
 #: 16x16 rather than the dataset's default 32x32 makes every later demo stage 4x cheaper.
-#: ``model=demo`` resolves to the newest FINISHED pretrain run made with exactly these values.
+#: The shipped demo model (``maskdm/assets/demo_model``, what ``model=demo`` resolves to) was made
+#: with exactly these values; a pretrain run made with them is tagged ``maskdm.demo=true``.
 DEMO_PRETRAIN = dict(
     dataset="shapes",
     arch="tiny",

@@ -48,6 +48,12 @@ def test_paper_preset_is_the_original_recipe():
     assert s["fid"]["features"] == "inception" and s["fid"]["reference"] == "cifar10"
 
 
+def test_the_demo_preset_leaves_finetunes_dropout_to_the_model():
+    # The paper recipe asks for 0.1 (test above); the demo model was trained without dropout.
+    assert "dropout" not in driver.DEMO["stages"]["finetune"]
+    assert "dropout" not in driver.resolve_config("demo").stages["finetune"]
+
+
 def test_explicit_options_override_the_preset_and_set_overrides_stage_params():
     config = driver.resolve_config(
         "demo", pruner="random", ratios="0.5", dataset="cifar10",
@@ -551,36 +557,35 @@ def _prune_models(outcomes, plan, client) -> set[str]:
     return {client.get_run(outcomes[s.name].run_id).data.params["model"] for s in plan if s.stage == "prune"}
 
 
-def test_demo_model_is_trained_as_a_child_run_when_there_is_none(fake_project, parent):
+def test_the_shipped_demo_model_is_registered_once_then_reused(fake_project, parent):
     from mlflow.tracking import MlflowClient
 
+    from maskdm.models import demo_model_digest
+    from maskdm.tracking import DEMO_DIGEST_TAG
+
+    client = MlflowClient()
+    # A demo pretrain trained by an earlier version (no digest of the shipped files) is not used.
+    trained = client.create_run("0", tags={"maskdm.stage": "pretrain", "maskdm.demo": "true"})
+    client.set_terminated(trained.info.run_id, "FINISHED")
     plan = driver.build_plan(driver.resolve_config("demo", ratios="0.5", mask_training="false"))
     outcomes = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
     demo = outcomes[driver.DEMO_MODEL_STEP]
-    assert not demo.reused
-    client = MlflowClient()
-    assert client.get_run(demo.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert demo.reused and demo.run_id != trained.info.run_id
+    registered = client.get_run(demo.run_id)
+    assert registered.info.status == "FINISHED" and registered.data.tags[DEMO_DIGEST_TAG] == demo_model_digest()
+    assert "model/model_index.json" in [f.path for f in client.list_artifacts(demo.run_id, "model")]
     assert _prune_models(outcomes, plan, client) == {demo.run_id}
 
-
-def test_an_existing_demo_model_is_reused_whatever_the_code_version(fake_project, parent):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    elsewhere = client.create_experiment("where the demo model was trained")
-    made = client.create_run(elsewhere, tags={"maskdm.stage": "pretrain", "maskdm.demo": "true"})
-    client.set_terminated(made.info.run_id, "FINISHED")
-    plan = driver.build_plan(driver.resolve_config("demo", ratios="0.5", mask_training="false"))
-    outcomes = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
-    assert outcomes[driver.DEMO_MODEL_STEP].reused and outcomes[driver.DEMO_MODEL_STEP].run_id == made.info.run_id
-    assert _prune_models(outcomes, plan, client) == {made.info.run_id}
-    assert _runs("pretrain") == []  # nothing trained in the driver's experiment
+    # Registered once per store, whatever the code version: the next sweep finds the same run.
+    again = driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
+    assert again[driver.DEMO_MODEL_STEP].run_id == demo.run_id
+    assert len(_runs("pretrain")) == 2  # the old trained one and the shipped one, nothing trained
 
     # A pretrain configured away from the demo defaults is a stage like any other.
     custom = driver.build_plan(driver.resolve_config("demo", ratios="0.5", mask_training="false", sets=["pretrain.num_iters=3"]))
     custom_outcomes = driver.run_plan(custom, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
     assert not custom_outcomes[driver.DEMO_MODEL_STEP].reused
-    assert custom_outcomes[driver.DEMO_MODEL_STEP].run_id != made.info.run_id
+    assert custom_outcomes[driver.DEMO_MODEL_STEP].run_id != demo.run_id
 
 
 # --- end to end: `maskdm main` on the real stages ----------------------------------------------------

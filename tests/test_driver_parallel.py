@@ -161,7 +161,7 @@ def test_each_running_stage_gets_a_gpu_no_other_running_stage_has(monkeypatch):
         return driver.StageOutcome(step, stage, f"run-of-{step}", reused=False)
 
     monkeypatch.setattr(driver, "run_stage", fake_run_stage)
-    monkeypatch.setattr(driver, "find_demo_model", lambda: None)
+    monkeypatch.setattr(driver, "find_demo_model", lambda *a: None)
     monkeypatch.setattr("maskdm.tracking.code_version", lambda *a: "v1")
     launch = driver.resolve_launch(parallel="auto", gpus="2,5,7", cores=16)
     assert launch.parallel == 3 and launch.threads == 5
@@ -179,7 +179,7 @@ def test_the_default_launch_is_the_sequential_driver_unchanged(monkeypatch):
         return driver.StageOutcome(step, stage, f"run-of-{step}", reused=False)
 
     monkeypatch.setattr(driver, "run_stage", fake_run_stage)
-    monkeypatch.setattr(driver, "find_demo_model", lambda: None)
+    monkeypatch.setattr(driver, "find_demo_model", lambda *a: None)
     monkeypatch.setattr("maskdm.tracking.code_version", lambda *a: "v1")
     # On a machine without GPUs, auto is one stage at a time with the environment untouched ...
     launch = driver.resolve_launch(detect_gpus=lambda: ())

@@ -109,7 +109,7 @@ def test_finetune_through_mlflow_run(store, chain):
     prune_run, masks_run, masks = chain
     cmd = ["mlflow", "run", str(REPO), "-e", "finetune", "--env-manager", "local",
            "-P", f"masks_run_id={masks_run.info.run_id}", "-P", "num_iters=4", "-P", "save_model_steps=2",
-           "-P", "train_batch_size=4", "-P", "ema_max_decay=0.9", "-P", "mixed_precision=no"]
+           "-P", "train_batch_size=4", "-P", "ema_max_decay=0.9", "-P", "mixed_precision=no", "-P", "dropout=0.1"]
     done = subprocess.run(cmd, cwd=root, env=child_env(uri), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = newest_run("finetune")
@@ -121,7 +121,7 @@ def test_finetune_through_mlflow_run(store, chain):
     assert_zero_exactly_where_masked(unet, masks)
     pruned = maskable_modules(model_of(prune_run.info.run_id))
     assert any(not torch.equal(m.weight, pruned[n].weight) for n, m in maskable_modules(unet).items() if n in masks)
-    assert unet.config.dropout == 0.1
+    assert unet.config.dropout == 0.1 and run.data.params["dropout_used"] == "0.1"
     # The logged sparsity is the saved model's share of zeros in the masked layers: the masks' own.
     assert mask_sparsity(masks) > 0.4
     assert run.data.metrics["sparsity"] == mask_sparsity(masks)
@@ -159,6 +159,38 @@ def test_finetune_through_mlflow_run(store, chain):
         assert params[key] == prune_run.data.params[key], key
     assert params["dataset"] == "shapes" and params["pruning_ratio"] == "0.5"
     assert params["masks_run_id"] == masks_run.info.run_id and params["num_iters"] == "4"
+
+
+@pytest.mark.parametrize("args, expected", [([], 0.0), (["--dropout", "0.3"], 0.3)])
+def test_dropout_follows_the_model_unless_a_value_is_asked_for(store, chain, monkeypatch, args, expected):
+    """The tiny model is configured without dropout: by default it trains without; 0.3 is applied."""
+    from torch import nn
+
+    import entrypoints.finetune as finetune_module
+
+    prune_run, masks_run, _ = chain
+    assert model_of(prune_run.info.run_id).config.dropout == 0.0
+    seen: list[tuple[float, bool]] = []
+    real = finetune_module.train_ddpm
+
+    def recording(ddpm, *a, **kw):
+        # The p of every dropout layer as each training forward pass uses it.
+        dropouts = [m for m in ddpm.unet.modules() if isinstance(m, nn.Dropout)]
+        assert dropouts
+        hooks = [m.register_forward_pre_hook(lambda module, _: seen.append((module.p, module.training))) for m in dropouts]
+        try:
+            return real(ddpm, *a, **kw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(finetune_module, "train_ddpm", recording)
+    done = invoke("finetune", "--masks_run_id", masks_run.info.run_id, "--num_iters", "2", "--save_model_steps", "2", *QUICK, *args)
+    assert done.exit_code == 0, done.output
+    assert {p for p, training in seen if training} == {expected}
+    run = newest_run("finetune")
+    assert run.data.params["dropout"] == ("model" if not args else "0.3")
+    assert float(run.data.params["dropout_used"]) == expected
 
 
 def test_killed_finetune_resumes_from_its_newest_checkpoint(store, chain):
@@ -244,6 +276,7 @@ def test_bad_input_is_one_line_and_a_failed_run(store, chain, tmp_path):
         (["--masks_run_id", masks_id, "--resume_run_id", other_finetune], f"finetuned masks run {'f' * 32}, not {masks_id}"),
         (["--masks_run_id", masks_id, "--num_iters", "0"], "num_iters must be at least 1"),
         (["--masks_run_id", masks_id, "--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["--masks_run_id", masks_id, "--dropout", "half"], "dropout must be 'model' or a probability"),
     ]
     for args, message in cases:
         result = invoke("finetune", *args, *QUICK)

@@ -113,12 +113,15 @@ def test_pretrain_through_mlflow_run_and_demo_resolution(tracking, tmp_path):
     assert run.data.params["beta_schedule"] == pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     assert run.data.params["lr_scheduler"] == "cosine"
 
-    # model=demo resolves to the newest FINISHED demo pretrain run: mark this one as such.
+    # model=demo resolves to the shipped demo model, not to a pretrain run of the store, even one
+    # marked as made with the demo configuration.
     client.set_tag(run.info.run_id, DEMO_TAG, "true")
     result = invoke("prune", "--model", "demo", "--pruning_ratio", "0.3")
     assert result.exit_code == 0, result.output
     prune_run = only_run("prune")
-    assert prune_run.data.tags["maskdm.upstream.pretrain"] == run.info.run_id
+    demo_run = client.get_run(prune_run.data.tags["maskdm.upstream.pretrain"])
+    assert demo_run.info.run_id != run.info.run_id and demo_run.data.tags[DEMO_TAG] == "true"
+    assert prune_run.data.tags["maskdm.model_uri"] == f"runs:/{demo_run.info.run_id}/model"
     assert prune_run.data.params["model"] == "demo" and prune_run.data.params["dataset"] == "shapes"
 
 
