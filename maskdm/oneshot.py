@@ -179,6 +179,11 @@ class _Accumulator:
 
     def __call__(self, module, inputs, output) -> None:
         cols = input_columns(module, inputs[0])  # (B, F, L)
+        if cols.shape[0] != self.weights.shape[0]:
+            raise MaskDMError(
+                f"a prunable layer saw a batch of {cols.shape[0]} for {self.weights.shape[0]} images: wanda/sparsegpt need "
+                "layers that see one input per image; protect it"
+            )
         w = self.weights.to(device=cols.device, dtype=torch.float32)
         if self.hessian:
             scaled = cols * w.sqrt()[:, None, None]
