@@ -227,6 +227,13 @@ def test_sparsegpt_prunes_a_model_in_place_and_lowers_the_layers_output_error():
     # A budget below one Hessian: one layer per pass, same result.
     done = sparsegpt_prune(model, scheduler, modules, samples, config, CalibConfig(samples=8, blocksize=16), progress=False, budget=1)
     assert done.passes == 2
+    # Statistics come from the dense model in every pass: one pass for both layers gives the same result.
+    together = ConvThenLinear()
+    one_pass = sparsegpt_prune(together, scheduler, {"conv": together.conv, "linear": together.linear}, samples, config,
+                               CalibConfig(samples=8, blocksize=16), progress=False)
+    assert one_pass.passes == 1
+    assert all(torch.allclose(together.state_dict()[k], model.state_dict()[k], atol=1e-6) for k in dense)
+    assert all(torch.equal(one_pass.result.masks[k], done.result.masks[k]) for k in modules)
     x, _ = layer_inputs(model, scheduler, samples)
     cols = input_columns(model.conv, x).transpose(0, 1).reshape(27, -1).to(torch.float64)
     W = dense["conv.weight"].flatten(1).to(torch.float64)
