@@ -350,7 +350,7 @@ def sparsegpt_prune(unet, scheduler, modules: Mapping[str, nn.Module], samples: 
         group = {n: modules[n] for n in names}
         stats = _collect(unet, scheduler, group, samples, calib.batch_size, True, device, progress,
                          f"sparsegpt calibration {g + 1}/{len(groups)}")
-        for name in names:
+        for name in tqdm(names, desc=f"sparsegpt layers {g + 1}/{len(groups)}", unit="layer", disable=not progress):
             weight = modules[name].weight
             if nm is not None and weight[0].numel() % nm[1]:
                 masks[name] = torch.ones_like(weight, dtype=torch.bool, device="cpu")
