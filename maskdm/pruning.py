@@ -2,7 +2,8 @@
 
 Pruning is split into three steps so that each can be checked on its own:
 
-* :func:`compute_masks` decides (``magnitude``, ``random`` or ``taylor``, ``unstructured`` or ``N:M``,
+* :func:`compute_masks` decides (``magnitude``, ``random``, ``taylor`` or ``wanda``; ``sparsegpt`` is
+  :func:`maskdm.oneshot.sparsegpt_prune`; ``unstructured`` or ``N:M``,
   per ``layer`` or ``global``) and returns bool masks, True = kept, keyed by exact module name;
 * :func:`apply_pruning` zeroes the masked-out weights in place and touches nothing else;
 * :func:`pruning_stats` describes the result as a JSON-serialisable dict, including the measured
