@@ -1,9 +1,14 @@
-"""prune: zero weights of a DDPM (magnitude/random/taylor, unstructured or N:M, per layer or global).
+"""prune: zero weights of a DDPM (magnitude/random/taylor/wanda/sparsegpt, unstructured or N:M, per layer or global).
 
 ``taylor`` ranks weights by their first-order Taylor importance on replayed training minibatches
-(:mod:`maskdm.taylor`), so it needs a dataset: the option, else the model's lineage. It does not
+(:mod:`maskdm.taylor`); ``wanda`` and ``sparsegpt`` look at each layer's inputs on replayed
+calibration images (:mod:`maskdm.oneshot`), and ``sparsegpt`` also changes the kept weights
+(``model/`` holds them). These need a dataset: the option, else the model's lineage. They do not
 fall back to cifar10 as eval_loss does: importance measured on another dataset than the model's
 would prune by the wrong data without a word.
+
+Every pruner but ``random`` records what it ranked by in ``scores.safetensors`` (train_masks
+``init=pruner`` starts its logits from it).
 """
 
 from __future__ import annotations
@@ -17,7 +22,18 @@ from entrypoints.common import integer, number, optional, save_preview, stage
 from entrypoints.datasets import stage_dataset
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, prunable_modules, save_masks
-from maskdm.pruning import PruneConfig, prune, pruning_stats, summarize, write_stats
+from maskdm.oneshot import ONESHOT_PRUNERS, CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
+from maskdm.pruning import (
+    SCORES_FILE,
+    PruneConfig,
+    apply_pruning,
+    compute_masks,
+    pruning_stats,
+    save_scores,
+    selection_of,
+    summarize,
+    write_stats,
+)
 from maskdm.taylor import TaylorConfig, taylor_batches, taylor_scores
 
 log = logging.getLogger(__name__)
@@ -30,7 +46,7 @@ FALLBACK_DATASET = "cifar10"
 @click.option("--model", default="demo", show_default=True, help="Hub id, local folder, run ID, runs:/<id>/model or demo.")
 @click.option("--dataset", default=None, help="Dataset for eval_loss [default: the model's lineage, else cifar10].")
 @click.option("--pruning_ratio", default="0.3", show_default=True, help="Share of prunable weights to zero, in [0, 1).")
-@click.option("--pruner", default="magnitude", show_default=True, help="magnitude, random or taylor (needs a dataset).")
+@click.option("--pruner", default="magnitude", show_default=True, help="magnitude, random, taylor, wanda or sparsegpt (the last three need a dataset).")
 @click.option("--pattern", default="unstructured", show_default=True, help="unstructured or N:M (e.g. 2:4).")
 @click.option("--scope", default="layer", show_default=True, help="layer (each layer to the ratio) or global.")
 @click.option("--protect", default=",".join(DEFAULT_PROTECT), show_default=True, help="Name substrings of layers left dense.")
@@ -38,6 +54,12 @@ FALLBACK_DATASET = "cifar10"
 @click.option("--taylor_batches", default="8", show_default=True, help="taylor: replayed training minibatches the importance is measured on.")
 @click.option("--taylor_batch_size", default="32", show_default=True, help="taylor: images per minibatch.")
 @click.option("--taylor_threshold", default="0", show_default=True, help="taylor: stop once the accumulated gradient changes by at most this share (0 = use every sample).")
+@click.option("--calib_samples", default="64", show_default=True, help="wanda/sparsegpt: training images their layer inputs are collected on.")
+@click.option("--calib_timesteps", default="1", show_default=True, help="wanda/sparsegpt: draws of (timestep, noise) per image; 1 = the replay's own draw.")
+@click.option("--calib_batch_size", default="16", show_default=True, help="wanda/sparsegpt: images per forward pass (memory only).")
+@click.option("--calib_weighting", default="uniform", show_default=True, help="wanda/sparsegpt: uniform, or logdecrease (noisier timesteps count more, OBS-Diff style).")
+@click.option("--sparsegpt_damp", default="0.01", show_default=True, help="sparsegpt: damping, a share of the Hessian's mean diagonal (> 0).")
+@click.option("--sparsegpt_blocksize", default="128", show_default=True, help="sparsegpt: columns per block (the unstructured mask is chosen per row within a block).")
 def command(**params) -> None:
     with stage("prune", params) as run:
         # Validate everything before loading anything.
@@ -50,39 +72,71 @@ def command(**params) -> None:
             batch_size=integer("taylor_batch_size", params["taylor_batch_size"]),
             threshold=number("taylor_threshold", params["taylor_threshold"]), seed=config.seed,
         )
+        calib = CalibConfig(
+            samples=integer("calib_samples", params["calib_samples"]), timesteps=integer("calib_timesteps", params["calib_timesteps"]),
+            batch_size=integer("calib_batch_size", params["calib_batch_size"]), weighting=params["calib_weighting"],
+            damp=number("sparsegpt_damp", params["sparsegpt_damp"]),
+            blocksize=integer("sparsegpt_blocksize", params["sparsegpt_blocksize"]), seed=config.seed,
+        )
+        if config.pruner == "sparsegpt" and config.nm is not None and calib.blocksize % config.nm[1]:
+            raise MaskDMError(f"sparsegpt_blocksize={calib.blocksize} is not a multiple of M={config.nm[1]} of pattern {config.pattern}")
         ddpm = run.resolve_model(params["model"])
         named_dataset = optional(params["dataset"]) or run.param("dataset")
-        if config.pruner == "taylor" and not named_dataset:
+        if config.pruner in ("taylor", *ONESHOT_PRUNERS) and not named_dataset:
             raise MaskDMError(
-                "pruner=taylor measures importance on training images, but no dataset is given and the model's lineage "
+                f"pruner={config.pruner} measures importance on training images, but no dataset is given and the model's lineage "
                 "records none: pass dataset (e.g. --dataset shapes)"
             )
         dataset = named_dataset or FALLBACK_DATASET
         run.log_params({
             "dataset": dataset, "pruning_ratio": config.ratio, "pruner": config.pruner, "pattern": config.pattern,
             "taylor_batches": taylor.batches, "taylor_batch_size": taylor.batch_size, "taylor_threshold": taylor.threshold,
+            **calib.to_dict(),
         })
         eval_split = stage_dataset(ddpm, dataset, "eval", run=run)  # fails here, before any work
 
         scores = None
-        if config.pruner == "taylor" and prunable_modules(ddpm.unet, config.protect):  # none: prune says "nothing to prune"
+        modules = prunable_modules(ddpm.unet, config.protect)  # none: compute_masks says "nothing to prune"
+        on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if config.pruner == "taylor" and modules:
             # The training split without augmentation: the replay needs the same pixels every pass.
             batches = taylor_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run), taylor)
-            on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            importance = taylor_scores(
-                ddpm.unet.to(on), ddpm.scheduler, prunable_modules(ddpm.unet, config.protect), batches, taylor.threshold, on,
-            )
+            importance = taylor_scores(ddpm.unet.to(on), ddpm.scheduler, modules, batches, taylor.threshold, on)
             ddpm.unet.to("cpu")
             scores = importance.scores
             run.log_metrics(importance.metrics())
+        calibration = None
+        if config.pruner in ONESHOT_PRUNERS and modules:
+            samples = calibration_samples(
+                calibration_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run), calib),
+                int(ddpm.scheduler.config.num_train_timesteps), calib,
+            )
+            calibration = {**calib.to_dict(), "calib_forward_samples": int(samples.images.shape[0])}
+            ddpm.unet.to(on)
+            if config.pruner == "wanda":
+                scores = wanda_scores(ddpm.unet, ddpm.scheduler, modules, samples, calib.batch_size, on)
+            else:
+                done = sparsegpt_prune(ddpm.unet, ddpm.scheduler, modules, samples, config, calib, on)
+                calibration.update({"sparsegpt_passes": done.passes, "sparsegpt_dead_inputs": done.dead_inputs})
+                run.log_metrics({"sparsegpt_passes": done.passes, "sparsegpt_dead_inputs": done.dead_inputs})
+            ddpm.unet.to("cpu")
 
-        result = prune(ddpm.unet, config, scores)
+        if config.pruner == "sparsegpt" and modules:
+            result, recorded = done.result, done.scores
+        else:
+            result = compute_masks(ddpm.unet, config, scores)
+            recorded = scores if config.pruner != "magnitude" else {n: m.weight.detach().abs() for n, m in modules.items()}
+        apply_pruning(ddpm.unet, result.masks)
         stats = pruning_stats(ddpm.unet, result)
+        if calibration is not None:
+            stats["calibration"] = calibration
         log.info(summarize(stats))
         write_stats(stats, run.out / "pruning_stats.json")
         # The exact masks applied (True = kept): extract_masks reads them rather than re-deriving them
         # from zeros, which would count a kept weight that happens to be 0 as pruned.
         save_masks(result.masks, run.out / MASKS_FILE)
+        if recorded is not None:
+            save_scores(recorded, run.out / SCORES_FILE, config.pruner, selection_of(config, calib.blocksize))
         run.log_metrics({
             "sparsity": stats["sparsity"],
             "params_total": stats["params_total"],

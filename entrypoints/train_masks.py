@@ -31,7 +31,7 @@ from entrypoints.common import boolean, choice, integer, number, optional, stage
 from entrypoints.datasets import stage_dataset
 from maskdm.errors import MaskDMError
 from maskdm.fastpath import resolve_channels_last, resolve_compile, resolve_mixed_precision
-from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, select_targets
+from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, score_logits, select_targets
 from maskdm.maskpro import (
     REWARD_BASELINES,
     MaskTrainer,
@@ -55,6 +55,7 @@ from maskdm.replay import (
     replay_model,
     resolve_from_baseline,
 )
+from maskdm.pruning import SCORES_FILE, load_scores
 from maskdm.tracking import get_upstream
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def read_baseline(up) -> tuple[dict, np.ndarray]:
 @click.option("--logits", default="5.0", show_default=True, help="init=constant: +logits where the initial mask keeps, -logits elsewhere.")
 @click.option("--max_step", default="15000", show_default=True, help="At most this many updates (0 = no limit).")
 @click.option("--accumulation", default="16", show_default=True, help="Batches per update.")
-@click.option("--init", "init", default="constant", show_default=True, help="Initial logits: constant (+-logits) or magnitude (the pruner's score through temperature).")
-@click.option("--temperature", default="0.05", show_default=True, help="init=magnitude: logit = log(|w| / layer threshold) / temperature.")
+@click.option("--init", "init", default="constant", show_default=True, help="Initial logits: constant (+-logits), magnitude (|w| through temperature) or pruner (the prune run's recorded scores through temperature).")
+@click.option("--temperature", default="0.05", show_default=True, help="init=magnitude/pruner: logit = log(score / threshold) / temperature.")
 @click.option("--samples", default="1", show_default=True, help="Masks sampled and measured per update, on the same batches.")
 @click.option("--reward_baseline", default="delta", show_default=True, help="delta (moving average of the reward) or loo (leave-one-out over the update's samples; samples >= 2).")
 @click.option("--normalize", default="false", show_default=True, help="Divide advantages by a running estimate of their spread.")
@@ -111,7 +112,7 @@ def command(
         )
         init_kind = choice("init", init, INIT_CHOICES)
         magnitude, temp = number("logits", logits), number("temperature", temperature)
-        if init_kind == "magnitude" and temp <= 0:
+        if init_kind in ("magnitude", "pruner") and temp <= 0:
             raise MaskDMError(f"temperature must be positive, not '{temperature}'")
         # None = auto: up to AUTO_HELDOUT images outside the subset, none if fewer than a batch are left.
         heldout_images = None if str(heldout_size).strip().lower() == "auto" else integer("heldout_size", heldout_size, minimum=0)
@@ -141,6 +142,8 @@ def command(
         if init_kind == "magnitude":
             modules = dict(ddpm.unet.named_modules())
             initial_logits = magnitude_logits({n: modules[n].weight for n in names}, masks, names, pattern, temp)
+        elif init_kind == "pruner":
+            initial_logits = pruner_logits(masks_run, masks, names, pattern, temp)
         policy = make_policy(pattern, masks, names, magnitude, logits=initial_logits)
 
         if int(ddpm.scheduler.config.num_train_timesteps) != int(recorded["num_train_timesteps"]):
@@ -208,6 +211,22 @@ def command(
         bake_masks(unet)
         assert_sparse_as(unet, learned)
         run.log_model(ddpm, stage_dataset(ddpm, replay["dataset"], "eval", run=run), on)
+
+
+def pruner_logits(masks_run, masks, names, pattern, temperature):
+    """init=pruner: logits from the scores the prune run behind ``masks_run`` (extract_masks) recorded."""
+    prune_run_id = masks_run.lineage.get("prune")
+    if not prune_run_id:
+        raise MaskDMError(f"init=pruner: masks run {masks_run.run_id} records no prune run (tag maskdm.upstream.prune)")
+    prune_run = get_upstream(prune_run_id, ["prune"], None, "init=pruner: the masks' prune run")
+    if not prune_run.has_artifact(SCORES_FILE):
+        raise MaskDMError(
+            f"init=pruner: prune run {prune_run_id} (pruner={prune_run.params.get('pruner', '?')}) recorded no {SCORES_FILE} "
+            "(pruner=random has no scores; older runs recorded none): use init=constant or rerun prune"
+        )
+    scores, meta = load_scores(prune_run.download(SCORES_FILE))
+    log.info("init=pruner: logits from prune run %s's %s scores (chosen per %s)", prune_run_id, meta.get("pruner"), meta["selection"])
+    return score_logits(scores, masks, names, pattern, temperature, meta["selection"], meta.get("pruner", "the pruner"))
 
 
 def given_fast_path(mixed_precision: str, channels_last: str, compile_unet: str) -> dict[str, str | None]:

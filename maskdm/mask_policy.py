@@ -33,8 +33,9 @@ MAX_EXACT_N = 4
 
 TARGET_CHOICES = ("all", "down_blocks", "up_blocks", "mid_block")
 #: ``constant``: +-logits from the initial mask (the original recipe); ``magnitude``: the magnitude
-#: pruner's own score through a temperature (:func:`magnitude_logits`).
-INIT_CHOICES = ("constant", "magnitude")
+#: pruner's own score through a temperature (:func:`magnitude_logits`); ``pruner``: the scores the
+#: prune run recorded, whatever its pruner (:func:`score_logits`).
+INIT_CHOICES = ("constant", "magnitude", "pruner")
 #: Logits from scores are clipped to +-LOGIT_CAP: beyond about 17 a float32 draw never flips anyway.
 LOGIT_CAP = 30.0
 #: Magnitudes below this count as this, so an exact zero has a finite log.
@@ -486,4 +487,91 @@ def _check_magnitude_order(name: str, excess: float) -> None:
         raise MaskDMError(
             f"init=magnitude: the initial mask of '{name}' is not a magnitude mask of the original weights (a pruned "
             f"weight is larger than a kept one by {excess:.3g}); use init=constant"
+        )
+
+
+def score_logits(
+    scores: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    pattern: str | NMPattern | None,
+    temperature: float,
+    selection: str,
+    pruner: str = "the pruner",
+) -> dict[str, torch.Tensor]:
+    """Initial logits from any pruner's recorded scores (``scores.safetensors`` of a prune run).
+
+    ``magnitude_logits`` with the recorded score in place of ``|w|``, thresholded where the pruner
+    made its choice (``selection``, :func:`maskdm.pruning.selection_of`): ``layer`` one threshold
+    per layer, ``row`` one per output row (wanda), ``block:<B>`` one per row within each block of B
+    columns (sparsegpt). Each threshold is the geometric midpoint between the smallest kept and
+    the largest pruned score of its group, so every kept weight starts above 1/2 and every pruned
+    one below, and the final mask at these logits (top-k per layer) is the initial mask. A group
+    that keeps all or none starts at +-:data:`LOGIT_CAP`. N:M: ``log s / temperature`` per group.
+    The mask must be the one the scores chose: a kept score below a pruned one in a group is an error.
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise MaskDMError(f"temperature must be a positive number, not {temperature}")
+    nm = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    out = {}
+    for name in trainable_layers(masks, names, nm):
+        if name not in scores:
+            raise MaskDMError(f"init=pruner: the prune run recorded no scores for the masked layer '{name}'")
+        score = scores[name].detach().to(torch.float64).cpu()
+        kept = masks[name].to(torch.bool).cpu()
+        if score.shape != kept.shape:
+            raise MaskDMError(f"init=pruner: the scores of '{name}' have shape {tuple(score.shape)}, its mask {tuple(kept.shape)}")
+        if not bool(torch.isfinite(score).all()) or bool((score < 0).any()):
+            raise MaskDMError(f"init=pruner: the scores of '{name}' are not all finite and >= 0")
+        log_score = score.clamp_min(_TINY).log()
+        if nm is not None:
+            rows, kept_rows = score.reshape(-1, nm.m), kept.reshape(-1, nm.m)
+            _check_score_order(name, pruner, rows, kept_rows)
+            log_rows = log_score.reshape(-1, nm.m)
+            logits = ((log_rows - log_rows.amax(1, keepdim=True)) / temperature).reshape(kept.shape)
+        else:
+            rows, kept_rows, log_rows = score.reshape(kept.shape[0], -1), kept.reshape(kept.shape[0], -1), log_score.reshape(kept.shape[0], -1)
+            logits = torch.empty_like(log_rows)
+            for lo, hi, whole_layer in _selection_blocks(selection, rows.shape[1]):
+                s, k, ls = rows[:, lo:hi], kept_rows[:, lo:hi], log_rows[:, lo:hi]
+                if whole_layer:
+                    s, k, ls = s.reshape(1, -1), k.reshape(1, -1), ls.reshape(1, -1)
+                _check_score_order(name, pruner, s, k)
+                logits[:, lo:hi] = _group_logits(s, ls, k, temperature).reshape(rows.shape[0], hi - lo)
+            logits = logits.reshape(kept.shape)
+        out[name] = logits.clamp(-LOGIT_CAP, LOGIT_CAP).to(torch.float32)
+    return out
+
+
+def _selection_blocks(selection: str, cols: int) -> list[tuple[int, int, bool]]:
+    """Column ranges ``(lo, hi, whole_layer)`` of the (rows, cols) view within which each row's choice was made."""
+    if selection == "layer":
+        return [(0, cols, True)]
+    if selection == "row":
+        return [(0, cols, False)]
+    if selection.startswith("block:") and selection[6:].isdigit() and int(selection[6:]) > 0:
+        size = int(selection[6:])
+        return [(i, min(i + size, cols), False) for i in range(0, cols, size)]
+    raise MaskDMError(f"init=pruner: the scores' selection '{selection}' is not known to this code version")
+
+
+def _group_logits(score, log_score, kept, temperature) -> torch.Tensor:
+    """Per group (row of the 2-D inputs): ``(log s - log t) / temperature``, t the midpoint threshold; +-cap if all kept or none."""
+    smallest_kept = score.masked_fill(~kept, math.inf).amin(1, keepdim=True)
+    largest_pruned = score.masked_fill(kept, -math.inf).amax(1, keepdim=True)
+    mixed = torch.isfinite(smallest_kept) & torch.isfinite(largest_pruned)
+    threshold = 0.5 * (smallest_kept.clamp_min(_TINY).log() + largest_pruned.clamp_min(_TINY).log())
+    logits = (log_score - torch.where(mixed, threshold, torch.zeros_like(threshold))) / temperature
+    return torch.where(mixed, logits, torch.where(kept, LOGIT_CAP, -LOGIT_CAP).to(torch.float64))
+
+
+def _check_score_order(name: str, pruner: str, score: torch.Tensor, kept: torch.Tensor) -> None:
+    """Each group (row of the 2-D inputs): no pruned score above a kept one."""
+    smallest_kept = score.masked_fill(~kept, math.inf).amin(-1)
+    largest_pruned = score.masked_fill(kept, -math.inf).amax(-1)
+    excess = float((largest_pruned - smallest_kept).max())
+    if excess > 0:
+        raise MaskDMError(
+            f"init=pruner: the initial mask of '{name}' is not the one {pruner}'s recorded scores chose (a pruned weight "
+            f"scores higher than a kept one by {excess:.3g}); use init=constant"
         )

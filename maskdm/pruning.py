@@ -2,7 +2,8 @@
 
 Pruning is split into three steps so that each can be checked on its own:
 
-* :func:`compute_masks` decides (``magnitude``, ``random`` or ``taylor``, ``unstructured`` or ``N:M``,
+* :func:`compute_masks` decides (``magnitude``, ``random``, ``taylor`` or ``wanda``; ``sparsegpt`` is
+  :func:`maskdm.oneshot.sparsegpt_prune`; ``unstructured`` or ``N:M``,
   per ``layer`` or ``global``) and returns bool masks, True = kept, keyed by exact module name;
 * :func:`apply_pruning` zeroes the masked-out weights in place and touches nothing else;
 * :func:`pruning_stats` describes the result as a JSON-serialisable dict, including the measured
@@ -55,7 +56,11 @@ from maskdm.masks import DEFAULT_PROTECT, check_masks_fit, maskable_modules, par
 
 log = logging.getLogger(__name__)
 
-PRUNERS: tuple[str, ...] = ("magnitude", "random", "taylor")
+PRUNERS: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda", "sparsegpt")
+#: Pruners whose scores come from outside (maskdm.taylor, maskdm.oneshot) and are given to compute_masks.
+SCORED_PRUNERS: tuple[str, ...] = ("taylor", "wanda")
+#: The prune run's record of what each pruner ranked by (train_masks init=pruner starts from it).
+SCORES_FILE = "scores.safetensors"
 SCOPES: tuple[str, ...] = ("layer", "global")
 UNSTRUCTURED = "unstructured"
 
@@ -98,8 +103,10 @@ class PruneConfig:
 
     ratio:   share of weights to prune, in [0, 1). With an ``N:M`` pattern it must equal ``1 - N/M``
              (within :data:`NM_RATIO_TOLERANCE`): the pattern decides, the ratio records it.
-    pruner:  ``magnitude`` (drop the smallest ``|w|``), ``random`` (seeded uniform choice) or
-             ``taylor`` (drop the smallest first-order Taylor importance, :mod:`maskdm.taylor`).
+    pruner:  ``magnitude`` (drop the smallest ``|w|``), ``random`` (seeded uniform choice),
+             ``taylor`` (drop the smallest first-order Taylor importance, :mod:`maskdm.taylor`),
+             ``wanda`` (``|w| * ||x||``, compared within each output row) or ``sparsegpt``
+             (OBS selection with weight reconstruction); both of :mod:`maskdm.oneshot`.
     pattern: ``unstructured`` or ``N:M`` (N kept of every M consecutive input weights).
     scope:   ``layer`` (every layer loses ``ratio`` of its weights) or ``global`` (one ranking over
              all prunable weights; layers end up with different sparsities). ``N:M`` needs ``layer``.
@@ -130,6 +137,10 @@ class PruneConfig:
             raise MaskDMError(f"pruner '{self.pruner}' is not known: use one of {', '.join(PRUNERS)}")
         if self.scope not in SCOPES:
             raise MaskDMError(f"scope '{self.scope}' is not known: use one of {', '.join(SCOPES)}")
+        if self.pruner == "sparsegpt" and self.scope != "layer":
+            raise MaskDMError(
+                "pruner=sparsegpt reconstructs each layer against its own inputs, so there is no global ranking: use scope=layer"
+            )
         nm = parse_pattern(self.pattern)
         if nm is None:
             return
@@ -201,6 +212,8 @@ def compute_masks(model: nn.Module, config: PruneConfig, scores: Mapping[str, to
         raise MaskDMError(
             f"nothing to prune: protect '{','.join(config.protect)}' covers every Conv2d/Linear layer of the model"
         )
+    if config.pruner == "sparsegpt":
+        raise MaskDMError("pruner=sparsegpt chooses its masks while reconstructing the weights: use maskdm.oneshot.sparsegpt_prune")
     weights = {name: _plain_weight(name, module).detach().cpu() for name, module in modules.items()}
     generator = torch.Generator().manual_seed(config.seed)
     ranking = _ranking_scores(weights, config.pruner, scores)
@@ -214,6 +227,9 @@ def compute_masks(model: nn.Module, config: PruneConfig, scores: Mapping[str, to
         return PruneResult(masks=masks, dense_layers=dense, config=config)
     if config.scope == "global":
         masks = _global_masks(weights, config.ratio, ranking, generator)
+    elif config.pruner == "wanda":
+        # Wanda compares weights within each output row: each row loses its share of the layer's count.
+        masks = {name: _row_mask(ranking[name], config.ratio) for name in weights}
     else:
         masks = {
             name: _unstructured_mask(w, config.ratio, None if ranking is None else ranking[name], generator)
@@ -226,22 +242,23 @@ def _ranking_scores(
     weights: Mapping[str, torch.Tensor], pruner: str, scores: Mapping[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor] | None:
     """What each pruner ranks by (smallest pruned first); None for ``random``, which draws instead."""
-    if pruner != "taylor":
+    if pruner not in SCORED_PRUNERS:
         if scores is not None:
-            raise MaskDMError(f"pruner '{pruner}' takes no importance scores; they are for pruner=taylor")
+            raise MaskDMError(f"pruner '{pruner}' takes no importance scores; they are for pruner={'/'.join(SCORED_PRUNERS)}")
         return {name: w.abs() for name, w in weights.items()} if pruner == "magnitude" else None
     if scores is None:
-        raise MaskDMError("pruner=taylor needs importance scores (maskdm.taylor.taylor_scores) and so a dataset")
+        source = "maskdm.taylor.taylor_scores" if pruner == "taylor" else "maskdm.oneshot.wanda_scores"
+        raise MaskDMError(f"pruner={pruner} needs importance scores ({source}) and so a dataset")
     if set(scores) != set(weights):
         missing = sorted(set(weights) - set(scores)) or sorted(set(scores) - set(weights))
-        raise MaskDMError(f"the taylor scores do not cover exactly the prunable layers (first difference: '{missing[0]}')")
+        raise MaskDMError(f"the {pruner} scores do not cover exactly the prunable layers (first difference: '{missing[0]}')")
     ranking = {}
     for name, w in weights.items():
         score = scores[name].detach().cpu()
         if score.shape != w.shape:
-            raise MaskDMError(f"the taylor scores of '{name}' have shape {tuple(score.shape)}, its weight {tuple(w.shape)}")
+            raise MaskDMError(f"the {pruner} scores of '{name}' have shape {tuple(score.shape)}, its weight {tuple(w.shape)}")
         if not torch.isfinite(score).all():
-            raise MaskDMError(f"the taylor scores of '{name}' are not all finite: the model's loss or gradient overflowed")
+            raise MaskDMError(f"the {pruner} scores of '{name}' are not all finite: the model's loss, gradient or inputs overflowed")
         ranking[name] = score
     return ranking
 
@@ -260,6 +277,68 @@ def _unstructured_mask(weight: torch.Tensor, ratio: float, score: torch.Tensor |
     else:
         pruned = _random_k(weight.numel(), k, generator)
     return (~pruned).reshape(weight.shape)
+
+
+def row_counts(ratio: float, rows: int, row_length: int) -> torch.Tensor:
+    """Weights pruned in each row: ``floor(ratio * n)`` for the layer, spread over rows by cumulative floors.
+
+    Row ``r`` loses ``floor(ratio*(r+1)*L) - floor(ratio*r*L)``: every row loses ``floor(ratio*L)``
+    or one more, and the layer exactly ``floor(ratio * rows * L)``, the count of every pruner here.
+    """
+    cumulative = torch.tensor([prune_count(ratio, r * row_length) for r in range(rows + 1)], dtype=torch.int64)
+    return cumulative[1:] - cumulative[:-1]
+
+
+def smallest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool (rows, cols): each row's ``counts[r]`` smallest scores; equal scores go lower index first."""
+    order = torch.argsort(scores, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return rank < counts.to(scores.device)[:, None]
+
+
+def _row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    rows = score.flatten(1)  # (out, in * kh * kw)
+    return (~smallest_per_row(rows, row_counts(ratio, rows.shape[0], rows.shape[1]))).reshape(score.shape)
+
+
+def selection_of(config: PruneConfig, blocksize: int | None = None) -> str:
+    """Within what the pruner compared scores: ``layer``, ``row``, ``block:<B>`` (row within column blocks) or ``N:M``.
+
+    Recorded with the scores, so that logits made from them (train_masks init=pruner) can be
+    thresholded where the choice was made; ``global`` counts as ``layer`` (kept beat pruned in each layer too).
+    """
+    if config.nm is not None:
+        return config.pattern
+    if config.pruner == "sparsegpt":
+        return f"block:{blocksize}"
+    if config.pruner == "wanda" and config.scope == "layer":
+        return "row"
+    return "layer"
+
+
+def save_scores(scores: Mapping[str, torch.Tensor], path: str | os.PathLike, pruner: str, selection: str) -> None:
+    """What the pruner ranked by, float32 by layer, with ``pruner`` and ``selection`` (:func:`selection_of`) as metadata.
+
+    float32: rounding is monotonic, so a kept score never falls below a pruned one of its group.
+    """
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in scores.items()}
+    save_file(tensors, str(path), metadata={"format": "maskdm-scores-v1", "pruner": pruner, "selection": selection})
+
+
+def load_scores(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The scores and metadata (``pruner``, ``selection``) of a file written by :func:`save_scores`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            scores = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a corrupt or foreign file
+        raise MaskDMError(f"cannot read scores file {path}: {exc}") from None
+    if metadata.get("format") != "maskdm-scores-v1" or "selection" not in metadata:
+        raise MaskDMError(f"scores file {path} is not a maskdm scores file (metadata {metadata})")
+    return scores, metadata
 
 
 def _global_masks(
