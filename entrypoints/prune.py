@@ -21,20 +21,19 @@ import torch
 from entrypoints.common import integer, number, optional, save_preview, stage
 from entrypoints.datasets import stage_dataset
 from maskdm.errors import MaskDMError
-from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, prunable_modules, save_masks
-from maskdm.oneshot import ONESHOT_PRUNERS, CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
+from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, save_masks
+from maskdm.oneshot import CalibConfig
+from maskdm.pruners import DATA_PRUNERS, run_pruner
 from maskdm.pruning import (
     SCORES_FILE,
     PruneConfig,
     apply_pruning,
-    compute_masks,
     pruning_stats,
     save_scores,
-    selection_of,
     summarize,
     write_stats,
 )
-from maskdm.taylor import TaylorConfig, taylor_batches, taylor_scores
+from maskdm.taylor import TaylorConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def command(**params) -> None:
             raise MaskDMError(f"sparsegpt_blocksize={calib.blocksize} is not a multiple of M={config.nm[1]} of pattern {config.pattern}")
         ddpm = run.resolve_model(params["model"])
         named_dataset = optional(params["dataset"]) or run.param("dataset")
-        if config.pruner in ("taylor", *ONESHOT_PRUNERS) and not named_dataset:
+        if config.pruner in DATA_PRUNERS and not named_dataset:
             raise MaskDMError(
                 f"pruner={config.pruner} measures importance on training images, but no dataset is given and the model's lineage "
                 "records none: pass dataset (e.g. --dataset shapes)"
@@ -95,37 +94,15 @@ def command(**params) -> None:
         })
         eval_split = stage_dataset(ddpm, dataset, "eval", run=run)  # fails here, before any work
 
-        scores = None
-        modules = prunable_modules(ddpm.unet, config.protect)  # none: compute_masks says "nothing to prune"
-        on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if config.pruner == "taylor" and modules:
+        train_images = None
+        if config.pruner in DATA_PRUNERS:
             # The training split without augmentation: the replay needs the same pixels every pass.
-            batches = taylor_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run), taylor)
-            importance = taylor_scores(ddpm.unet.to(on), ddpm.scheduler, modules, batches, taylor.threshold, on)
-            ddpm.unet.to("cpu")
-            scores = importance.scores
-            run.log_metrics(importance.metrics())
-        calibration = None
-        if config.pruner in ONESHOT_PRUNERS and modules:
-            samples = calibration_samples(
-                calibration_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run), calib),
-                int(ddpm.scheduler.config.num_train_timesteps), calib,
-            )
-            calibration = {**calib.to_dict(), "calib_forward_samples": int(samples.images.shape[0])}
-            ddpm.unet.to(on)
-            if config.pruner == "wanda":
-                scores = wanda_scores(ddpm.unet, ddpm.scheduler, modules, samples, calib.batch_size, on)
-            else:
-                done = sparsegpt_prune(ddpm.unet, ddpm.scheduler, modules, samples, config, calib, on)
-                calibration.update({"sparsegpt_passes": done.passes, "sparsegpt_dead_inputs": done.dead_inputs})
-                run.log_metrics({"sparsegpt_passes": done.passes, "sparsegpt_dead_inputs": done.dead_inputs})
-            ddpm.unet.to("cpu")
-
-        if config.pruner == "sparsegpt" and modules:
-            result, recorded = done.result, done.scores
-        else:
-            result = compute_masks(ddpm.unet, config, scores)
-            recorded = scores if config.pruner != "magnitude" else {n: m.weight.detach().abs() for n, m in modules.items()}
+            train_images = stage_dataset(ddpm, dataset, "train", augment=False, run=run)
+        on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        outcome = run_pruner(ddpm.unet, ddpm.scheduler, config, train_images, taylor, calib, on)
+        result, recorded, calibration = outcome.result, outcome.scores, outcome.calibration
+        if outcome.metrics:
+            run.log_metrics(outcome.metrics)
         apply_pruning(ddpm.unet, result.masks)
         stats = pruning_stats(ddpm.unet, result)
         if calibration is not None:
@@ -136,7 +113,7 @@ def command(**params) -> None:
         # from zeros, which would count a kept weight that happens to be 0 as pruned.
         save_masks(result.masks, run.out / MASKS_FILE)
         if recorded is not None:
-            save_scores(recorded, run.out / SCORES_FILE, config.pruner, selection_of(config, calib.blocksize))
+            save_scores(recorded, run.out / SCORES_FILE, config.pruner, outcome.selection)
         run.log_metrics({
             "sparsity": stats["sparsity"],
             "params_total": stats["params_total"],
