@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from maskdm import speed_report
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import (  # noqa: F401 (re-exported: callers import them from here too)
     FID_DIMS, FID_FEATURES, FID_METRIC, FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG,
@@ -354,7 +355,7 @@ def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:
     table["pruning_ratio"] = table["pruning_ratio"].astype("float64")
     for column in INTEGER_COLUMNS:
         table[column] = pd.to_numeric(table[column]).round().astype("Int64")
-    return table
+    return speed_report.add_columns(table, records)
 
 
 def _key(anchor: RunRecord, mask_training: bool | None) -> dict:
@@ -511,12 +512,14 @@ def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, s
         ("compression", "compression_ratio"),
         ("compact ckpt (MiB)", "compact_checkpoint_bytes"),
         ("dense ckpt (MiB)", "dense_checkpoint_bytes"),
+        *speed_report.SIZE_COLUMNS,
     ]
     for name in fid_names:
         title = "FID (Inception pool3, `fid`)" if name == FID_METRIC else f"FID (`{name}`)"
         yield title, [(ms, f"{ms}_{name}") for ms in MODEL_STAGE_NAMES]
     yield "eval_loss", [(ms, f"{ms}_eval_loss") for ms in MODEL_STAGE_NAMES]
-    yield "Sampling speed (images/s)", [(ms, f"{ms}_images_per_s") for ms in MODEL_STAGE_NAMES]
+    # Not the sample runs' own images_per_s (each run's wall clock, whenever it ran): a side-by-side measurement.
+    yield speed_report.speed_section()
     yield "Wall time (s)", [(stage, f"{stage}_wall_s") for stage in PIPELINE_STAGES] + [
         (f"{ms} {what}", f"{ms}_{what}_wall_s") for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")
     ]
