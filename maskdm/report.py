@@ -322,7 +322,7 @@ def table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
     columns += [f"{ms}_{what}_wall_s" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
     columns += ["dense_run_id", *(f"{stage}_run_id" for stage in PIPELINE_STAGES)]
     columns += [f"{ms}_{what}_run_id" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
-    return columns
+    return columns + speed_report.COLUMNS
 
 
 def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:

@@ -26,6 +26,11 @@ SPEED_STAGE = "speed"
 
 SPEED_TITLE = "Speed vs dense (side by side: median ratio of dense to model time per DDIM batch, [95% interval])"
 SIZE_COLUMNS = [("registered (MiB)", "registered_bytes"), ("registered load vs dense", "registered_load_text")]
+#: The columns :func:`add_columns` adds, in order (the last of results.csv).
+COLUMNS = [
+    *(f"{ms}_speedup{part}" for ms in MODEL_RUN_COLUMNS for part in ("", "_low", "_high", "_text")),
+    "speed_kernel", "speed_run_id", "registered_bytes", "registered_load_speedup", "registered_load_text",
+]
 
 
 def _present(value: object) -> bool:
@@ -85,9 +90,13 @@ def add_columns(table: pd.DataFrame, records: Mapping[str, object]) -> pd.DataFr
         put("registered_load_speedup", value)
         put("registered_load_text", ratio_text(value, low, high))
     table = table.copy()
+    assert list(columns) == COLUMNS or not len(table)
     for name, values in columns.items():
-        table[name] = values if len(table) else pd.Series(dtype=object)
-    if len(table):
+        table[name] = values
+    if not len(table):
+        for name in COLUMNS:
+            table[name] = pd.Series(dtype=object)
+    else:
         table["registered_bytes"] = pd.to_numeric(table["registered_bytes"]).round().astype("Int64")
     return table
 

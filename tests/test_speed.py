@@ -318,3 +318,38 @@ def test_driver_plan_ends_with_the_speed_step():
     params = driver.join_listed({**step.params, **{p: done[n] for p, n in step.needs.items()}})
     assert params["model_run_ids"] == ",".join(f"id-{m}" for m in listed) and params["dense"] == "id-prune dense"
     assert set(step.params) <= driver.stage_options("speed")
+
+
+# --------------------------------------------------------------------------------------------
+# The served model
+
+
+def test_served_model_runs_with_the_kernel_it_was_promoted_with(models, tmp_path):
+    from types import SimpleNamespace
+
+    from maskdm.registry import DEFAULT_MODEL_CONFIG, DDPMImageGenerator
+    from maskdm.sparse_storage import pack_pipeline_copy
+
+    assert DEFAULT_MODEL_CONFIG["kernel"] == "dense"  # a version registered before the option loads dense
+    pipeline = tmp_path / "pipeline"
+    pack_pipeline_copy(models["pruned_dir"], pipeline)
+    generator = DDPMImageGenerator()
+    generator.load_context(SimpleNamespace(artifacts={"pipeline": str(pipeline)}, model_config={"device": "cpu"}))
+    assert generator.kernel == "dense" and generator.mixed_precision == "no"
+    images = generator.predict(None, pd.DataFrame({"num_images": [2], "ddim_steps": [1]}))
+    assert images.shape == (2, 16, 16, 3)
+    if not CUDA_SM80:
+        with pytest.raises(MaskDMError, match="needs a CUDA GPU"):
+            DDPMImageGenerator().load_context(SimpleNamespace(
+                artifacts={"pipeline": str(pipeline)}, model_config={"device": "cpu", "kernel": "semi_structured"}))
+
+
+def test_promote_rejects_an_unknown_kernel(models):
+    from entrypoints.cli import cli
+
+    result = CliRunner().invoke(cli, ["promote", "--finetune_run_id", models["tuned"].run_id, "--kernel", "sparse"])
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("maskdm: error:")] == [
+        "maskdm: error: unknown kernel 'sparse': choose one of dense, semi_structured"]
+    runs = MlflowClient().search_runs([models["experiment_id"]], "tags.`maskdm.stage` = 'promote'")
+    assert runs[0].info.status == "FAILED"
