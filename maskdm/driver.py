@@ -122,7 +122,7 @@ DEMO = {
         # against model on the same starting noise.
         "sample": {"total_samples": "512", "batch_size": "256", "ddim_steps": "10", "skip_type": "uniform", "eta": "0.0", "seed": "42"},
         "fid": {"features": "shapes", "dims": "2048", "batch_size": "auto"},
-        # The side-by-side timing of the sweep's 13 models: about a minute on the CPU (docs/details/speed.md).
+        # The side-by-side timing of the sweep's 13 models (80 s for 3 on a shared 2-core CPU; docs/details/speed.md).
         "speed": {"batch_size": "16", "ddim_steps": "10", "repeats": "7", "warmup": "1", "kernel": "dense"},
     },
 }
