@@ -658,9 +658,10 @@ def _check_lineage(driver_run_id: str, plan: list) -> dict[str, str]:
         assert run.info.status == "FINISHED", step.name
         assert run.data.tags["maskdm.stage"] == step.stage
         for param, needed in step.needs.items():
-            assert run.data.params[param] == step_runs[needed], (step.name, param)
+            assert _param_of(run.data.params, param) == step_runs[needed], (step.name, param)
         upstream = {k[len("maskdm.upstream."):]: v for k, v in run.data.tags.items() if k.startswith("maskdm.upstream.")}
-        assert upstream == chain(step), step.name
+        # The speed step measures many models side by side: it takes on no lineage.
+        assert upstream == ({} if step.stage == "speed" else chain(step)), step.name
         for stage, run_id in upstream.items():
             assert client.get_run(run_id).data.tags["maskdm.stage"] == stage
     return step_runs
