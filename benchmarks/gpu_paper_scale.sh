@@ -3,7 +3,7 @@
 # that mask learning's replay stays exact on CUDA under bf16 + channels_last + compile with grouped
 # forward passes; the paper-sweep projection, fast path against stock settings
 # (benchmarks/project_paper_sweep.py); and 2:4 semi-structured kernels against dense
-# (benchmarks/bench_semistructured.py). Run from the repository root on a GPU machine with torch
+# (benchmarks/bench_semistructured.py); the speed stage side by side with and without them. Run from the repository root on a GPU machine with torch
 # installed; diffusers, mlflow, pytorch-fid and their dependencies may come as wheels in .whl/.
 # Results go to $OUT (or ./gpu-results); each step has its own time limit so one failure does not
 # cost the others.
@@ -53,3 +53,46 @@ timeout 300 python3 benchmarks/project_paper_sweep.py --device cuda --steps 100 
   --json "$OUT/projection.json" 2>&1 | tee "$OUT/projection.txt" | grep -v "it/s" | tail -25
 
 timeout 60 python3 benchmarks/bench_semistructured.py --batch 256 --repeats 20 --json "$OUT/semistructured.json" 2>&1 | tee "$OUT/semistructured.txt"
+
+# Side by side in one process (maskdm speed, docs/details/speed.md): the ddpm-cifar10 UNet dense
+# against its 2:4 magnitude-pruned copy (random init: speeds, not quality), with dense kernels and
+# with semi-structured ones, batch 256, 10 DDIM steps, bf16; speed-up = dense time / model time
+# (median of A B B A rounds, 95% bootstrap interval). Runs stand in for prune runs in a scratch store.
+cat > /tmp/speed_side_by_side.py <<'PY'
+import os, sys, tempfile, mlflow, torch
+from mlflow.tracking import MlflowClient
+from maskdm.models import DDPM, build_unet, default_scheduler, save_ddpm
+from maskdm.pruning import PruneConfig, prune
+root = tempfile.mkdtemp(prefix="speed-gpu-")
+mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+client = MlflowClient()
+experiment = client.create_experiment("speed-gpu")
+ids = []
+for ratio, pattern in (("0", "unstructured"), ("0.5", "2:4")):
+    torch.manual_seed(0)
+    unet = build_unet("ddpm-cifar10")
+    if pattern == "2:4":
+        prune(unet, PruneConfig(ratio=0.5, pattern="2:4"))
+    folder = save_ddpm(DDPM(unet, default_scheduler()), f"{root}/model-{ratio}")
+    run = client.create_run(experiment, tags={"maskdm.stage": "prune"})
+    client.log_param(run.info.run_id, "pruning_ratio", ratio)
+    client.log_param(run.info.run_id, "pattern", pattern)
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    client.set_terminated(run.info.run_id)
+    ids.append(run.info.run_id)
+print(f"export MLFLOW_TRACKING_URI=sqlite:///{root}/mlflow.db MLFLOW_EXPERIMENT_ID={experiment} SPEED_IDS={','.join(ids)} SPEED_PRUNED={ids[1]}")
+PY
+eval "$(timeout 120 python3 /tmp/speed_side_by_side.py | tail -1)"
+for kernel in dense semi_structured; do
+  timeout 240 python3 -m entrypoints.cli speed --model_run_ids "$SPEED_IDS" --kernel "$kernel" --batch_size 256 --ddim_steps 10 \
+    --repeats 9 --warmup 2 --served false 2>&1 | tee "$OUT/speed_$kernel.txt" | grep -v "it/s" | tail -4
+done
+python3 - <<'PY' | tee "$OUT/speed_side_by_side.txt"
+import os, mlflow
+runs = mlflow.search_runs([os.environ["MLFLOW_EXPERIMENT_ID"]], "tags.`maskdm.stage` = 'speed'")
+p = os.environ["SPEED_PRUNED"]
+for _, r in runs.iterrows():
+    print(f"kernel={r['params.kernel']} {r['params.device']} torch {r['params.version_torch']}: 2:4 model speed-up "
+          f"{r[f'metrics.speedup/{p}']:.3f} [{r[f'metrics.speedup_low/{p}']:.3f}, {r[f'metrics.speedup_high/{p}']:.3f}], "
+          f"{r[f'metrics.semi_structured_layers/{p}']:.0f} layers on 2:4 kernels, status {r['status']}")
+PY

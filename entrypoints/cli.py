@@ -17,6 +17,7 @@ COMMANDS = {
     "finetune": "finetune",
     "sample": "sample",
     "fid": "fid",
+    "speed": "speed",
     "main": "main",
     "report": "report",
     "promote": "promote",

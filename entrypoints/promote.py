@@ -33,8 +33,14 @@ from maskdm.report import resolve_experiment
 @click.option("--max_image_steps", type=int, default=None,
               help="Serving cap: the most num_images x ddim_steps (summed over rows) one predict call may ask for "
                    f"[default: {registry.DEFAULT_MAX_IMAGE_STEPS} for a new version; fixed once registered].")
+@click.option("--kernel", default="dense", show_default=True,
+              help="What the served model runs with: dense, or semi_structured (2:4 layers on PyTorch's sparse kernels; "
+                   "serving needs a CUDA GPU, sm80+). Recorded with the version (tag kernel, model_config); fixed once registered.")
 def command(**params) -> None:
     with stage("promote", params) as run:
+        from maskdm.speed import check_kernel
+
+        check_kernel(params["kernel"])
         metric = registry.check_metric(params["metric"])
         protocol = registry.check_protocol(params["protocol"])
         name, alias = params["registered_model"].strip(), params["alias"].strip()
@@ -72,7 +78,8 @@ def command(**params) -> None:
                 raise MaskDMError(f"{name}@{alias} not moved: {conflict}")
 
         version, created = registry.register(
-            chosen, name, scoring, promote_run_id=run.run_id, max_image_steps=params["max_image_steps"]
+            chosen, name, scoring, promote_run_id=run.run_id, max_image_steps=params["max_image_steps"],
+            kernel=params["kernel"]
         )
         fid = chosen.fid(scoring)
         decision = registry.decide(fid, metric, str(version.version), holder, params["max_fid"], params["force"])

@@ -58,7 +58,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 #: Set to ``true`` on a run the driver reused (the convention of :mod:`maskdm.report`).
 USED_BY_TAG_PREFIX = "maskdm.used_by."
 
-STAGES = ("pretrain", "prune", "extract_masks", "baseline_loss", "train_masks", "finetune", "sample", "fid")
+STAGES = ("pretrain", "prune", "extract_masks", "baseline_loss", "train_masks", "finetune", "sample", "fid", "speed")
 
 #: What a model (and its sample and fid runs) is, named as in :mod:`maskdm.report`: ``masked`` is
 #: the train_masks model, ``finetuned`` starts from the learned (MaskPro) masks and
@@ -74,6 +74,7 @@ DRIVER_OWNED = {
     "finetune": {"masks_run_id": None, "resume_run_id": None},
     "sample": {"model_run_id": None},
     "fid": {"sample_run_id": None},
+    "speed": {"model_run_ids": None, "dense": None, "run_id": None},
 }
 
 #: Parameters that may name a local file or folder: made absolute, because stages run in the
@@ -122,6 +123,8 @@ DEMO = {
         # against model on the same starting noise.
         "sample": {"total_samples": "512", "batch_size": "256", "ddim_steps": "10", "skip_type": "uniform", "eta": "0.0", "seed": "42"},
         "fid": {"features": "shapes", "dims": "2048", "batch_size": "auto"},
+        # The side-by-side timing of the sweep's 13 models (80 s for 3 on a shared 2-core CPU; docs/details/speed.md).
+        "speed": {"batch_size": "16", "ddim_steps": "10", "repeats": "7", "warmup": "1", "kernel": "dense"},
     },
 }
 
@@ -150,6 +153,7 @@ PAPER = {
         },
         "sample": {"total_samples": "50000", "batch_size": "256", "ddim_steps": "100", "skip_type": "uniform", "eta": "0.0", "seed": "42"},
         "fid": {"features": "inception", "dims": "2048", "batch_size": "auto", "reference": "cifar10"},
+        "speed": {"batch_size": "256", "ddim_steps": "10", "repeats": "9", "warmup": "2", "kernel": "dense"},
     },
 }
 
@@ -354,6 +358,8 @@ class Step:
     needs: dict[str, str] = field(default_factory=dict)
     ratio: float = 0.0
     variant: str | None = None
+    #: The replicate (its offset in ``--seeds``) a replicated model step belongs to; 0 for shared steps.
+    replicate: int = 0
 
 
 def build_plan(config: SweepConfig) -> list[Step]:
@@ -427,14 +433,42 @@ def build_plan(config: SweepConfig) -> list[Step]:
             baseline = add(Step(f"baseline_loss {r}", "baseline_loss", dict(p.get("baseline_loss", {})), {"masks_run_id": masks.name}, ratio))
         for k in config.seeds:
             if baseline is not None:
-                trained = add(Step(named(f"train_masks {r}", k), "train_masks", params_of("train_masks", k), {"baseline_run_id": baseline.name}, ratio, "masked"))
+                trained = add(Step(named(f"train_masks {r}", k), "train_masks", params_of("train_masks", k), {"baseline_run_id": baseline.name}, ratio, "masked", k))
                 score(trained, "masked", ratio, f"{r} (masked)", k)
-                tuned = add(Step(named(f"finetune {r} (from masked)", k), "finetune", params_of("finetune", k), {"masks_run_id": trained.name}, ratio, "finetuned"))
+                tuned = add(Step(named(f"finetune {r} (from masked)", k), "finetune", params_of("finetune", k), {"masks_run_id": trained.name}, ratio, "finetuned", k))
                 score(tuned, "finetuned", ratio, f"{r} (finetuned)", k)
             if config.mask_training in ("false", "both"):
-                plain = add(Step(named(f"finetune {r} (from pruned)", k), "finetune", params_of("finetune", k), {"masks_run_id": masks.name}, ratio, "finetuned_no_mask_training"))
+                plain = add(Step(named(f"finetune {r} (from pruned)", k), "finetune", params_of("finetune", k), {"masks_run_id": masks.name}, ratio, "finetuned_no_mask_training", k))
                 score(plain, "finetuned_no_mask_training", ratio, f"{r} (finetuned, no mask training)", k)
+    add(speed_step(plan, p.get("speed", {})))
     return plan
+
+
+#: ``<param>[<i>]`` in a step's needs: the i-th run ID of a comma-separated list parameter.
+_LISTED = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
+def speed_step(plan: list[Step], params: Mapping[str, str]) -> Step:
+    """The side-by-side timing of every model the plan makes against the dense one, once they exist.
+
+    Replicates of an arm share its architecture and sparsity, so only the first replicate's models
+    are timed: the others would cost the same again and measure the same kernels.
+    """
+    models = [s for s in plan if s.variant and s.stage in ("prune", "train_masks", "finetune")]
+    first = min(s.replicate for s in models)
+    models = [s for s in models if s.replicate == first]
+    dense = next(s.name for s in models if s.variant == "dense")
+    needs = {"dense": dense, **{f"model_run_ids[{i}]": s.name for i, s in enumerate(m for m in models if m.name != dense)}}
+    return Step("speed", "speed", dict(params), needs)
+
+
+def join_listed(params: Mapping[str, str]) -> dict[str, str]:
+    """``{"ids[0]": a, "ids[1]": b}`` -> ``{"ids": "a,b"}`` (other keys as they are)."""
+    joined: dict[str, str] = {k: v for k, v in params.items() if not _LISTED.match(k)}
+    listed = sorted((m.group(1), int(m.group(2)), v) for k, v in params.items() if (m := _LISTED.match(k)))
+    for name, _, value in listed:
+        joined[name] = f"{joined[name]},{value}" if name in joined else value
+    return joined
 
 
 # --- parameters and the cache key ------------------------------------------------------------------
@@ -1227,7 +1261,7 @@ def run_plan(
         log.info("running %s", launch.describe())
 
     def start(step: Step, slot: int, done: Mapping[str, StageOutcome]) -> StageOutcome:
-        params = {**step.params, **{param: done[needed].run_id for param, needed in step.needs.items()}}
+        params = join_listed({**step.params, **{param: done[needed].run_id for param, needed in step.needs.items()}})
         tags = {VARIANT_TAG: step.variant} if step.variant else {}
         log.info("[%d/%d] %s", position[step.name], len(plan), step.name)
         demo = find_demo_model(experiment_id) if step.name == DEMO_MODEL_STEP and not step.params else None

@@ -67,7 +67,9 @@ DEFAULT_MAX_IMAGE_STEPS = 6400
 #: The version tag recording a version's ``max_image_steps``.
 MAX_IMAGE_STEPS_TAG = "max_image_steps"
 #: ``model_config`` of a registered model; override at load with ``mlflow.pyfunc.load_model(uri, model_config=...)``.
-DEFAULT_MODEL_CONFIG = {"batch_size": 64, "device": "auto", "max_image_steps": DEFAULT_MAX_IMAGE_STEPS}
+DEFAULT_MODEL_CONFIG = {"batch_size": 64, "device": "auto", "max_image_steps": DEFAULT_MAX_IMAGE_STEPS, "kernel": "dense"}
+#: The version tag recording the kernel the served model runs with (``promote --kernel``, :mod:`maskdm.speed`).
+KERNEL_TAG = "kernel"
 #: The version tag that names the finetune run a version holds (the idempotency key).
 FINETUNE_RUN_TAG = "finetune_run_id"
 RESERVED_ALIASES = ("latest",)
@@ -179,7 +181,9 @@ def check_budget(requests: Sequence[GenerationRequest], max_image_steps: int, nu
     return total
 
 
-def generate(ddpm, requests: Sequence[GenerationRequest], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+def generate(
+    ddpm, requests: Sequence[GenerationRequest], batch_size: int = 64, device: str = "cpu", mixed_precision: str = "no"
+) -> np.ndarray:
     """The images of all requests as one uint8 NHWC array, in request order."""
     from maskdm.sampling import sample_images
 
@@ -188,7 +192,7 @@ def generate(ddpm, requests: Sequence[GenerationRequest], batch_size: int = 64, 
             ddpm.unet, ddpm.scheduler.config, range(r.num_images),
             steps=r.ddim_steps, seed=r.seed, batch_size=min(batch_size, r.num_images), device=device,
             clip_sample=False,  # as the sample stage's default (the original DDIM code never clips x0)
-            codec=ddpm.codec,
+            codec=ddpm.codec, mixed_precision=mixed_precision,
         )
         for r in requests
     ]
@@ -229,6 +233,14 @@ class DDPMImageGenerator(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config["batch_size"])
         self.device = resolve_device(str(config["device"]))
         self.max_image_steps = check_max_image_steps(config["max_image_steps"])
+        self.kernel = str(config["kernel"])
+        self.mixed_precision = "no"
+        if self.kernel != "dense":
+            from maskdm.speed import prepare_kernel
+
+            # 2:4 layers compressed once at load (bf16, on the GPU; one line where there is none).
+            prepare_kernel(self.ddpm.unet, self.kernel, self.device, "auto")
+            self.mixed_precision = "bf16"
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         # Checked before any work: a refused request costs the server nothing.
@@ -237,7 +249,7 @@ class DDPMImageGenerator(mlflow.pyfunc.PythonModel):
             check_budget(requests, self.max_image_steps, int(self.ddpm.scheduler.config.num_train_timesteps))
         except MaskDMError as exc:
             raise BadRequest(str(exc)) from None
-        return generate(self.ddpm, requests, self.batch_size, self.device)
+        return generate(self.ddpm, requests, self.batch_size, self.device, self.mixed_precision)
 
 
 def generation_signature(height: int, width: int, channels: int):
@@ -267,7 +279,9 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-def log_pyfunc_model(pipeline_dir: str | os.PathLike, name: str = "model", max_image_steps: int = DEFAULT_MAX_IMAGE_STEPS):
+def log_pyfunc_model(
+    pipeline_dir: str | os.PathLike, name: str = "model", max_image_steps: int = DEFAULT_MAX_IMAGE_STEPS, kernel: str = "dense"
+):
     """Log the pipeline folder as a pyfunc image generator in the active run; returns the ModelInfo.
 
     The logged copy of the folder stores its weights sparse (:func:`maskdm.sparse_storage.pack_pipeline_copy`);
@@ -293,7 +307,7 @@ def log_pyfunc_model(pipeline_dir: str | os.PathLike, name: str = "model", max_i
             signature=generation_signature(height, width, channels),
             input_example=input_example(),
             pip_requirements=pinned_requirements(),
-            model_config={**DEFAULT_MODEL_CONFIG, "max_image_steps": check_max_image_steps(max_image_steps)},
+            model_config={**DEFAULT_MODEL_CONFIG, "max_image_steps": check_max_image_steps(max_image_steps), "kernel": kernel},
         )
 
 
@@ -540,23 +554,31 @@ def find_version(registered_model: str, finetune_run_id: str):
 
 def register(
     candidate: Candidate, registered_model: str, scoring: Scoring, promote_run_id: str | None = None,
-    max_image_steps: int | None = None,
+    max_image_steps: int | None = None, kernel: str | None = None,
 ):
     """``(ModelVersion, created)``: the version holding ``candidate``, registered if there is none.
 
     An existing version gets its FID tags refreshed (a newer fid run may have scored the run) and
     nothing else: no second version, no second logged model. Needs an active run to log into.
     ``max_image_steps`` (default :data:`DEFAULT_MAX_IMAGE_STEPS`) is fixed when a version is
-    registered: given for an existing version with another cap, it is an error.
+    registered: given for an existing version with another cap, it is an error. So is ``kernel``
+    (default ``dense``; ``semi_structured``: the served model runs 2:4 layers with sparse kernels).
     """
     client = mlflow.MlflowClient()
     tags = version_tags(candidate, scoring, promote_run_id)
     existing = find_version(registered_model, candidate.run_id)
     cap = DEFAULT_MAX_IMAGE_STEPS if max_image_steps is None else check_max_image_steps(max_image_steps)
     tags[MAX_IMAGE_STEPS_TAG] = str(cap)
+    tags[KERNEL_TAG] = kernel or "dense"
     try:
         if existing is not None:
             _check_same_cap(registered_model, existing, max_image_steps)
+            held = existing.tags.get(KERNEL_TAG, "dense")
+            if kernel is not None and held != kernel:
+                raise MaskDMError(
+                    f"{registered_model} version {existing.version} holds this run with kernel={held}, fixed when it "
+                    f"was registered; kernel={kernel} would need another version: register under another name"
+                )
             metrics = {score.metric for score in candidate.fids.values()}
             fid_keys = [k for k in tags if k.split(".")[0] in metrics] + ["fid_run_id", "sample_run_id"]
             for key in fid_keys:
@@ -564,7 +586,7 @@ def register(
             return client.get_model_version(registered_model, existing.version), False
         with tempfile.TemporaryDirectory(prefix="maskdm-promote-") as tmp:
             up = get_upstream(candidate.run_id, ["finetune"], "model", "finetune_run_id")
-            info = log_pyfunc_model(up.download("model", tmp), max_image_steps=cap)
+            info = log_pyfunc_model(up.download("model", tmp), max_image_steps=cap, kernel=kernel or "dense")
         return mlflow.register_model(info.model_uri, registered_model, tags=tags), True
     except MlflowException as exc:
         raise _registry_error(exc) from None

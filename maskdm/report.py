@@ -43,6 +43,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from maskdm import speed_report
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import (  # noqa: F401 (re-exported: callers import them from here too)
     FID_DIMS, FID_FEATURES, FID_METRIC, FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG,
@@ -371,7 +372,7 @@ def replicate_table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[st
     columns += [f"{ms}_{what}_wall_s" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
     columns += ["dense_run_id", *(f"{stage}_run_id" for stage in PIPELINE_STAGES)]
     columns += [f"{ms}_{what}_run_id" for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")]
-    return columns
+    return columns + speed_report.COLUMNS
 
 
 def measure_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> dict[str, str | None]:
@@ -442,7 +443,7 @@ def build_replicate_table(runs: pd.DataFrame | None) -> pd.DataFrame:
     rows.sort(key=_sort_key)
     table = pd.DataFrame(rows, columns=replicate_table_columns([c.name for c in columns]))
     table[REPLICATE_COLUMN] = table[REPLICATE_COLUMN].astype("int64")
-    return _typed(table)
+    return speed_report.add_columns(_typed(table), records)
 
 
 def _key(anchor: RunRecord, mask_training: bool | None, records: Mapping[str, RunRecord] | None = None) -> dict:
@@ -618,6 +619,7 @@ def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, s
         ("compression", "compression_ratio"),
         ("compact ckpt (MiB)", "compact_checkpoint_bytes"),
         ("dense ckpt (MiB)", "dense_checkpoint_bytes"),
+        *speed_report.SIZE_COLUMNS,
     ]
     for name in fid_names:
         title = "FID (Inception pool3, `fid`)" if name == FID_METRIC else f"FID (`{name}`)"
@@ -625,7 +627,8 @@ def _sections(fid_names: Sequence[str]) -> Iterator[tuple[str, list[tuple[str, s
     yield "eval_loss", [(ms, f"{ms}_eval_loss") for ms in MODEL_STAGE_NAMES]
     yield "Held-out loss (train_masks' final mask)", [("masked", HELDOUT_COLUMN)]
     yield VERDICTS_SECTION, []
-    yield "Sampling speed (images/s)", [(ms, f"{ms}_images_per_s") for ms in MODEL_STAGE_NAMES]
+    # Not the sample runs' own images_per_s (each run's wall clock, whenever it ran): a side-by-side measurement.
+    yield speed_report.speed_section()
     yield "Wall time (s)", [(stage, f"{stage}_wall_s") for stage in PIPELINE_STAGES] + [
         (f"{ms} {what}", f"{ms}_{what}_wall_s") for ms in MODEL_STAGE_NAMES for what in ("sample", "fid")
     ]
