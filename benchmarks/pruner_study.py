@@ -320,8 +320,12 @@ def main() -> None:
         classifier, reference = prepare_reference(args.out, load_ddpm(model).resolution)
         common = dict(model=model, finetune_iters=args.finetune_iters, samples=args.samples, calib_samples=args.calib_samples, classifier=classifier, reference=reference)
         started, records = time.time(), []
+        if results.exists():  # resume: a job already recorded is not run again
+            records = json.loads(results.read_text())["records"]
+        done = {(r["pattern"], r["arm"], r["seed"]) for r in records}
 
         def run(jobs):
+            jobs = [j for j in jobs if (j["pattern"], j["arm"], j["seed"]) not in done]
             with mp.get_context("spawn").Pool(args.processes) as pool:
                 for record in pool.imap_unordered(run_job, jobs):
                     records.append(record)
@@ -330,20 +334,19 @@ def main() -> None:
                           f"{record['fid_shapes_finetuned']:.2f} ({record['wall_s']:.0f} s)", flush=True)
                     results.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "records": records}, indent=1))
 
-        # The slow arms first so the workers finish together.
-        first = [dict(common, pattern=p, arm=a, seed=s) for p in patterns for a in ["maskpro<-magnitude"] + pruners for s in seeds]
-        for job in first:
-            if job["arm"] == "maskpro<-magnitude":
-                job["init_pruner"] = "magnitude"
-        run(first)
         best = {}
+        # Pattern by pattern, so that a study stopped early has every arm of the patterns it reached.
         for p in patterns:
+            first = [dict(common, pattern=p, arm=a, seed=s, init_pruner="magnitude" if a == "maskpro<-magnitude" else None)
+                     for a in ["maskpro<-magnitude"] + pruners for s in seeds]  # the slow arm first: the workers finish together
+            run(first)
             # Chosen on the selection split; reported on the report split.
             best[p] = min(pruners, key=lambda a: np.mean([r["heldout_select_pruned"] for r in records if r["pattern"] == p and r["arm"] == a]))
-        run([dict(common, pattern=p, arm="maskpro<-best", init_pruner=best[p], seed=s) for p in patterns for s in seeds])
+            run([dict(common, pattern=p, arm="maskpro<-best", init_pruner=best[p], seed=s) for s in seeds])
         elapsed = time.time() - started
         header_path.write_text(
-            f"# Pruner study: {len(records)} runs in {elapsed / 60:.1f} min wall on {os.cpu_count()} cores ({platform.machine()}), "
+            f"# Pruner study: {len(records)} runs, {sum(r['wall_s'] for r in records) / 60 / args.processes:.0f} min wall "
+            f"(the last invocation: {elapsed / 60:.1f} min) on {os.cpu_count()} cores ({platform.machine()}), "
             f"{args.processes} worker(s) x 1 thread\n\n`python benchmarks/pruner_study.py {' '.join(sys.argv[1:])}`\n\n"
             f"Best one-shot pruner per pattern (selection split, held-out loss before finetune): "
             + ", ".join(f"{p}: {b}" for p, b in best.items())
