@@ -153,6 +153,10 @@ def test_replicate_zero_is_todays_plan_and_replicate_k_offsets_only_its_seeds(ti
     several = plan("0,1,2", sets=["sample.seed=7"])
     by_name = {s.name: s for s in several}
     for name, step in single.items():
+        if step.stage == "speed":  # once per sweep, timing the first replicate's models
+            first = {param: need if need in by_name else f"{need} #0" for param, need in step.needs.items()}
+            assert by_name[name].needs == first and by_name[name].params == step.params
+            continue
         if step.stage in ("pretrain", "prune", "extract_masks", "baseline_loss"):
             assert by_name[name].params == step.params and by_name[name].needs == step.needs  # shared, once
             continue
@@ -168,7 +172,7 @@ def test_replicate_zero_is_todays_plan_and_replicate_k_offsets_only_its_seeds(ti
                 assert replicate.params == expected, replicate.name
                 if step.stage in ("train_masks", "finetune"):
                     assert replicate_of(step.stage, replicate.params) == k  # the tag the run will carry
-    assert len(several) == len(single) + 2 * sum(s.stage not in ("prune", "extract_masks", "baseline_loss") for s in single.values())
+    assert len(several) == len(single) + 2 * sum(s.stage not in ("prune", "extract_masks", "baseline_loss", "speed") for s in single.values())
     # A replicate's steps need the same replicate's upstream steps (or the shared ones).
     for step in several:
         if step.name.endswith(" #1"):
