@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import distributed_stage, save_preview
+from entrypoints.common import PREVIEW_KEY, distributed_stage, save_preview
+from maskdm import dataset_inputs
 from maskdm.data import load_dataset
 from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
@@ -54,10 +55,18 @@ def command(**params) -> None:
             run.log_params({"params_total": count_parameters(ddpm.unet)})
             run.set_tags({"maskdm.num_processes": state.num_processes, "maskdm.fast_path": fast.describe()})
         dataset = load_dataset(params["dataset"], params["resolution"], split="train")
+        if run is not None:
+            dataset_inputs.log_dataset(params["dataset"], "train", dataset_inputs.TRAINING, params["resolution"], dataset)
 
         def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
             run.log_artifact_now(path, f"checkpoints/{path.name}")
+            # The EMA model's samples at this step: the run page's slider shows the model learning.
+            preview = path.parent / f"preview-{step}.png"
+            save_preview(ema, preview)
+            run.log_image(preview, PREVIEW_KEY, step)
+            previewed.add(step)
 
+        previewed: set[int] = set()
         with tempfile.TemporaryDirectory() as checkpoints:
             result = train_ddpm(
                 ddpm, dataset, config, checkpoint_dir=Path(checkpoints),
@@ -65,5 +74,9 @@ def command(**params) -> None:
             )
         if run is not None:
             run.log_metrics({"train_steps_per_s": result.steps_per_s})
-            run.log_model(result.ddpm, params["dataset"])
+            eval_set = load_dataset(params["dataset"], params["resolution"], split="eval")
+            dataset_inputs.log_dataset(params["dataset"], "eval", dataset_inputs.EVALUATION, params["resolution"], eval_set)
+            run.log_model(result.ddpm, eval_set)
             save_preview(result.ddpm, run.out / "preview.png")
+            if result.steps not in previewed:
+                run.log_image(run.out / "preview.png", PREVIEW_KEY, result.steps)

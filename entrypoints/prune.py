@@ -14,7 +14,8 @@ import click
 import torch
 
 from entrypoints.common import integer, number, optional, save_preview, stage
-from entrypoints.datasets import stage_dataset
+from entrypoints.datasets import log_replay_batches, stage_dataset
+from maskdm.dataset_inputs import CALIBRATION
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, prunable_modules, save_masks
 from maskdm.pruning import PruneConfig, prune, pruning_stats, summarize, write_stats
@@ -67,7 +68,8 @@ def command(**params) -> None:
         scores = None
         if config.pruner == "taylor" and prunable_modules(ddpm.unet, config.protect):  # none: prune says "nothing to prune"
             # The training split without augmentation: the replay needs the same pixels every pass.
-            batches = taylor_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run), taylor)
+            batches = taylor_batches(stage_dataset(ddpm, dataset, "train", augment=False, run=run, context=None), taylor)
+            log_replay_batches(ddpm, dataset, batches, CALIBRATION, run)
             on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             importance = taylor_scores(
                 ddpm.unet.to(on), ddpm.scheduler, prunable_modules(ddpm.unet, config.protect), batches, taylor.threshold, on,
