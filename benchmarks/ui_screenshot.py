@@ -16,6 +16,16 @@ the recipe says.
    legend must both hold groups of the two finetune arms (``finetuned`` and
    ``finetuned_no_mask_training``).
 
+3. (``--native``) MLflow's own records of the stages: the runs table with the sweep's runs
+   expanded under the driver's run, whose Dataset column must name the stages' dataset inputs ->
+   ``ui_runs_datasets.png``; a finetune run's page, whose Datasets must list its ``training`` and
+   ``evaluation`` inputs with their digests -> ``ui_finetune_run.png``; its System metrics tab ->
+   ``ui_finetune_system_metrics.png``; its Model metrics tab must hold the ``preview`` image card
+   (the grids logged per checkpoint with a step). ``--native`` alone skips steps 1-2 (any store with a
+   ``main`` sweep will do)::
+
+    python benchmarks/ui_screenshot.py --store /tmp/native-ui --native --out docs/images
+
 Setup, then the command that made docs/images/ui_arms_chart.png (and ui_arms_recipe.png, ui_runs_view.png)::
 
     apt-get install -y chromium && pip install playwright
@@ -53,6 +63,9 @@ BUILD_ARGS = [
              "sample.total_samples=128,sample.batch_size=128",
 ]
 FID_FILTER = "tags.`maskdm.stage` = 'fid'"
+FINETUNE_FILTER = "tags.`maskdm.stage` = 'finetune' and attributes.status = 'FINISHED'"
+#: Set by --native: find the experiment by its newest finetune run, and run step 3 only.
+NATIVE_ONLY = False
 GROUP_TAG = "maskdm.model_stage"
 ARM_GROUPS = ("finetuned", "finetuned_no_mask_training")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
@@ -83,6 +96,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="port of mlflow ui [default: a free one]")
     p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the server and each page element")
     p.add_argument("--debug", action="store_true", help="also save a screenshot after every step (debug-*.png in --out)")
+    p.add_argument("--native", action="store_true",
+                   help="only step 3: the Dataset column, a finetune run's datasets and system metrics")
     return p.parse_args()
 
 
@@ -111,7 +126,7 @@ def find_experiment(store: Path, ref: str | None) -> tuple[str, str]:
             raise StepFailed(f"no experiment '{ref}' in {store_uri(store)}")
         return experiment.experiment_id, experiment.name
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, FID_FILTER, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(experiments, FINETUNE_FILTER if NATIVE_ONLY else FID_FILTER, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise StepFailed(f"no fid run in {store_uri(store)}: build one with --build")
     experiment = client.get_experiment(runs[0].info.experiment_id)
@@ -301,13 +316,98 @@ def run_recipe(base: str, experiment_id: str, metric: str, out: Path, wait_ms: i
             browser.close()
 
 
+def newest_finetune(experiment_id: str) -> tuple[str, list[str]]:
+    """(run ID, its dataset input names) of the experiment's newest FINISHED finetune run."""
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient().search_runs([experiment_id], FINETUNE_FILTER, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise StepFailed(f"experiment {experiment_id} holds no FINISHED finetune run")
+    return runs[0].info.run_id, [i.dataset.name for i in runs[0].inputs.dataset_inputs]
+
+
+def run_native(base: str, experiment_id: str, out: Path, wait_ms: int) -> None:
+    """Step 3: the Dataset column of the sweep's runs, a finetune run's datasets and system metrics."""
+    from playwright.sync_api import sync_playwright
+
+    finetune_id, names = newest_finetune(experiment_id)
+    if not names:
+        raise StepFailed(f"finetune run {finetune_id} has no dataset inputs")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=BROWSER_ARGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORT)
+            page = context.new_page()
+            page.goto(f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+            page.get_by_role("button", name="Group by").wait_for(timeout=wait_ms)
+            page.wait_for_timeout(3000)
+            close_assistant(page)
+            # The sweep's stage runs are children of the driver's run, collapsed under it: expand them.
+            # (the icon-only button in the run name cell of a parent row; MLflow 3.17 gives it no label)
+            page.locator("button[data-component-id*='runnamecellrenderer']").first.wait_for(timeout=wait_ms)
+            expanders = [b for b in page.locator("button[data-component-id*='runnamecellrenderer']").all() if b.is_visible()]
+            for button in expanders:
+                button.click()
+                page.wait_for_timeout(1500)
+            snap(page, "5-runs-expanded")
+            body = page.locator("body").inner_text()
+            if "Dataset" not in body:
+                raise StepFailed("the runs table shows no Dataset column")
+            shown = sorted({n for n in names if n in body})
+            if not shown:
+                raise StepFailed(f"the runs table's Dataset column names none of the finetune run's inputs {names} "
+                                 f"({len(expanders)} parent rows expanded)")
+            page.screenshot(path=str(out / "ui_runs_datasets.png"))
+            print(f"step 3: runs table, {len(expanders)} parent rows expanded; the Dataset column shows {shown} "
+                  f"-> {out / 'ui_runs_datasets.png'}")
+
+            page.goto(f"{base}/#/experiments/{experiment_id}/runs/{finetune_id}?workflowType=machine_learning")
+            page.get_by_text(names[0]).first.wait_for(timeout=wait_ms)
+            page.wait_for_timeout(3000)
+            close_assistant(page)
+            # The Datasets field shows the first input and "+N": open the rest.
+            more = page.get_by_text(re.compile(r"^\+\d+$"))
+            if more.count():
+                more.first.click()
+                page.wait_for_timeout(2000)
+            snap(page, "6-finetune-run")
+            body = page.locator("body").inner_text()
+            missing = [n for n in names if n not in body]
+            if missing:
+                raise StepFailed(f"the finetune run's page does not list its datasets {missing}")
+            page.screenshot(path=str(out / "ui_finetune_run.png"), full_page=True)
+            print(f"step 3: finetune run {finetune_id}'s page lists {names} -> {out / 'ui_finetune_run.png'}")
+            tab = page.get_by_role("tab", name="System metrics")
+            if tab.count() == 0:
+                tab = page.get_by_text("System metrics", exact=True)
+            tab.first.click()
+            page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=wait_ms)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=wait_ms)  # the charts drawn, not their spinners
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(out / "ui_finetune_system_metrics.png"))
+            print(f"step 3: its System metrics tab -> {out / 'ui_finetune_system_metrics.png'}")
+            # The preview grids logged with mlflow.log_image(key="preview", step=...): Model metrics tab.
+            page.get_by_role("tab", name="Model metrics").or_(page.get_by_text("Model metrics", exact=True)).first.click()
+            page.wait_for_timeout(8000)
+            snap(page, "7-model-metrics")
+            if "preview" not in page.locator("body").inner_text():
+                raise StepFailed("the finetune run's Model metrics tab shows no 'preview' images")
+            # The card is there with its step slider; in headless chromium here its picture stayed
+            # grey (not resolved), so no screenshot of it is taken.
+            print("step 3: its Model metrics tab has the 'preview' image card (step slider)")
+            context.close()
+        finally:
+            browser.close()
+
+
 def main() -> int:
-    global DEBUG_DIR
+    global DEBUG_DIR, NATIVE_ONLY
     args = parse_args()
     store = Path(args.store).resolve()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     DEBUG_DIR = out if args.debug else None
+    NATIVE_ONLY = args.native
     if not shutil.which("chromium"):
         print("ui_screenshot: error: no chromium on PATH (apt-get install -y chromium)", file=sys.stderr)
         return 1
@@ -321,7 +421,9 @@ def main() -> int:
         server = start_ui(store, port, args.wait)
         try:
             print(f"mlflow ui --backend-store-uri {store_uri(store)} on port {port}; experiment '{name}' (id {experiment_id})")
-            run_recipe(f"http://127.0.0.1:{port}", experiment_id, args.metric, out, int(args.wait * 1000))
+            if not args.native:
+                run_recipe(f"http://127.0.0.1:{port}", experiment_id, args.metric, out, int(args.wait * 1000))
+            run_native(f"http://127.0.0.1:{port}", experiment_id, out, int(args.wait * 1000))
         finally:
             stop(server)
     except (StepFailed, subprocess.CalledProcessError) as exc:

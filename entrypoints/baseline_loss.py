@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from entrypoints.common import integer, optional, stage
-from entrypoints.datasets import stage_dataset
+from entrypoints.datasets import log_replay_batches, stage_dataset
+from maskdm.dataset_inputs import TRAINING
 from maskdm.errors import MaskDMError
 from maskdm.fastpath import resolve
 from maskdm.mask_policy import parse_pattern, select_targets
@@ -48,8 +49,9 @@ SUMMARY_FILE = "baseline_summary.json"
 
 def replay_dataset(ddpm, name: str, run=None):
     """The training split without augmentation (the replay needs the same pixels every pass); a
-    latent model's latents (:func:`entrypoints.datasets.stage_dataset`)."""
-    return stage_dataset(ddpm, name, "train", augment=False, run=run)
+    latent model's latents (:func:`entrypoints.datasets.stage_dataset`). Not logged as an input:
+    the stage logs the batches it takes of it (:func:`entrypoints.datasets.log_replay_batches`)."""
+    return stage_dataset(ddpm, name, "train", augment=False, run=run, context=None)
 
 
 def device() -> torch.device:
@@ -96,6 +98,7 @@ def command(masks_run_id, original_model, dataset, dataset_size, batch_size, max
         ddpm = run.load_lineage_model(optional(original_model))
         check_masks_fit(ddpm.unet, masks)
         batches = ReplayBatches(replay_dataset(ddpm, dataset_name, run), spec)
+        log_replay_batches(ddpm, dataset_name, batches, TRAINING, run)
         if group is None:
             group = auto_forward_batches(len(batches), spec.batch_size, fast)
         check_forward_batches(group, len(batches))

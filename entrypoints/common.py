@@ -148,6 +148,11 @@ def choice(name: str, value: str, choices) -> str:
     return text
 
 
+#: The image key of the sample grids pretrain and finetune log at each checkpoint
+#: (``mlflow.log_image`` with the step: the run page shows them with a slider over the steps).
+PREVIEW_KEY = "preview"
+
+
 def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: int = 0) -> None:
     """A fixed-seed DDIM sample grid: the quick look at a model that every model stage logs.
 
@@ -167,4 +172,4 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     save_grid(images, path)
 
 
-__all__ = ["StageRun", "boolean", "choice", "configure_logging", "distributed_stage", "fail", "integer", "number", "optional", "save_preview", "stage", "truth"]
+__all__ = ["PREVIEW_KEY", "StageRun", "boolean", "choice", "configure_logging", "distributed_stage", "fail", "integer", "number", "optional", "save_preview", "stage", "truth"]

@@ -5,6 +5,10 @@ pipeline with a frozen autoencoder, :mod:`maskdm.latent`) gets the latents of it
 dataset, split, resolution and autoencoder is encoded once and cached as a ``latent_cache`` run
 beside the stage run (as the FID reference statistics are), which every later stage finds again
 by its key. The stage run records the one it used in the tag ``maskdm.latent_cache.<split>``.
+
+Every dataset a stage run reads is logged on it as an MLflow dataset input with a digest of its
+contents (:mod:`maskdm.dataset_inputs`): :func:`stage_dataset` logs the split it returns, and
+:func:`log_replay_batches` the replayed batches a stage takes of one.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from maskdm import dataset_inputs
 from maskdm.data import dataset_identity, default_cache_dir, load_dataset, unflipped_split
 from maskdm.latent import LatentCodec, LatentDataset, encode_dataset
-from maskdm.tracking import SideRun, StageRun, cached_or_made, source_digest
+from maskdm.tracking import SideRun, StageRun, cached_or_made, client, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +37,50 @@ ENCODE_BATCH = 64
 ENCODE_WORKERS_ON_GPU = 4
 
 
-def stage_dataset(ddpm, name: str, split: str, augment: bool | None = None, run: StageRun | None = None):
+def stage_dataset(
+    ddpm, name: str, split: str, augment: bool | None = None, run: StageRun | None = None, context: str | None = "auto"
+):
     """``name``'s ``split`` as ``ddpm`` is trained on: images at its resolution, or its latents.
 
     ``augment`` (the training split's random flip) applies to images only: a flipped latent is
     not the latent of the flipped image, so latents are never flipped. ``run``: the stage run to
-    tag with the latent cache it read (none on the non-main processes of a multi-process stage).
+    tag with the latent cache it read and to log the dataset input on (none on the non-main
+    processes of a multi-process stage). ``context``: the input's context
+    (:data:`maskdm.dataset_inputs.CONTEXTS`); ``auto``: ``training`` for the train split,
+    ``evaluation`` for eval; None: not logged (the caller logs the part it reads,
+    :func:`log_replay_batches`).
     """
+    if context == "auto":
+        context = dataset_inputs.TRAINING if split == "train" else dataset_inputs.EVALUATION
     if not ddpm.is_latent:
-        return load_dataset(name, ddpm.resolution, split=split, augment=augment)
+        dataset = load_dataset(name, ddpm.resolution, split=split, augment=augment)
+        if run is not None and context:
+            dataset_inputs.log_dataset(name, split, context, ddpm.resolution, dataset)
+        return dataset
     dataset, cache_run = latent_dataset(ddpm.codec, name, split, ddpm.resolution)
     if run is not None:
         run.set_tags({f"{LATENT_CACHE_TAG}.{split}": cache_run})
+        if context:
+            dataset_inputs.log_latents(name, split, cache_run, latent_cache_key(cache_run), context)
     return dataset
+
+
+def latent_cache_key(cache_run: str) -> str:
+    """The key a ``latent_cache`` run was made for (the images' identity and the autoencoder's digest)."""
+    return client().get_run(cache_run).data.tags[LATENT_KEY_TAG]
+
+
+def log_replay_batches(ddpm, name: str, batches, context: str, run: StageRun | None) -> None:
+    """Log the replayed batches (:class:`maskdm.replay.ReplayBatches`) a stage read of ``name``'s
+    training split (from :func:`stage_dataset` with ``context=None``) as a dataset input."""
+    if run is None:
+        return
+    if ddpm.is_latent:
+        cache_run = client().get_run(run.run_id).data.tags[f"{LATENT_CACHE_TAG}.train"]
+        base = dataset_inputs.latents_digest(latent_cache_key(cache_run))
+    else:
+        base = dataset_inputs.dataset_digest(name, "train", ddpm.resolution, batches.dataset)
+    dataset_inputs.log_replay(name, ddpm.resolution, batches, context, base)
 
 
 def latent_key(autoencoder_digest: str, name: str, split: str, resolution: int) -> str:
@@ -88,4 +124,4 @@ def latent_dataset(codec: LatentCodec, name: str, split: str, resolution: int) -
     return LatentDataset(folder), run_id
 
 
-__all__ = ["stage_dataset", "latent_dataset", "LATENT_CACHE_STAGE"]
+__all__ = ["stage_dataset", "latent_dataset", "log_replay_batches", "LATENT_CACHE_STAGE"]

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entrypoints.common import integer, optional, stage, truth
-from maskdm import fid, npz_stream
+from maskdm import dataset_inputs, fid, npz_stream
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import SE_SUFFIX, UNKNOWN, FidProtocol
 from maskdm.report import MODEL_STAGE_TAG, model_stage_of
@@ -104,6 +104,13 @@ def command(
         given_stats = check_reference(reference, features, dims)
         samples_path = up.download(SAMPLES)
         shape, saved = read_samples_header(samples_path)
+        # The samples and the reference, as the run's dataset inputs (the UI's Dataset column).
+        dataset_inputs.log_run_file(up.run_id, SAMPLES, samples_path, f"samples:{up.run_id[:8]}", dataset_inputs.SAMPLES,
+                                    {"images": shape[0], "resolution": shape[1]})
+        if given_stats is not None:
+            dataset_inputs.log_file(reference, Path(reference).name, dataset_inputs.FID_REFERENCE)
+        else:
+            dataset_inputs.log_dataset(reference, "train", dataset_inputs.FID_REFERENCE, shape[1])
         extractor = load_extractor(features, dims, optional(weights), batch_size, device)
 
         # Chunk by chunk: memory holds one chunk of images and its features, whatever the count (and,

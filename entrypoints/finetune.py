@@ -40,7 +40,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 
-from entrypoints.common import distributed_stage, number, optional, save_preview
+from entrypoints.common import PREVIEW_KEY, distributed_stage, number, optional, save_preview
 from entrypoints.datasets import stage_dataset
 from maskdm.diffusion import eval_images, eval_loss
 from maskdm.errors import MaskDMError
@@ -245,6 +245,7 @@ def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device
         grid.parent.mkdir(exist_ok=True)
         save_preview(ema, grid)
         run.log_artifact_now(grid, "samples")
+        run.log_image(grid, PREVIEW_KEY, step)  # the run page's slider over the checkpoints
         log.info("step %d: checkpoint logged, eval_loss %.5f", step, loss)
 
     return on_checkpoint

@@ -13,8 +13,9 @@ from pathlib import Path
 import click
 import torch
 
-from entrypoints.common import distributed_stage, save_preview
+from entrypoints.common import PREVIEW_KEY, distributed_stage, save_preview
 from entrypoints.finetune import drop_logged_checkpoints, log_checkpoint
+from maskdm import dataset_inputs
 from maskdm.data import load_dataset
 from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
@@ -60,6 +61,8 @@ def command(**params) -> None:
             run.log_params({"params_total": count_parameters(ddpm.unet), "torch_threads": torch.get_num_threads()})
             run.set_tags({"maskdm.num_processes": state.num_processes, "maskdm.fast_path": fast.describe()})
         dataset = load_dataset(params["dataset"], params["resolution"], split="train")
+        if run is not None:
+            dataset_inputs.log_dataset(params["dataset"], "train", dataset_inputs.TRAINING, params["resolution"], dataset)
 
         def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
             # As finetune does: bounded in the store (room first, so never more than the limit,
@@ -69,7 +72,13 @@ def command(**params) -> None:
             drop_logged_checkpoints(run, keep=max(limit - 1, 1))
             log_checkpoint(run, path)
             drop_logged_checkpoints(run, keep=limit)
+            # The EMA model's samples at this step: the run page's slider shows the model learning.
+            preview = path.parent / f"preview-{step}.png"
+            save_preview(ema, preview)
+            run.log_image(preview, PREVIEW_KEY, step)
+            previewed.add(step)
 
+        previewed: set[int] = set()
         with tempfile.TemporaryDirectory() as checkpoints:
             result = train_ddpm(
                 ddpm, dataset, config, checkpoint_dir=Path(checkpoints),
@@ -77,5 +86,9 @@ def command(**params) -> None:
             )
         if run is not None:
             run.log_metrics({"train_steps_per_s": result.steps_per_s})
-            run.log_model(result.ddpm, params["dataset"])
+            eval_set = load_dataset(params["dataset"], params["resolution"], split="eval")
+            dataset_inputs.log_dataset(params["dataset"], "eval", dataset_inputs.EVALUATION, params["resolution"], eval_set)
+            run.log_model(result.ddpm, eval_set)
             save_preview(result.ddpm, run.out / "preview.png")
+            if result.steps not in previewed:
+                run.log_image(run.out / "preview.png", PREVIEW_KEY, result.steps)

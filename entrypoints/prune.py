@@ -19,7 +19,8 @@ import click
 import torch
 
 from entrypoints.common import integer, number, optional, save_preview, stage
-from entrypoints.datasets import stage_dataset
+from entrypoints.datasets import log_replay_batches, stage_dataset
+from maskdm.dataset_inputs import CALIBRATION
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, save_masks
 from maskdm.oneshot import CalibConfig
@@ -97,12 +98,15 @@ def command(**params) -> None:
         train_images = None
         if config.pruner in DATA_PRUNERS:
             # The training split without augmentation: the replay needs the same pixels every pass.
-            train_images = stage_dataset(ddpm, dataset, "train", augment=False, run=run)
+            # Logged as the replayed batches the pruner measured on, not as the whole split.
+            train_images = stage_dataset(ddpm, dataset, "train", augment=False, run=run, context=None)
         on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         outcome = run_pruner(ddpm.unet, ddpm.scheduler, config, train_images, taylor, calib, on)
         result, recorded, calibration = outcome.result, outcome.scores, outcome.calibration
         if outcome.metrics:
             run.log_metrics(outcome.metrics)
+        if outcome.batches is not None:
+            log_replay_batches(ddpm, dataset, outcome.batches, CALIBRATION, run)
         apply_pruning(ddpm.unet, result.masks)
         stats = pruning_stats(ddpm.unet, result)
         if calibration is not None:

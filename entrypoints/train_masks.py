@@ -28,7 +28,8 @@ import torch
 
 from entrypoints.baseline_loss import FAST_PATH_TAG, LOSSES_FILE, MASKS_FILE, SUMMARY_FILE, device, replay_dataset
 from entrypoints.common import boolean, choice, integer, number, optional, stage
-from entrypoints.datasets import stage_dataset
+from entrypoints.datasets import log_replay_batches, stage_dataset
+from maskdm.dataset_inputs import HELDOUT, TRAINING
 from maskdm.errors import MaskDMError
 from maskdm.fastpath import resolve_channels_last, resolve_compile, resolve_mixed_precision
 from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, score_logits, select_targets
@@ -38,6 +39,7 @@ from maskdm.maskpro import (
     TrainConfig,
     auto_eval_every,
     planned_updates,
+    plot_layer_flips,
     plot_training_curves,
     save_logits,
 )
@@ -158,6 +160,9 @@ def command(
             if not heldout_images:
                 log.warning("no held-out scoring: only %d images lie outside the training subset", left)
         held = heldout_batches(images, spec, heldout_images) if heldout_images else None
+        log_replay_batches(ddpm, replay["dataset"], batches, TRAINING, run)
+        if held:
+            log_replay_batches(ddpm, replay["dataset"], held, HELDOUT, run)
 
         held_images = len(held) * spec.batch_size if held else 0
         if every is None:
@@ -183,12 +188,16 @@ def command(
             len(policy.names), trainer.total_updates(), config.samples, config.accumulation, spec.batch_size, on,
             fast.describe(), group, len(held) if held else 0, trainer.eval_every or "-",
         )
+        flip_charts = FlipCharts(run, trainer, masks, trainer.total_updates())
+
+        def on_heldout(point) -> None:
+            run.log_metrics({"heldout_loss": point.loss}, step=point.step)
+            flip_charts.maybe(point.step)
+
         started = time.perf_counter()
-        trainer.run(
-            on_update=lambda m: run.log_metrics(m.as_metrics(), step=m.step),
-            on_heldout=lambda h: run.log_metrics({"heldout_loss": h.loss}, step=h.step),
-        )
+        trainer.run(on_update=lambda m: run.log_metrics(m.as_metrics(), step=m.step), on_heldout=on_heldout)
         run.log_metrics({"train_wall_s": time.perf_counter() - started})
+        flip_charts.maybe(trainer.state.updates, final=True)
         log.info("mask work %.1f%%, held-out scoring %.1f%% of the time (forward passes %.1f s, masks %.1f s, held-out %.1f s)",
                  100 * trainer.timings.mask_share, 100 * trainer.timings.heldout_share, trainer.timings.forward_s,
                  trainer.timings.mask_s, trainer.timings.heldout_s)
@@ -227,6 +236,31 @@ def pruner_logits(masks_run, masks, names, pattern, temperature):
     scores, meta = load_scores(prune_run.download(SCORES_FILE))
     log.info("init=pruner: logits from prune run %s's %s scores (chosen per %s)", prune_run_id, meta.get("pruner"), meta["selection"])
     return score_logits(scores, masks, names, pattern, temperature, meta["selection"], meta.get("pruner", "the pruner"))
+
+
+#: At most about this many layer-flip charts per run (one per held-out score, thinned out).
+MAX_FLIP_CHARTS = 50
+FLIP_CHART_KEY = "mask_flips"
+
+
+class FlipCharts:
+    """The per-layer flips of the final mask vs the initial one, logged as the image ``mask_flips``
+    at held-out scoring steps (at most about :data:`MAX_FLIP_CHARTS`) and at the end, so the
+    run page's slider shows where mask learning changes the network as it trains."""
+
+    def __init__(self, run, trainer, initial, total_updates: int):
+        self.run, self.trainer, self.initial = run, trainer, initial
+        self.every = max(1, total_updates // MAX_FLIP_CHARTS)
+        self.last: int | None = None
+
+    def maybe(self, step: int, final: bool = False) -> None:
+        if step == self.last or (not final and self.last is not None and step - self.last < self.every):
+            return
+        self.last = step
+        path = self.run.out.parent / f"{self.run.out.name}-flips.png"  # not under out/: an image, not an artifact file
+        plot_layer_flips(self.initial, self.trainer.final_masks(), path, step)
+        self.run.log_image(path, FLIP_CHART_KEY, step)
+        path.unlink(missing_ok=True)
 
 
 def given_fast_path(mixed_precision: str, channels_last: str, compile_unet: str) -> dict[str, str | None]:

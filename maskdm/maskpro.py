@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -531,6 +532,38 @@ def plot_training_curves(
     plt.close(fig)
 
 
+def layer_flip_rates(initial: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer, the share of its mask entries that differ from the initial mask."""
+    return {name: float((current[name].cpu() != mask.cpu()).float().mean()) for name, mask in initial.items()}
+
+
+def plot_layer_flips(
+    initial: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], path: str | os.PathLike, step: int
+) -> Path:
+    """A bar per masked layer: the share of its weights whose mask the learned (final) mask flipped
+    against the initial one, at update ``step``. Logged at each step, it shows where mask
+    learning changes the network as it trains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = layer_flip_rates(initial, current)
+    names = list(rates)
+    total = sum(int((current[n].cpu() != initial[n].cpu()).sum()) for n in names)
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.22 * len(names)))
+    ax.barh(range(len(names)), [100 * rates[n] for n in names], color="tab:orange")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()  # the network's order from the top
+    ax.set_xlabel("mask entries flipped vs the initial mask (%)")
+    ax.set_title(f"update {step}: {total} flips in all")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 __all__ = [
     "BernoulliPolicy",
     "DELTA_DECAY",
@@ -575,6 +608,8 @@ __all__ = [
     "nm_score",
     "parse_pattern",
     "planned_updates",
+    "layer_flip_rates",
+    "plot_layer_flips",
     "plot_training_curves",
     "replay_model",
     "replay_settings",

@@ -19,6 +19,7 @@ from torch import nn
 from maskdm.masks import prunable_modules
 from maskdm.oneshot import ONESHOT_PRUNERS, CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
 from maskdm.pruning import PruneConfig, PruneResult, compute_masks, selection_of
+from maskdm.replay import ReplayBatches
 from maskdm.taylor import TaylorConfig, taylor_batches, taylor_scores
 
 #: Pruners that measure on training images.
@@ -36,6 +37,8 @@ class PrunerOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     #: How wanda/sparsegpt calibrated (pruning_stats.json's ``calibration``); None for the others.
     calibration: dict | None = None
+    #: The replayed training images the data-driven pruners measured on (None for the others).
+    batches: ReplayBatches | None = None
 
 
 def run_pruner(
@@ -52,19 +55,19 @@ def run_pruner(
     without augmentation, needed by the data-driven pruners."""
     taylor, calib = taylor or TaylorConfig(seed=config.seed), calib or CalibConfig(seed=config.seed)
     modules = prunable_modules(unet, config.protect)  # none: compute_masks says "nothing to prune"
-    scores, metrics, calibration = None, {}, None
+    scores, metrics, calibration, batches = None, {}, None, None
     if config.pruner in DATA_PRUNERS and modules:
         if train_images is None:
             raise ValueError(f"pruner={config.pruner} needs train_images")  # the stage checks the dataset first
         unet.to(device)
         try:
             if config.pruner == "taylor":
-                importance = taylor_scores(unet, scheduler, modules, taylor_batches(train_images, taylor), taylor.threshold, device)
+                batches = taylor_batches(train_images, taylor)
+                importance = taylor_scores(unet, scheduler, modules, batches, taylor.threshold, device)
                 scores, metrics = importance.scores, importance.metrics()
             else:
-                samples = calibration_samples(
-                    calibration_batches(train_images, calib), int(scheduler.config.num_train_timesteps), calib
-                )
+                batches = calibration_batches(train_images, calib)
+                samples = calibration_samples(batches, int(scheduler.config.num_train_timesteps), calib)
                 calibration = {**calib.to_dict(), "calib_forward_samples": int(samples.images.shape[0])}
                 if config.pruner == "wanda":
                     scores = wanda_scores(unet, scheduler, modules, samples, calib.batch_size, device)
@@ -72,10 +75,10 @@ def run_pruner(
                     done = sparsegpt_prune(unet, scheduler, modules, samples, config, calib, device, progress=progress)
                     metrics = {"sparsegpt_passes": done.passes, "sparsegpt_dead_inputs": done.dead_inputs}
                     calibration.update(metrics)
-                    return PrunerOutcome(done.result, done.scores, selection_of(config, calib.blocksize), metrics, calibration)
+                    return PrunerOutcome(done.result, done.scores, selection_of(config, calib.blocksize), metrics, calibration, batches)
         finally:
             unet.to("cpu")
     result = compute_masks(unet, config, scores)
     if config.pruner == "magnitude":
         scores = {n: m.weight.detach().abs() for n, m in modules.items()}
-    return PrunerOutcome(result, scores, selection_of(config, calib.blocksize), metrics, calibration)
+    return PrunerOutcome(result, scores, selection_of(config, calib.blocksize), metrics, calibration, batches)

@@ -547,10 +547,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8) -> Path:
-    """Save uint8 NHWC images as one PNG grid (``nrow`` images per row, 2-pixel padding)."""
+#: Grids show each image at least this many pixels high and wide: a 16-pixel sample is a dot in
+#: the MLflow UI's image viewer.
+GRID_MIN_SIZE = 64
+
+
+def grid_scale(height: int, width: int, min_size: int = GRID_MIN_SIZE) -> int:
+    """The integer factor that makes an image of ``height`` x ``width`` at least ``min_size`` both ways."""
+    return max(1, -(-int(min_size) // max(1, min(int(height), int(width)))))
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8, min_size: int = GRID_MIN_SIZE) -> Path:
+    """Save uint8 NHWC images as one PNG grid (``nrow`` images per row, 2-pixel padding).
+
+    Images smaller than ``min_size`` are enlarged by an integer factor, nearest neighbour (each
+    pixel a square block: nothing is smoothed or invented); the samples themselves are not changed.
+    """
     if len(images) == 0:
         raise ValueError("no images to put in a grid")
+    scale = grid_scale(images.shape[1], images.shape[2], min_size)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=nrow)
     path = Path(path)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

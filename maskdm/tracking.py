@@ -439,6 +439,16 @@ class StageRun:
         else:
             mlflow.log_artifact(str(local_path), artifact_path)
 
+    def log_image(self, image, key: str, step: int) -> None:
+        """Log a picture (a PNG path, PIL image or uint8 array) under ``key`` at ``step``: the run
+        page's Images panel shows each key with a slider over the steps."""
+        if isinstance(image, (str, os.PathLike)):
+            from PIL import Image
+
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        mlflow.log_image(image, key=key, step=int(step), synchronous=True)
+
     def delete_artifacts(self, artifact_path: str) -> None:
         """Delete a logged artifact (file or folder) of this run: bounded checkpoints.
 
@@ -533,6 +543,30 @@ def _param_str(value: object) -> str:
     return str(value)
 
 
+#: Stages long enough for MLflow's system metrics (``system/cpu_utilization_percentage``, memory,
+#: GPU utilisation and memory where NVIDIA's management library is installed) to show something.
+SYSTEM_METRICS_STAGES = ("pretrain", "baseline_loss", "train_masks", "finetune", "sample", "fid")
+#: ``false`` turns the system metrics of the stages above off for a run, ``true`` on for any stage.
+SYSTEM_METRICS_ENV = "MASKDM_SYSTEM_METRICS"
+#: Seconds between samples unless ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` says otherwise: MLflow's
+#: default; its cost is below what can be measured (benchmarks/bench_system_metrics.py).
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def system_metrics_on(stage: str) -> bool:
+    """Whether ``stage``'s run logs MLflow's system metrics (:data:`SYSTEM_METRICS_ENV`)."""
+    value = os.environ.get(SYSTEM_METRICS_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        on = stage in SYSTEM_METRICS_STAGES
+    elif value in ("true", "1", "yes", "false", "0", "no"):
+        on = value in ("true", "1", "yes")
+    else:
+        raise MaskDMError(f"{SYSTEM_METRICS_ENV} must be true, false or auto, not '{value}'")
+    if on and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    return on
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, object]):
     """Open (or, under ``mlflow run``, continue) the run of ``stage``; end it FINISHED or FAILED.
@@ -540,7 +574,7 @@ def stage_run(stage: str, params: Mapping[str, object]):
     On success the files under ``run.out`` are logged as artifacts; on any exception nothing more
     is logged, the run is marked FAILED (KILLED for Ctrl-C) and the exception propagates.
     """
-    active = mlflow.start_run()
+    active = mlflow.start_run(log_system_metrics=system_metrics_on(stage))
     run = StageRun(stage, active)
     mark_model_training(active.info.experiment_id)
     heartbeat = _heartbeat(run.run_id)

@@ -113,7 +113,9 @@ def test_sample_through_mlflow_run(model_run, new_sample_run):
     assert np.abs(images.astype(int) - clipped.astype(int)).max() > 10
 
     grid = np.asarray(Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="grid.png")))
-    assert grid.shape == (2 + 18, 2 + 5 * 18, 3)  # 5 images of 16 px in one row of 8, 2 px padding
+    # 5 images of 16 px, enlarged 4x to 64 px, in one row of 8, 2 px padding
+    assert grid.shape == (2 + 66, 2 + 5 * 66, 3)
+    assert (grid[2:66, 2:66] == images[0].repeat(4, axis=0).repeat(4, axis=1)).all()
     pngs = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="pngs"))
     assert sorted(p.name for p in pngs.iterdir()) == [f"{i:06d}.png" for i in range(5)]
     assert (np.asarray(Image.open(pngs / "000004.png")) == images[4]).all()

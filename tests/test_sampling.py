@@ -283,11 +283,17 @@ def test_to_uint8_maps_minus_one_to_one_onto_0_255():
 def test_save_grid_and_pngs(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(10, 6, 5, 3), dtype=np.uint8)
-    grid = np.asarray(Image.open(save_grid(images, tmp_path / "grid.png", nrow=4)))
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "grid.png", nrow=4, min_size=0)))
     # 4 columns x 3 rows of 5x6 tiles with 2-pixel padding.
     assert grid.shape == (3 * 8 + 2, 4 * 7 + 2, 3)
     assert (grid[2:8, 2:7] == images[0]).all()
     assert (grid[10:16, 2 + 7 : 7 + 7] == images[5]).all()
+
+    # Enlarged to at least 64 px per image by an integer factor (13: 5 px -> 65), each pixel a block.
+    big = np.asarray(Image.open(save_grid(images, tmp_path / "big.png", nrow=4)))
+    assert big.shape == (3 * (78 + 2) + 2, 4 * (65 + 2) + 2, 3)
+    assert (big[2:80, 2:67] == images[0].repeat(13, axis=0).repeat(13, axis=1)).all()
+    assert (big[2 + 80 : 80 + 80, 2 + 67 : 67 + 67] == images[5].repeat(13, axis=0).repeat(13, axis=1)).all()
 
     folder = save_pngs(images[:3], tmp_path / "pngs", indices=[10, 11, 12])
     assert sorted(p.name for p in folder.iterdir()) == ["000010.png", "000011.png", "000012.png"]
