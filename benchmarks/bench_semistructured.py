@@ -34,43 +34,12 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from maskdm.masks import maskable_modules
 from maskdm.models import build_unet
 from maskdm.pruning import PruneConfig, prune
-
-
-class SparseLinear(nn.Module):
-    """``nn.Linear`` with its weight in a (semi-structured) sparse format; any leading input dims."""
-
-    def __init__(self, linear: nn.Linear, to_sparse: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.weight = nn.Parameter(to_sparse(linear.weight.detach()), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = F.linear(x.reshape(-1, shape[-1]), self.weight, self.bias)
-        return out.reshape(*shape[:-1], self.out_features)
-
-
-class SparseConv1x1(nn.Module):
-    """A 1x1 convolution (stride 1, no padding) as NHWC pixels x its (out, in) weight."""
-
-    def __init__(self, conv: nn.Conv2d, to_sparse: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.out_channels = conv.out_channels
-        self.weight = nn.Parameter(to_sparse(conv.weight.detach().reshape(conv.out_channels, conv.in_channels)), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # free for a channels_last x
-        out = F.linear(pixels, self.weight, self.bias)
-        return out.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+from maskdm.speed import SemiStructuredConv1x1, SemiStructuredLinear  # the speed stage's own layers
 
 
 def is_1x1(module: nn.Module) -> bool:
@@ -100,7 +69,7 @@ def swap_layers(unet: nn.Module, to_sparse: Callable[[torch.Tensor], torch.Tenso
             continue
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        new = SparseLinear(module, to_sparse) if isinstance(module, nn.Linear) else SparseConv1x1(module, to_sparse)
+        new = SemiStructuredLinear(module, to_sparse) if isinstance(module, nn.Linear) else SemiStructuredConv1x1(module, to_sparse)
         setattr(parent, child, new)
         swapped[name] = kind_of(name, module)
     return swapped

@@ -448,46 +448,13 @@ def magnitude_logits(
     mask must be a magnitude mask of ``weights``: a kept weight smaller than a pruned one in the
     same layer (or group) is an error.
     """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise MaskDMError(f"temperature must be a positive number, not {temperature}")
-    nm = parse_pattern(pattern) if isinstance(pattern, str) else pattern
-    out = {}
-    for name in trainable_layers(masks, names, nm):
-        if name not in weights:
-            raise MaskDMError(f"init=magnitude: the model has no weight for the masked layer '{name}'")
-        magnitude = weights[name].detach().abs().to(torch.float64).cpu()
-        kept = masks[name].to(torch.bool).cpu()
-        if magnitude.shape != kept.shape:
-            raise MaskDMError(f"init=magnitude: the weight of '{name}' has shape {tuple(magnitude.shape)}, its mask {tuple(kept.shape)}")
-        log_magnitude = magnitude.clamp_min(_TINY).log()
-        if nm is None:
-            logits = _threshold_logits(name, magnitude, log_magnitude, kept, temperature)
-        else:
-            rows, kept_rows = magnitude.reshape(-1, nm.m), kept.reshape(-1, nm.m)
-            smallest_kept = rows.masked_fill(~kept_rows, math.inf).amin(1)
-            largest_pruned = rows.masked_fill(kept_rows, -math.inf).amax(1)
-            _check_magnitude_order(name, float((largest_pruned - smallest_kept).max()))
-            log_rows = log_magnitude.reshape(-1, nm.m)
-            logits = ((log_rows - log_rows.amax(1, keepdim=True)) / temperature).reshape(kept.shape)
-        out[name] = logits.clamp(-LOGIT_CAP, LOGIT_CAP).to(torch.float32)
-    return out
-
-
-def _threshold_logits(name, magnitude, log_magnitude, kept, temperature) -> torch.Tensor:
-    if bool(kept.all()) or not bool(kept.any()):
-        return torch.where(kept, LOGIT_CAP, -LOGIT_CAP).to(torch.float64)
-    smallest_kept, largest_pruned = float(magnitude[kept].min()), float(magnitude[~kept].max())
-    _check_magnitude_order(name, largest_pruned - smallest_kept)
-    threshold = 0.5 * (math.log(max(smallest_kept, _TINY)) + math.log(max(largest_pruned, _TINY)))
-    return (log_magnitude - threshold) / temperature
-
-
-def _check_magnitude_order(name: str, excess: float) -> None:
-    if excess > 0:
-        raise MaskDMError(
-            f"init=magnitude: the initial mask of '{name}' is not a magnitude mask of the original weights (a pruned "
-            f"weight is larger than a kept one by {excess:.3g}); use init=constant"
-        )
+    missing = [name for name in trainable_layers(masks, names, parse_pattern(pattern) if isinstance(pattern, str) else pattern)
+               if name not in weights]
+    if missing:
+        raise MaskDMError(f"init=magnitude: the model has no weight for the masked layer '{missing[0]}'")
+    # The magnitude pruner compares |w| within each layer (or N:M group): its scores, thresholded there.
+    scores = {name: w.detach().abs() for name, w in weights.items()}
+    return score_logits(scores, masks, names, pattern, temperature, "layer", pruner="magnitude")
 
 
 def score_logits(
@@ -571,7 +538,9 @@ def _check_score_order(name: str, pruner: str, score: torch.Tensor, kept: torch.
     largest_pruned = score.masked_fill(kept, -math.inf).amax(-1)
     excess = float((largest_pruned - smallest_kept).max())
     if excess > 0:
+        option, chosen = ("init=magnitude", "a magnitude mask of the original weights") if pruner == "magnitude" else (
+            "init=pruner", f"the one {pruner}'s recorded scores chose")
         raise MaskDMError(
-            f"init=pruner: the initial mask of '{name}' is not the one {pruner}'s recorded scores chose (a pruned weight "
-            f"scores higher than a kept one by {excess:.3g}); use init=constant"
+            f"{option}: the initial mask of '{name}' is not {chosen} (a pruned weight scores higher than a kept one by "
+            f"{excess:.3g}); use init=constant"
         )
