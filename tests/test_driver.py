@@ -5,8 +5,9 @@ Two kinds of test:
   whose entry points are shell one-liners, so caching, parenting, resume and lineage wiring are
   checked without starting torch;
 - end-to-end ones run ``maskdm main`` on the real stages with a 16x16 model and tiny step counts:
-  rerun idempotency, a SIGKILL mid-finetune followed by the same command, and two drivers at once
-  against a real ``mlflow server``. Each starts dozens of Python processes, so they take minutes
+  rerun idempotency, a SIGKILL mid-finetune followed by the same command, a chaos sweep (seven
+  SIGKILLs at seeded moments, mid-upload and mid-rotation included, then a table equal to the
+  undisturbed one) and four drivers at once against a real ``mlflow server``. Each starts dozens of Python processes, so they take minutes
   on a loaded 2-core machine; ``-m "not e2e"`` skips them.
 """
 
@@ -920,6 +921,15 @@ def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undistu
     # an old one without ema.json beside a complete newer one. The finished finetune continued.
     finetunes = [r for r in runs if r.data.tags.get("maskdm.stage") == "finetune"]
     assert len(finetunes) >= 3
+
+    def logged(run_id: str, folder: str) -> set[str]:
+        return {Path(f.path).name for f in client.list_artifacts(run_id, f"checkpoints/{folder}")}
+
+    left = {r.info.run_id: (logged(r.info.run_id, "checkpoint-2"), logged(r.info.run_id, "checkpoint-4")) for r in finetunes}
+    # Killed mid-upload: part of checkpoint-2 logged, its ema.json not, nothing newer.
+    assert any(two and CHECKPOINT_DONE not in two and not four for two, four in left.values()), left
+    # Killed mid-rotation: checkpoint-2's ema.json deleted, its other files not yet; checkpoint-4 complete.
+    assert any(two and CHECKPOINT_DONE not in two and CHECKPOINT_DONE in four for two, four in left.values()), left
     finetune_step = next(s.name for s in plan if s.stage == "finetune")
     finished = client.get_run(step_runs[finetune_step])
     assert finished.data.params.get("resume_run_id") in {r.info.run_id for r in finetunes}

@@ -5,6 +5,8 @@
   plan in order;
 - the options (``parallel``, ``gpus``, ``threads``, ``backend``, ``backend_config``);
 - a cluster backend: what reaches ``mlflow.projects.run`` (monkeypatched) and the tags on its run;
+  MLflow's own kubernetes backend without a cluster: a pending pod's run keeps no driver process and
+  a driver rerun waits for it;
 - the real local backend on a stand-in project whose stages record their environment: the GPU and
   thread variables each stage process saw, and lineage and the cache under ``parallel`` 2;
 - end to end (``e2e``): a tiny sweep run sequentially and with ``--parallel 2`` in two stores gives

@@ -26,12 +26,14 @@ if _SPEC:
 
     def _hook(event: str, args: tuple) -> None:
         if _KIND == "upload" and event in ("os.rename", "os.replace") and len(args) > 1:
-            if f"/checkpoints/{_TARGET}/" in str(args[1]).replace(os.sep, "/"):
+            # In the artifact store (a local store's <run>/artifacts/), not the stage's own
+            # checkpoint folder, whose files are also written by renames.
+            if f"/artifacts/checkpoints/{_TARGET}/" in str(args[1]).replace(os.sep, "/"):
                 _published[0] += 1
                 if _published[0] == 2:
                     _freeze()
         elif _KIND == "rotation" and event == "shutil.rmtree" and args:
-            if str(args[0]).replace(os.sep, "/").rstrip("/").endswith(f"/checkpoints/{_TARGET}"):
+            if str(args[0]).replace(os.sep, "/").rstrip("/").endswith(f"/artifacts/checkpoints/{_TARGET}"):
                 _freeze()
 
     sys.addaudithook(_hook)
