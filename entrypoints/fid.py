@@ -127,9 +127,14 @@ def command(
             # A file is named by its content: the same statistics under another path compare.
             reference_part = f"sha256:{fid.weights_digest(stats_path)}"
         else:
-            reference_stats, tags["maskdm.fid_reference_run"] = dataset_statistics(reference, shape[1], extractor)
+            from maskdm.data import dataset_identity
+
+            # An image folder by its contents (read once here), not its path: the same images
+            # elsewhere compare, and images changed in place make new statistics and a new protocol.
+            identity = dataset_identity(reference, contents=True)
+            reference_stats, tags["maskdm.fid_reference_run"] = dataset_statistics(reference, shape[1], extractor, identity)
             tags["maskdm.fid_reference"] = reference
-            reference_part = f"{reference}:train"
+            reference_part = f"{identity}:train"
         value = fid.fid_from_stats(*sample_stats, *reference_stats)
         se = None
         if kept is not None:
@@ -352,12 +357,28 @@ def is_stats_file(reference: str) -> bool:
     return reference.lower().endswith(".npz") or Path(reference).expanduser().is_file()
 
 
-def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> tuple[tuple[np.ndarray, np.ndarray], str]:
-    """(mu, sigma) of a dataset's training images under ``extractor``, and the ``fid_reference`` run caching them."""
+def reference_statistics_key(identity: str, resolution: int, extractor: "Extractor") -> str:
+    """The ``fid_reference`` cache key: the dataset's identity (an image folder's contents), the
+    features, and what turned images into them: the preprocessing (:func:`maskdm.fid.preprocessing_identity`)
+    and the code that reads, decodes and scores the images (maskdm.fid, maskdm.data)."""
+    return fid.reference_key(
+        identity, resolution, extractor.dims, extractor.digest, extractor.name,
+        preprocessing=fid.preprocessing_identity(resolution),
+        code=source_digest("maskdm.fid", "maskdm.data"),
+    )
+
+
+def dataset_statistics(
+    dataset: str, resolution: int, extractor: Extractor, identity: str | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """(mu, sigma) of a dataset's training images under ``extractor``, and the ``fid_reference`` run caching them.
+
+    ``identity``: :func:`maskdm.data.dataset_identity` of ``dataset`` with ``contents=True``, when
+    the caller has it already (it reads every image file)."""
     from maskdm.data import dataset_identity
 
-    # An image folder by path and listing: images added or replaced make new statistics.
-    key = fid.reference_key(dataset_identity(dataset), resolution, extractor.dims, extractor.digest, extractor.name)
+    identity = identity or dataset_identity(dataset, contents=True)
+    key = reference_statistics_key(identity, resolution, extractor)
 
     def score(work: Path) -> SideRun:
         from maskdm.data import load_dataset
@@ -367,7 +388,8 @@ def dataset_statistics(dataset: str, resolution: int, extractor: Extractor) -> t
         chunks = progress(fid.dataset_uint8_chunks(train, batch_size=CHUNK_IMAGES), len(train), "reference features")
         *stats, count = fid.streamed_statistics(chunks, extractor.features)
         params = {"dataset": dataset, "resolution": resolution, "features": extractor.name, "dims": extractor.dims,
-                  "weights_digest": extractor.digest}
+                  "weights_digest": extractor.digest, "dataset_identity": identity,
+                  "preprocessing": fid.preprocessing_identity(resolution)}
         return SideRun(params, {"num_images": count}, [fid.save_stats(work / REFERENCE_STATS, *stats)])
 
     run_id, path = cached_or_made("fid_reference", REFERENCE_KEY_TAG, key, REFERENCE_STATS, score)

@@ -981,12 +981,61 @@ def _submit_and_wait(stage, step, passed, run_id, experiment_id, project_dir, en
     return time.perf_counter() - wall_start, cpu_s
 
 
+#: On a stage run a cluster backend made: the backend, and the job it runs as (kubernetes:
+#: ``<namespace>/<job name>``; databricks: its run ID), for people and for a rerun of the driver.
+LAUNCHED_ON_TAG = "maskdm.launched_on"
+BACKEND_JOB_TAG = "maskdm.backend_job"
+#: Seconds between looks at the store while a rerun waits for a run a cluster still holds.
+REMOTE_POLL_S = 30.0
+
+
+def _backend_job(submitted) -> str:
+    """What the cluster calls the submitted stage (MLflow's SubmittedRun attributes; empty if unknown)."""
+    if getattr(submitted, "_job_name", None):
+        return f"{getattr(submitted, '_job_namespace', '')}/{submitted._job_name}"
+    return str(getattr(submitted, "_databricks_run_id", "") or "")
+
+
+def _wait_for_remote_run(step, experiment_id, key, backend) -> str | None:
+    """A RUNNING run of this step that a cluster backend holds (launched by an earlier driver, its
+    pod perhaps still pending): wait until it ends; its ID if it ended FINISHED, else None.
+
+    Such a run records no process here (the driver records what it launched, not itself), so no
+    driver can prove it dead: starting the step again would run it twice. ``maskdm reap --run_id
+    <id> --stale_after <s>`` ends one whose job is gone for good.
+    """
+    from mlflow.entities import RunStatus
+
+    from maskdm.tracking import running_runs
+
+    held = running_runs([experiment_id], f"tags.`{CACHE_KEY_TAG}` = '{key}' and tags.`{LAUNCHED_ON_TAG}` = '{backend}'")
+    if not held:
+        return None
+    run_id = held[0].info.run_id
+    log.info("%s: run %s is still held by backend %s (job %s); waiting for it instead of starting the step again",
+             step, run_id, backend, held[0].data.tags.get(BACKEND_JOB_TAG) or "unknown")
+    while not RunStatus.is_terminated(RunStatus.from_string(status := _client().get_run(run_id).info.status)):
+        time.sleep(REMOTE_POLL_S)
+    return run_id if status == "FINISHED" else None
+
+
 def _run_on_backend(stage, step, passed, tags, experiment_id, project_dir, launch: Launch, resumed_from) -> StageOutcome:
     """Run a stage on a cluster backend. Such a backend makes the run itself (mlflow passes a given
-    run ID to the local backend only), so the driver's tags go on it as soon as it exists."""
+    run ID to the local backend only), so the driver's tags go on it as soon as it exists.
+
+    The run records what was launched (backend and job), never the driver's process: the stage's
+    process is elsewhere (or not started: a pending pod), so the driver's death says nothing about
+    it, and a rerun waits for such a run instead of ending it and running the step twice.
+    """
     import mlflow
 
+    from maskdm.liveness import PROCESS_TAGS
+
     wall_start = time.perf_counter()
+    held = _wait_for_remote_run(step, experiment_id, tags[CACHE_KEY_TAG], launch.backend)
+    if held:
+        _client().set_tag(held, f"{USED_BY_TAG_PREFIX}{tags[PARENT_RUN_TAG]}", "true")
+        return StageOutcome(step, stage, held, reused=True)
     try:
         submitted = mlflow.projects.run(
             uri=str(project_dir), entry_point=stage, parameters=passed, experiment_id=experiment_id,
@@ -996,7 +1045,9 @@ def _run_on_backend(stage, step, passed, tags, experiment_id, project_dir, launc
         raise MaskDMError(f"backend {launch.backend} could not start stage {stage} ({step}): {' '.join(str(exc).split())}") from None
     run_id = submitted.run_id
     client = _client()
-    for key, value in tags.items():
+    launched = {k: v for k, v in tags.items() if k not in PROCESS_TAGS}
+    launched.update({LAUNCHED_ON_TAG: launch.backend, BACKEND_JOB_TAG: _backend_job(submitted)})
+    for key, value in launched.items():
         client.set_tag(run_id, key, value)
     log.info("%s: running as run %s on backend %s", step, run_id, launch.backend)
     _SUBMITTED.add(run_id, submitted)

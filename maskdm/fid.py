@@ -482,9 +482,40 @@ def load_reference_stats(path: str | os.PathLike, dims: int) -> tuple[np.ndarray
 # --- reference statistics of a dataset ----------------------------------------------------------
 
 
-def reference_key(dataset: str, resolution: int, dims: int, weights_digest: str, features: str = "inception") -> str:
-    """What identifies a dataset's reference statistics: reuse them only when all of this matches."""
-    return f"dataset={dataset};resolution={resolution};features={features};dims={dims};weights={weights_digest}"
+def reference_key(
+    dataset: str, resolution: int, dims: int, weights_digest: str, features: str = "inception",
+    preprocessing: str = "", code: str = "",
+) -> str:
+    """What identifies a dataset's reference statistics: reuse them only when all of this matches.
+
+    ``dataset``: its identity (an image folder by its contents, :func:`maskdm.data.dataset_identity`);
+    ``preprocessing``: :func:`preprocessing_identity`; ``code``: a digest of the code that made them.
+    """
+    return (f"dataset={dataset};resolution={resolution};features={features};dims={dims};weights={weights_digest};"
+            f"preprocessing={preprocessing};code={code}")
+
+
+#: The libraries between an image file and its features: decoding (Pillow), resizing and cropping
+#: (torchvision), the feature network (pytorch-fid's InceptionV3, run by torch).
+PREPROCESSING_PACKAGES = ("pytorch-fid", "torchvision", "Pillow", "torch", "numpy")
+
+
+def preprocessing_identity(resolution: int) -> str:
+    """A digest of how a dataset's images become the network's input: the reference transform
+    (resize, crop, no flip; its settings as torchvision prints them) and the versions of
+    :data:`PREPROCESSING_PACKAGES`. Statistics made under another of either are made again."""
+    from importlib import metadata
+
+    from maskdm.data import reference_transform
+
+    versions = []
+    for name in PREPROCESSING_PACKAGES:
+        try:
+            versions.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}==none")
+    text = f"{reference_transform(resolution)!r};{';'.join(versions)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 #: Images decoded to float at a time by :func:`dataset_uint8_chunks` (each rounded to uint8 at once).

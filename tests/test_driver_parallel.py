@@ -5,6 +5,8 @@
   plan in order;
 - the options (``parallel``, ``gpus``, ``threads``, ``backend``, ``backend_config``);
 - a cluster backend: what reaches ``mlflow.projects.run`` (monkeypatched) and the tags on its run;
+  MLflow's own kubernetes backend without a cluster: a pending pod's run keeps no driver process and
+  a driver rerun waits for it;
 - the real local backend on a stand-in project whose stages record their environment: the GPU and
   thread variables each stage process saw, and lineage and the cache under ``parallel`` 2;
 - end to end (``e2e``): a tiny sweep run sequentially and with ``--parallel 2`` in two stores gives
@@ -317,6 +319,135 @@ def test_a_cluster_backend_gets_its_config_and_its_run_gets_the_drivers_tags(fak
         # The cache works as on the local backend: the same stage again is the same run.
         again = driver.run_stage("prune", {"pruning_ratio": "0.5"}, **kwargs)
         assert again.reused and again.run_id == run.info.run_id and len(calls) == 1
+
+
+class FakeBatchApi:
+    """The Kubernetes BatchV1Api calls MLflow's kubernetes backend makes: a Job is created and stays
+    pending (no start time) until the test completes it."""
+
+    jobs: dict[str, dict] = {}
+    complete: set[str] = set()
+
+    def create_namespaced_job(self, namespace, body, pretty=True):
+        FakeBatchApi.jobs[f"{namespace}/{body['metadata']['name']}"] = body
+
+    def read_namespaced_job_status(self, name, namespace, pretty=True):
+        from types import SimpleNamespace
+
+        done = f"{namespace}/{name}" in FakeBatchApi.complete
+        conditions = [SimpleNamespace(status="True", type="Complete", message="done")] if done else None
+        return SimpleNamespace(status=SimpleNamespace(start_time="now" if done else None, conditions=conditions))
+
+    def delete_namespaced_job(self, **kwargs):
+        pass
+
+
+@pytest.fixture
+def kubernetes_without_a_cluster(monkeypatch):
+    """MLflow's own kubernetes backend (mlflow.projects.run's project, parameter, docker_env and
+    backend_config checks, its Job definition from the template, KubernetesSubmittedRun's polling),
+    with only what needs a cluster or a docker daemon replaced: the ``kubernetes`` client package
+    (not installed here) by :class:`FakeBatchApi`, and the image build and push."""
+    import sys
+    import types
+
+    fake = types.ModuleType("kubernetes")
+    fake.config = types.ModuleType("kubernetes.config")
+    fake.config.load_kube_config = lambda context=None: None
+    fake.config.load_incluster_config = lambda: None
+    fake.config.config_exception = types.ModuleType("kubernetes.config.config_exception")
+    fake.config.config_exception.ConfigException = type("ConfigException", (Exception,), {})
+    fake.client = types.SimpleNamespace(BatchV1Api=FakeBatchApi, V1DeleteOptions=dict)
+    for name, module in {"kubernetes": fake, "kubernetes.config": fake.config,
+                         "kubernetes.config.config_exception": fake.config.config_exception}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "mlflow.projects.kubernetes", raising=False)
+    import mlflow.projects.docker as mlflow_docker
+    import mlflow.projects.kubernetes as kb
+
+    monkeypatch.setattr(mlflow_docker, "validate_docker_installation", lambda: None)
+    monkeypatch.setattr(mlflow_docker, "build_docker_image",
+                        lambda **kwargs: types.SimpleNamespace(tags=[f"{kwargs['repository_uri']}:{kwargs['run_id'][:7]}"]))
+    monkeypatch.setattr(kb, "push_image_to_registry", lambda tag: "sha256:" + "0" * 64)
+    monkeypatch.setattr(kb.KubernetesSubmittedRun, "POLL_STATUS_INTERVAL", 0.05)
+    monkeypatch.setattr(driver, "REMOTE_POLL_S", 0.05)
+    FakeBatchApi.jobs, FakeBatchApi.complete = {}, set()
+    return FakeBatchApi
+
+
+def test_a_pending_pod_keeps_its_run_and_a_driver_rerun_waits_for_it(fake_project, parent, tmp_path, kubernetes_without_a_cluster,
+                                                                    monkeypatch):
+    """A pod still pending when its driver dies: its run records what was launched (backend, job),
+    not the driver's process, so a rerun of the driver on the same host does not end it as dead,
+    and waits for it rather than start the stage twice."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from maskdm import liveness
+
+    # MLflow's kubernetes backend runs only projects with a docker_env; a copy of the stand-in with one.
+    mlproject = (fake_project / "MLproject").read_text()
+    (fake_project / "MLproject").write_text(mlproject + "docker_env:\n  image: registry.example/maskdm-base:1\n")
+    template = tmp_path / "job.yaml"
+    template.write_text(
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: x, namespace: mlflow}\n"
+        "spec:\n  template:\n    spec:\n      containers: [{name: x, image: x}]\n      restartPolicy: Never\n"
+    )
+    config = {"repository-uri": "registry.example/maskdm", "kube-job-template-path": str(template)}
+    launch = driver.resolve_launch(parallel=1, backend="kubernetes", backend_config=json.dumps(config))
+    client = MlflowClient()
+    kwargs = dict(experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project, code_version="v1",
+                  step="prune r=0.5", launch=launch)
+
+    # The drivers here record a process that has ended (as a SIGKILLed driver's): a run carrying
+    # the driver's process would be judged dead by the rerun, ended KILLED and launched again.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead_driver = liveness.process_tags(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    assert liveness.judge(dead_driver, time.time()).dead
+    monkeypatch.setattr(liveness, "process_tags", lambda pid=None: dict(dead_driver))
+
+    first = threading.Thread(target=lambda: driver.run_stage("prune", {"pruning_ratio": "0.5"}, **kwargs), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 60
+    while not (runs := client.search_runs(["0"], f"tags.`{driver.LAUNCHED_ON_TAG}` = 'kubernetes'")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [pending] = runs
+    [job] = kubernetes_without_a_cluster.jobs
+    tags = pending.data.tags
+    # MLflow built the Job from the template, with the project's command and the run's ID.
+    body = kubernetes_without_a_cluster.jobs[job]
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "fake" and container["image"].startswith("registry.example/maskdm:")
+    assert any(e["name"] == "MLFLOW_RUN_ID" and e["value"] == pending.info.run_id for e in container["env"])
+    assert tags[driver.BACKEND_JOB_TAG] == job and tags["mlflow.project.backend"] == "kubernetes"
+    assert tags[driver.CACHE_KEY_TAG] and tags[driver.PARENT_RUN_TAG] == parent.info.run_id
+    # What was launched, never the driver's own process.
+    assert not set(liveness.PROCESS_TAGS) & set(tags), tags
+
+    # The first driver is "dead" (its thread stays blocked on the pending pod); a rerun on this
+    # host must neither end the pod's run nor launch the stage again.
+    rerun: dict = {}
+    second = threading.Thread(target=lambda: rerun.update(outcome=driver.run_stage("prune", {"pruning_ratio": "0.5"}, **kwargs)),
+                              daemon=True)
+    second.start()
+    time.sleep(1.0)
+    assert second.is_alive() and "outcome" not in rerun
+    assert client.get_run(pending.info.run_id).info.status == "RUNNING"
+    assert liveness.ENDED_BY_TAG not in client.get_run(pending.info.run_id).data.tags
+    assert len(kubernetes_without_a_cluster.jobs) == 1  # no second Job
+
+    # The pod runs and finishes (its stage ends its run FINISHED); both drivers take that run.
+    client.set_terminated(pending.info.run_id, "FINISHED")
+    kubernetes_without_a_cluster.complete.add(job)
+    second.join(30)
+    first.join(30)
+    assert rerun["outcome"].run_id == pending.info.run_id and rerun["outcome"].reused
+    assert len(kubernetes_without_a_cluster.jobs) == 1
+    assert len(client.search_runs(["0"], "tags.`maskdm.stage` = 'prune'")) == 1
 
 
 # --- the real local backend, stages that record their environment -----------------------------------

@@ -117,6 +117,8 @@ def image_folder(store) -> tuple[str, np.ndarray]:
 
 
 def test_fid_through_mlflow_run_then_reused_reference(store, image_folder):
+    from maskdm.data import dataset_identity
+
     dataset, reference_images = image_folder
     images = random_images(8, seed=1)
     sample_run = make_sample_run(images, dataset=dataset)
@@ -138,7 +140,8 @@ def test_fid_through_mlflow_run_then_reused_reference(store, image_folder):
     assert "fid" not in run.data.metrics and "fid_shapes" not in run.data.metrics
     weights = fid.weights_digest(fid.default_weights_path())
     assert protocol_of(run) == {
-        "features": "inception", "dims": "64", "samples": "8", "reference": f"{dataset}:train", "resolution": "32",
+        "features": "inception", "dims": "64", "samples": "8", "reference": f"{dataset_identity(dataset, contents=True)}:train",
+        "resolution": "32",
         "weights": weights, "sampler": "ddim", "steps": "unknown", "skip": "unknown", "eta": "unknown",
         "clip": "unknown", "seed": "unknown",
     }
@@ -220,6 +223,91 @@ def test_npz_reference_in_pytorch_fid_format(store, tmp_path):
         assert invoke(sample_run_id=sample_run, reference=reference, dims=64).exit_code == 0
         ids.append(runs_of("fid")[0].data.tags[FID_PROTOCOL_ID_TAG])
     assert ids[0] == run.data.tags[FID_PROTOCOL_ID_TAG] != ids[1]
+
+
+def _write_folder(folder: Path, images: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        # Uncompressed: the file's size depends on the image's shape only, not its pixels.
+        Image.fromarray(image).save(folder / f"{i}.png", compress_level=0)
+
+
+def test_reference_statistics_follow_the_folders_contents_not_its_listing(store, tmp_path):
+    """Images rewritten in place with the same size and modification time (a restore, ``cp -p``)
+    keep the folder's listing (path, size, mtime) but are new statistics and a new protocol; the
+    same images in another folder are the same statistics and protocol."""
+    import os
+
+    from maskdm.data import dataset_identity
+
+    before, after = random_images(4, seed=20), random_images(4, seed=21)
+    root = tmp_path / "refs"
+    _write_folder(root / "all", before)
+    dataset = f"imagefolder:{root}"
+    sample_run = make_sample_run(random_images(6, seed=22), dataset=dataset)
+    references = len(runs_of("fid_reference"))
+    assert invoke(sample_run_id=sample_run, dims=64).exit_code == 0
+    first = fid_runs_of(sample_run)[0]
+    assert len(runs_of("fid_reference")) == references + 1
+
+    listing = dataset_identity(dataset)
+    stats = {p: p.stat() for p in (root / "all").iterdir()}
+    _write_folder(root / "all", after)
+    for path, stat in stats.items():
+        assert path.stat().st_size == stat.st_size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # What keyed the statistics before: unchanged, so they would have been reused.
+    assert dataset_identity(dataset) == listing
+    assert invoke(sample_run_id=sample_run, dims=64).exit_code == 0
+    second = fid_runs_of(sample_run)[0]
+    assert len(runs_of("fid_reference")) == references + 2
+    assert second.data.tags["maskdm.fid_reference_run"] != first.data.tags["maskdm.fid_reference_run"]
+    images = random_images(6, seed=22)
+    assert second.data.metrics["fid_inception_64"] == pytest.approx(expected_fid(images, after), rel=1e-6)
+    assert first.data.metrics["fid_inception_64"] == pytest.approx(expected_fid(images, before), rel=1e-6)
+    assert protocol_of(second)["reference"] != protocol_of(first)["reference"]
+
+    # The original images again, in another folder: the first statistics and protocol.
+    moved = tmp_path / "moved"
+    _write_folder(moved / "all", before)
+    elsewhere = make_sample_run(images, dataset=f"imagefolder:{moved}")
+    assert invoke(sample_run_id=elsewhere, dims=64).exit_code == 0
+    third = fid_runs_of(elsewhere)[0]
+    assert len(runs_of("fid_reference")) == references + 2
+    assert third.data.tags["maskdm.fid_reference_run"] == first.data.tags["maskdm.fid_reference_run"]
+    assert third.data.tags[FID_PROTOCOL_ID_TAG] == first.data.tags[FID_PROTOCOL_ID_TAG]
+
+
+@pytest.mark.parametrize("change", ["transform", "pytorch-fid", "code"])
+def test_reference_statistics_made_another_way_are_not_reused(store, tmp_path, monkeypatch, change):
+    """Another resize (transform), another pytorch-fid, or other code in maskdm.fid / maskdm.data:
+    the statistics are made again, not taken from the cache."""
+    from importlib import metadata
+
+    import maskdm.data
+    from maskdm import tracking
+
+    _write_folder(tmp_path / "refs" / "all", random_images(4, seed=30))
+    sample_run = make_sample_run(random_images(5, seed=31), dataset=f"imagefolder:{tmp_path / 'refs'}")
+    assert invoke(sample_run_id=sample_run, dims=64).exit_code == 0
+    references = len(runs_of("fid_reference"))
+    assert invoke(sample_run_id=sample_run, dims=64).exit_code == 0
+    assert len(runs_of("fid_reference")) == references  # unchanged: reused
+
+    if change == "transform":
+        from torchvision import transforms
+
+        original = maskdm.data._transform
+        monkeypatch.setattr(maskdm.data, "_transform", lambda resolution, train: transforms.Compose(
+            [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.NEAREST), *original(resolution, train).transforms[1:]]))
+    elif change == "pytorch-fid":
+        version = metadata.version
+        monkeypatch.setattr(metadata, "version", lambda name: "0.0.1" if name == "pytorch-fid" else version(name))
+    else:
+        digest = tracking.source_digest
+        monkeypatch.setattr("entrypoints.fid.source_digest", lambda *modules: digest(*modules) + ("x" if "maskdm.fid" in modules else ""))
+    assert invoke(sample_run_id=sample_run, dims=64).exit_code == 0
+    assert len(runs_of("fid_reference")) == references + 1
 
 
 def test_protocol_records_the_sampling_settings(store, image_folder):
