@@ -633,6 +633,11 @@ def _config(model_dir: Path, mask_training: str = "false", extra_sets: tuple[str
                                  mask_training=mask_training, sets=[TINY_SETS, *extra_sets], seeds=seeds)
 
 
+#: Report columns (by suffix) that differ from run to run of the same sweep: run IDs, wall times,
+#: and the speed step's ratios and load times.
+TIMING_COLUMNS = ("_run_id", "_wall_s", "_images_per_s", "_speedup", "_speedup_low", "_speedup_high", "_speedup_text",
+                  "registered_load_text")
+
 #: The shared sweep's replicates: two, so its runs, cache and report are checked replicate by replicate.
 SWEEP_SEEDS = "0,1"
 
@@ -1120,7 +1125,7 @@ def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undistu
     # The table equals the undisturbed sweep's row, run IDs and timings aside.
     table, reference = _results(final), _results(sweep["first_driver"])
     reference = reference[reference["mask_training"] == False].reset_index(drop=True)  # noqa: E712
-    measured = [c for c in table.columns if not c.endswith(("_run_id", "_wall_s", "_images_per_s"))]
+    measured = [c for c in table.columns if not c.endswith(TIMING_COLUMNS)]
     assert any(c.endswith("_fid_shapes") for c in measured) and set(measured) <= set(reference.columns)
     pd.testing.assert_frame_equal(table[measured].reset_index(drop=True), reference[measured], check_exact=False, rtol=1e-6)
     (sweep["folder"] / "chaos-kills.json").write_text(json.dumps({"kills": done, "statuses": statuses}, indent=1))
@@ -1227,7 +1232,7 @@ def _check_drivers(drivers: list[str], plans: list[list], ratios: list[str]) -> 
 
     # Where the sweeps overlap, the tables agree: the same ratio's rows are equal in everything
     # measured (run IDs and timings may differ where two drivers ran a step), dense included.
-    columns = [c for c in next(iter(rows.values()))[0].index if not c.endswith(("_run_id", "_wall_s", "_images_per_s"))]
+    columns = [c for c in next(iter(rows.values()))[0].index if not c.endswith(TIMING_COLUMNS)]
     assert any(c.endswith("_fid_shapes") for c in columns)
     for ratio, found in rows.items():
         assert len(found) >= 2, ratio

@@ -28,6 +28,7 @@ from maskdm.errors import MaskDMError
 from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's tests
     E2E_TIMEOUT_S,
     FAKE_STAGES,
+    TIMING_COLUMNS,
     stand_in_project,
     _check_lineage,
     _driver_run_id,
@@ -595,10 +596,7 @@ def test_e2e_parallel_two_gives_the_sequential_results_table(code, tmp_path, mon
     assert tags["maskdm.launch"] == "up to 2 stage(s) at once, 1 CPU thread(s) per stage"
     a, b = tables
     assert list(a.columns) == list(b.columns) and len(a) == len(b) == 1
-    # Timings differ run to run: wall times, and the speed step's ratios and load times.
-    timings = ("_run_id", "_wall_s", "_images_per_s", "_speedup", "_speedup_low", "_speedup_high", "_speedup_text",
-               "registered_load_text")
-    measured = [c for c in a.columns if not c.endswith(timings)]
+    measured = [c for c in a.columns if not c.endswith(TIMING_COLUMNS)]
     scored = [c for c in measured if c.endswith("_fid_shapes") and pd.notna(a[c].iloc[0])]
     assert {"dense_fid_shapes", "pruned_fid_shapes", "finetuned_fid_shapes"} <= set(scored)
     pd.testing.assert_frame_equal(a[measured], b[measured], check_exact=True)
