@@ -850,7 +850,7 @@ def _check_replicates(plan: list, step_runs: dict[str, str], driver_run: str) ->
     for step in plan:
         run = client.get_run(step_runs[step.name])
         found = re.search(r" #(\d+)$", step.name)
-        if step.stage in ("prune", "extract_masks", "baseline_loss", "pretrain"):
+        if step.stage in ("prune", "extract_masks", "baseline_loss", "pretrain", "speed"):  # shared by the replicates
             assert not found and REPLICATE_TAG not in run.data.tags, step.name
             continue
         k = int(found.group(1))
