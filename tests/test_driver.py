@@ -1128,7 +1128,10 @@ def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undistu
     reference = reference[(reference["mask_training"] == False) & (reference["replicate"] == 0)].reset_index(drop=True)  # noqa: E712
     measured = [c for c in table.columns if not c.endswith(TIMING_COLUMNS)]
     assert any(c.endswith("_fid_shapes") for c in measured) and set(measured) <= set(reference.columns)
-    pd.testing.assert_frame_equal(table[measured].reset_index(drop=True), reference[measured], check_exact=False, rtol=1e-6)
+    # check_dtype off: the reference's columns of what only replicate 0 measured (the speed step's
+    # registered size) hold NaN for replicate 1, so they are float there and integer here.
+    pd.testing.assert_frame_equal(table[measured].reset_index(drop=True), reference[measured], check_exact=False, rtol=1e-6,
+                                  check_dtype=False)
     (sweep["folder"] / "chaos-kills.json").write_text(json.dumps({"kills": done, "statuses": statuses}, indent=1))
 
 

@@ -145,7 +145,8 @@ def test_report_columns_are_the_metrics_the_stages_log(two_protocols):
     steps3 = run_of(scores["finetune"][1]).data.tags
     steps4 = run_of(chain["steps4"][1]).data.tags
     inception = run_of(chain["inception"])
-    assert set(inception.data.metrics) == {"fid_inception_64", "num_samples"}  # 64 dims never log `fid`
+    # 64 dims never log `fid`; the run's own bootstrap SE is not an FID (no column of its own).
+    assert set(inception.data.metrics) == {"fid_inception_64", "fid_inception_64_se", "num_samples"}
     logged = {m for m in stage_metrics("fid", chain["experiment_id"]) if report.is_fid_metric(m)}
     assert logged == {"fid_shapes", "fid_inception_64"}
     names = report.table_fid_names(table)
