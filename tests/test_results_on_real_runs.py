@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import tiny_unet, tracking_store
-from maskdm import report
+from maskdm import report, speed_report
 from maskdm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX
 
@@ -243,6 +243,10 @@ def test_report_columns_are_the_metrics_the_stages_log(two_protocols):
                 check(column, float(source.data.metrics[metric]))
         for name in names:
             checked.add(f"protocol_{name}")
+        # No speed run in this store: the side-by-side speed and registered-size columns are empty
+        # (they are checked against speed runs in tests/test_speed.py).
+        for column in speed_report.COLUMNS:
+            check(column, None)
     # Every column was checked against the runs: a column added to the table must be checked here too.
     assert checked == set(table.columns), set(table.columns) - checked
     assert row_value(table, True, "finetuned_fid_shapes") == pytest.approx(
