@@ -41,7 +41,9 @@ def stage(name: str, params: Mapping[str, object]):
     """
     configure_logging()
     previous = None
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+    # Only the main thread may set handlers; a stage that set its own (sample's, which ends a
+    # multi-process job FAILED with its one line) keeps it.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with stage_run(name, params) as run:
