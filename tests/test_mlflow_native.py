@@ -58,8 +58,10 @@ def image_steps(run_id: str, key: str) -> list[int]:
 def store(tmp_path_factory, _planted_torch_home):
     root = tmp_path_factory.mktemp("native")
     patch = pytest.MonkeyPatch()
-    # Short sampling so that even seconds-long stages record system metrics.
-    patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    # Short sampling so that even seconds-long stages record system metrics: MLflow publishes a
+    # sample only after one full interval (and a run lookup), and drops what a run ending sooner
+    # collected, so under load a 0.2 s interval left a seconds-long stage without any.
+    patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
     patch.setenv("MASKDM_DATA_DIR", str(root / "data"))
     patch.setenv("TORCH_HOME", str(_planted_torch_home))
     patch.delenv("MASKDM_SYSTEM_METRICS", raising=False)
