@@ -10,12 +10,11 @@ import mlflow
 import numpy as np
 import pytest
 from inception_fixture import _planted_torch_home  # noqa: F401
-from test_fid_stage import error_lines, fid_runs_of, invoke, make_sample_run, random_images, runs_of, stats_of, store  # noqa: F401
+from test_fid_stage import assert_failed_with_one_line, fid_runs_of, invoke, make_sample_run, random_images, stats_of, store  # noqa: F401
 
 from maskdm import fid
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import is_fid_metric
-from maskdm.tracking import has_artifact
 
 
 def gaussian_features(n: int, seed: int, dims: int = 8) -> np.ndarray:
@@ -137,10 +136,4 @@ def test_stage_logs_the_se_and_the_same_fid_without_it(store, monkeypatch):
 )
 def test_bad_se_options_fail_the_run_with_one_line(store, options, message):
     result = invoke(sample_run_id=make_sample_run(random_images(3, seed=0)), dims=64, **options)
-    assert result.exit_code == 1
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    run = runs_of("fid")[0]
-    assert run.info.status == "FAILED"
-    assert not has_artifact(run.info.run_id, "sample_stats.npz")
+    assert_failed_with_one_line(result, message)

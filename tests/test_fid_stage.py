@@ -77,6 +77,17 @@ def invoke(**options):
     return CliRunner().invoke(command, args)
 
 
+def assert_failed_with_one_line(result, message: str) -> None:
+    """A bad fid input: exit 1, one `maskdm: error:` line naming ``message``, a FAILED run, no statistics."""
+    assert result.exit_code == 1
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    run = runs_of("fid")[0]
+    assert run.info.status == "FAILED"
+    assert not has_artifact(run.info.run_id, "sample_stats.npz")
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("maskdm: error:")]
 
@@ -421,10 +432,4 @@ def test_bad_input_fails_the_run_with_one_line(store, tmp_path, case, message):
         options["batch_size"] = "big"
 
     result = invoke(**options)
-    assert result.exit_code == 1
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    run = runs_of("fid")[0]
-    assert run.info.status == "FAILED"
-    assert not has_artifact(run.info.run_id, "sample_stats.npz")
+    assert_failed_with_one_line(result, message)
