@@ -541,15 +541,25 @@ def _registry_error(exc: MlflowException) -> MaskDMError:
 
 
 def find_version(registered_model: str, finetune_run_id: str):
-    """The (oldest) version of ``registered_model`` tagged with this finetune run, or None."""
-    client = mlflow.MlflowClient()
-    escaped = registered_model.replace("'", "\\'")
+    """The (oldest) version of ``registered_model`` tagged with this finetune run, or None.
+
+    The registry does the filtering (name and tag in one ``search_model_versions`` query)."""
+    query = f"name = {_filter_literal(registered_model)} and tags.`{FINETUNE_RUN_TAG}` = {_filter_literal(finetune_run_id)}"
     try:
-        versions = client.search_model_versions(f"name = '{escaped}'")
+        versions = mlflow.MlflowClient().search_model_versions(query)
     except MlflowException:
         return None
-    matches = [v for v in versions if v.tags.get(FINETUNE_RUN_TAG) == finetune_run_id]
-    return min(matches, key=lambda v: int(v.version)) if matches else None
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter. The filter grammar has no escape
+    character (``'a\\'b'`` matches nothing): a value holding one kind of quote is written in the other."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise MaskDMError(f"registered_model '{value}' holds both ' and \": the model registry cannot search for it; rename it")
 
 
 def register(

@@ -113,6 +113,31 @@ def test_register_alias_idempotent_best_and_predict(store):
     assert signature.outputs.inputs[0].shape == (-1, 16, 16, 3)
 
 
+def test_find_version_filters_in_the_registry_and_takes_names_with_quotes(store):
+    """find_version asks the registry for name and finetune tag at once. A name holding a quote
+    used to be searched as 'it\\'s' (the filter grammar has no escapes), found nothing, and a second
+    promote of the same run registered a second version."""
+    client = MlflowClient()
+    name = "it's gen"
+    client.create_registered_model(name)
+    run_id = mlflow.search_runs(search_all_experiments=True, max_results=1)["run_id"][0]
+    for finetune_run in ("run-a", "run-b", "run-a"):
+        client.create_model_version(name, "file:///nowhere", run_id=run_id, tags={registry.FINETUNE_RUN_TAG: finetune_run})
+    assert str(registry.find_version(name, "run-a").version) == "1"  # the oldest of two
+    assert str(registry.find_version(name, "run-b").version) == "2"
+    assert registry.find_version(name, "run-c") is None
+    assert registry.find_version("no such model", "run-a") is None
+    with pytest.raises(MaskDMError, match="both ' and \""):
+        registry.find_version("it's \"odd\"", "run-a")
+
+    # Promoting one run twice under a quoted name keeps one version.
+    run_03 = finetune(store, 0.3)
+    for _ in range(2):
+        code, _, err = promote("--finetune_run_id", run_03, "--registered_model", "gen's", "--metric", "fid")
+        assert code == 0, err
+    assert len(client.search_model_versions('name = "gen\'s"')) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # The alias rules
 
