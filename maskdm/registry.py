@@ -18,7 +18,9 @@ Versions are keyed by the finetune run they hold (version tag ``finetune_run_id`
 a run twice gives the same version. A promote ranks and compares by one FID metric under one FID
 protocol (:class:`Scoring`, chosen by :func:`choose_scoring`); each FID tag of a version comes with
 its protocol (``<metric>.protocol``, ``<metric>.protocol_id``), and a holder scored under another
-protocol is not compared with (:func:`protocol_conflict`). Whether the alias moves is
+protocol is not compared with (:func:`protocol_conflict`). Replicates of a sweep (``main --seeds``)
+sample with seed + k: their FIDs compare under replicate 0's protocol, as the report's columns do
+(``ModelScores.comparable``; the version's tag ``replicate`` says which one it holds). Whether the alias moves is
 :func:`decide`'s pure rule.
 """
 
@@ -431,7 +433,7 @@ def candidate(run_ref: str, metric: str = AUTO, protocol: str = AUTO) -> tuple[C
     """The finetune run ``run_ref`` as a candidate, and the FID it is judged by; one-line MaskDMErrors."""
     up = get_upstream(run_ref, ["finetune"], "model", "finetune_run_id")
     scores = fid_scores(up.run_id).get(up.run_id)
-    fids = dict(scores.fids) if scores else {}
+    fids = scores.comparable() if scores else {}
     if not fids:
         wanted = "no FID" if metric == AUTO else f"no FID '{metric}'"
         raise MaskDMError(
@@ -473,7 +475,7 @@ def best_candidate(
         score = scores.get(record.run_id)
         sparsity = record.metrics.get("sparsity")
         if score and score.fids and (min_sparsity <= 0 or (sparsity is not None and sparsity >= min_sparsity)):
-            scored.append(_candidate_of(record, dict(score.fids)))
+            scored.append(_candidate_of(record, score.comparable()))
     where = f"experiment(s) {', '.join(experiment_ids)}"
     if not scored:
         wanted = "an FID" if metric == AUTO else f"a '{metric}' FID"
@@ -522,6 +524,8 @@ def version_tags(candidate: Candidate, scoring: Scoring, promote_run_id: str | N
         "fid_run_id": chosen.fid_run_id,
         "sample_run_id": chosen.sample_run_id or "",
         "mask_training": "true" if "train_masks" in candidate.lineage else "false",
+        # A replicate-k FID is tagged with replicate 0's protocol (its seed minus k): the one it compares under.
+        "replicate": str(chosen.replicate),
     })
     if candidate.sparsity is not None:
         tags["sparsity"] = repr(candidate.sparsity)

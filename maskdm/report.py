@@ -234,6 +234,16 @@ class ModelScores:
     #: (:func:`replicate_zero_protocol`) and all replicates of one protocol share a column.
     by_replicate: Mapping[tuple[str, str, int], FidScore] = None  # type: ignore[assignment]
 
+    def comparable(self) -> dict[tuple[str, str], FidScore]:
+        """Newest value per (FID metric, replicate 0's protocol id): the model's FIDs as replicates
+        compare (a replicate-k run sampled with seed + k counts under replicate 0's protocol)."""
+        newest: dict[tuple[str, str], FidScore] = {}
+        for (metric, protocol_id, _), score in self.by_replicate.items():
+            kept = newest.setdefault((metric, protocol_id), score)
+            if score.start_time > kept.start_time:
+                newest[(metric, protocol_id)] = score
+        return newest
+
     def of_metric(self, metric: str) -> list[FidScore]:
         """The model's scores under ``metric``, one per protocol, newest first."""
         return sorted((s for (m, _), s in self.fids.items() if m == metric), key=lambda s: s.start_time, reverse=True)
@@ -313,12 +323,7 @@ def fid_columns(scores: Mapping[str, ModelScores], model_runs: Iterable[str] | N
     coverage: dict[tuple[str, str], list] = {}
     for model_run in wanted:
         # Under replicate 0's protocol (by_replicate), so a model's replicates count once.
-        per_protocol: dict[tuple[str, str], FidScore] = {}
-        for (metric, protocol_id, _), score in scores[model_run].by_replicate.items():
-            kept = per_protocol.setdefault((metric, protocol_id), score)
-            if score.start_time > kept.start_time:
-                per_protocol[(metric, protocol_id)] = score
-        for key, score in per_protocol.items():
+        for key, score in scores[model_run].comparable().items():
             entry = coverage.setdefault(key, [0, -math.inf, score.protocol])
             entry[0] += 1
             entry[1] = max(entry[1], score.start_time)

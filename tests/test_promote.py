@@ -211,6 +211,41 @@ def test_best_picks_lowest_fid_at_or_above_min_sparsity(store):
     assert by_id.run_id == finetune(store, 0.3) and scoring.metric == "fid_shapes"
 
 
+def test_replicated_finetunes_compare_under_replicate_zeros_protocol(store):
+    """After `main --seeds 0,1,2` each replicate's finetune is sampled with seed 42+k, so each has its
+    own protocol; promote compares them under replicate 0's, as the report's columns do, and finds
+    the best of all replicates (it used to stop: "FIDs of 3 protocols")."""
+    from maskdm.tracking import REPLICATE_TAG
+
+    made = store["made"][0.3]
+    fake = FakeStore(mlflow.create_experiment("replicated"), clock_ms=1_950_000_000_000)
+    runs = {}
+    for k, value in enumerate((6.0, 4.0, 5.0)):
+        tag = {REPLICATE_TAG: str(k)}
+        run = fake.make("finetune", made["train"], {"seed": str(k)}, {"sparsity": 0.3}, tags=tag,
+                        artifacts={"model": store["model_dir"]})
+        sample = fake.make("sample", run, {"model_run_id": run.run_id, "seed": str(42 + k)}, {"images_per_s": 1.0}, tags=tag)
+        fake.make("fid", sample, {"sample_run_id": sample.run_id}, {"fid_shapes": value},
+                  tags={**fake_protocol("fid_shapes", seed=42 + k).tags(), **tag})
+        runs[k] = run.run_id
+    replicate_zero = fake_protocol("fid_shapes", seed=42)
+    best, scoring = registry.best_candidate([fake.experiment_id])  # metric and protocol: auto
+    assert best.run_id == runs[1] and best.fid(scoring) == pytest.approx(4.0)
+    assert scoring.protocol_id == replicate_zero.id
+    # A replicate's run on its own is judged under replicate 0's protocol too, so it compares with
+    # a champion of another replicate.
+    one, scoring = registry.candidate(runs[2])
+    assert scoring.protocol_id == replicate_zero.id and one.fid(scoring) == pytest.approx(5.0)
+    tags = registry.version_tags(best, scoring)
+    assert tags["fid_shapes.protocol_id"] == replicate_zero.id and tags["replicate"] == "1"
+    # A protocol that differs in more than the replicate's seed offset still does not compare.
+    other = fake.make("finetune", made["train"], {"seed": "0"}, {"sparsity": 0.3}, artifacts={"model": store["model_dir"]})
+    sample = fake.make("sample", other, {"model_run_id": other.run_id, "seed": "42"}, {"images_per_s": 1.0})
+    fake.fid(sample, "fid_shapes", 3.0, samples=64)
+    with pytest.raises(MaskDMError, match="FIDs of 2 protocols"):
+        registry.best_candidate([fake.experiment_id])
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 
