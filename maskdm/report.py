@@ -47,7 +47,7 @@ from maskdm import speed_report
 from maskdm.errors import MaskDMError
 from maskdm.fid_protocol import (  # noqa: F401 (re-exported: callers import them from here too)
     FID_DIMS, FID_FEATURES, FID_METRIC, FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG,
-    PROTOCOL_PARTS, UNKNOWN, UNRECORDED, FidProtocol, describe_protocol, fid_metric_name, is_fid_metric,
+    PROTOCOL_PARTS, SE_SUFFIX, UNKNOWN, UNRECORDED, FidProtocol, describe_protocol, fid_metric_name, is_fid_metric,
 )
 from maskdm.tracking import REPLICATE_TAG, STAGE_TAG, UPSTREAM_TAG_PREFIX, lineage_stages, masks_source_of, parse_run_ref
 from maskdm.verdicts import REPLICATE_COLUMN, format_estimate, paired_differences, summarize, summary_columns
@@ -217,6 +217,7 @@ class FidScore:
     protocol: FidProtocol | None = None
     start_time: float = 0.0
     replicate: int = 0
+    se: float | None = None  # the fid run's own bootstrap standard error over its samples (``<metric>_se``)
 
     @property
     def protocol_id(self) -> str:
@@ -273,9 +274,10 @@ def collect_scores(records: Mapping[str, RunRecord]) -> dict[str, ModelScores]:
             base = replicate_zero_protocol(protocol, replicate)
             for name, value in fid_run.metrics.items():
                 if is_fid_metric(name):
-                    score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, protocol, fid_run.start_time)
+                    se = fid_run.metrics.get(name + SE_SUFFIX)
+                    score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, protocol, fid_run.start_time, se=se)
                     fids.setdefault((name, score.protocol_id), score)
-                    score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, base, fid_run.start_time, replicate)
+                    score = FidScore(value, fid_run.run_id, fid_run.upstream.get("sample"), name, base, fid_run.start_time, replicate, se)
                     by_replicate.setdefault((name, score.protocol_id, replicate), score)
         scores[model_run] = ModelScores(fids, newest_first(samples)[0], by_replicate)
     return scores
@@ -352,7 +354,8 @@ def split_fid_column(name: str) -> tuple[str, str | None]:
 
 
 def is_fid_column(name: str) -> bool:
-    return is_fid_metric(split_fid_column(name)[0])
+    """``fid``, ``fid_shapes``, ``fid@<id>``; not ``fid@<id>_bootstrap_se`` (that FID's bootstrap SE)."""
+    return is_fid_metric(split_fid_column(name)[0]) and not name.endswith(BOOTSTRAP_SE_SUFFIX)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +366,9 @@ def is_fid_column(name: str) -> bool:
 MODEL_RUN_ID_COLUMNS = {"dense": "dense_run_id", "pruned": "prune_run_id", "masked": "train_masks_run_id", "finetuned": "finetune_run_id"}
 #: The mask-trained model's loss on held-out images (train_masks' ``heldout_loss_final``).
 HELDOUT_COLUMN = "masked_heldout_loss"
+#: ``<model stage>_<FID column>`` + this: that FID's own bootstrap SE over its samples (the fid
+#: run's ``<metric>_se``), kept in the summary only where n = 1, where it is the only spread there is.
+BOOTSTRAP_SE_SUFFIX = "_bootstrap_se"
 
 
 def replicate_table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[str]:
@@ -370,6 +376,7 @@ def replicate_table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[st
     columns = [*KEY_COLUMNS, REPLICATE_COLUMN, *SIZE_COLUMNS]
     columns += [f"{ms}_{name}" for name in fid_names for ms in MODEL_STAGE_NAMES]
     columns += [f"protocol_{name}" for name in fid_names]
+    columns += [f"{ms}_{name}{BOOTSTRAP_SE_SUFFIX}" for name in fid_names for ms in MODEL_STAGE_NAMES]
     columns += [f"{ms}_eval_loss" for ms in MODEL_STAGE_NAMES]
     columns += [HELDOUT_COLUMN]
     columns += [f"{ms}_images_per_s" for ms in MODEL_STAGE_NAMES]
@@ -405,6 +412,9 @@ def summarize_table(replicates: pd.DataFrame) -> pd.DataFrame:
     """Mean, SE and n over the replicates of each row key (:func:`maskdm.verdicts.summarize`)."""
     names = table_fid_names(replicates)
     table = summarize(replicates, list(KEY_COLUMNS), measure_columns(names)).reindex(columns=table_columns(names))
+    for measure in (f"{ms}_{name}" for name in names for ms in MODEL_STAGE_NAMES):
+        # Replicate 0's bootstrap SE would pass for the spread of a mean over several: only n = 1 keeps it.
+        table[measure + BOOTSTRAP_SE_SUFFIX] = table[measure + BOOTSTRAP_SE_SUFFIX].where(table[measure + "_n"] == 1)
     return _typed(table)
 
 
@@ -553,6 +563,7 @@ def _row(
         for column in fid_columns_:
             found = fids.get((column.metric, column.protocol_id, replicate))
             row[f"{ms}_{column.name}"] = found.value if found else None
+            row[f"{ms}_{column.name}{BOOTSTRAP_SE_SUFFIX}"] = found.se if found else None
             behind = behind or found
         row[f"{ms}_eval_loss"] = record.metrics.get("eval_loss") if record else None
         if ms == "masked":
@@ -655,7 +666,7 @@ VERDICTS_NOTE = (
 def _cell(row: pd.Series, column: str) -> str:
     """A measure as ``mean ± SE (n=...)`` where the table has its ``_se`` and ``_n``; else the value."""
     if f"{column}_se" in row.index and f"{column}_n" in row.index:
-        return format_estimate(row[column], row[f"{column}_se"], row[f"{column}_n"])
+        return format_estimate(row[column], row[f"{column}_se"], row[f"{column}_n"], row.get(column + BOOTSTRAP_SE_SUFFIX))
     return _format(row[column], column)
 
 
@@ -698,7 +709,8 @@ def to_markdown(table: pd.DataFrame, title: str = "MaskDM results", verdicts: pd
     if constant:
         lines += [", ".join(f"{c}: `{_format(table[c].iloc[0], c) or '-'}`" for c in constant), ""]
     lines += ["FIDs and losses: mean ± standard error over the replicates (n = replicates measured; "
-              "SE = sample standard deviation / sqrt(n)).", ""]
+              "SE = sample standard deviation / sqrt(n)). `(n=1, bootstrap SE)`: one fid run's own standard "
+              "error over its samples, not the spread between seeds that replicates measure.", ""]
     keys = [(c, c) for c in KEY_COLUMNS if c not in constant]
     fid_titles = {f"{ms}_{name}": name for name in table_fid_names(table) for ms in MODEL_STAGE_NAMES}
     for title_, columns in _sections(table_fid_names(table)):
@@ -726,6 +738,7 @@ class CurvePoint:
     run_id: str  # the model run
     se: float | None = None  # standard error over the replicates (None: one replicate)
     n: int = 1
+    bootstrap_se: float | None = None  # with one replicate: its fid run's bootstrap SE over the samples
 
 
 def table_fid_names(table: pd.DataFrame) -> list[str]:
@@ -782,8 +795,10 @@ def fid_curves(table: pd.DataFrame, metric: str = FID_METRIC) -> dict[str, list[
                 sparsity = float(sparsity) if _present(sparsity) else float(ratio)
                 se = row.get(f"{ms}_{metric}_se")
                 n = row.get(f"{ms}_{metric}_n")
+                boot = row.get(f"{ms}_{metric}{BOOTSTRAP_SE_SUFFIX}")
                 curves[label].setdefault(run_id, CurvePoint(
-                    float(ratio), sparsity, float(value), run_id, float(se) if _present(se) else None, int(n) if _present(n) else 1))
+                    float(ratio), sparsity, float(value), run_id, float(se) if _present(se) else None, int(n) if _present(n) else 1,
+                    float(boot) if _present(boot) else None))
                 order.setdefault(label, MODEL_STAGE_NAMES.index(ms))
     labels = sorted(curves, key=lambda label: (order[label], label))
     return {label: sorted(curves[label].values(), key=lambda p: p.pruning_ratio) for label in labels}
@@ -809,8 +824,9 @@ def plot_fid_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike, metric: s
     axes = figure.add_subplot()
     curves = fid_curves(table, metric)
     for label, points in curves.items():
-        # Error bars: +-1 standard error of the mean over the replicates (none with one replicate).
-        errors = [p.se if p.se is not None else 0.0 for p in points]
+        # Error bars: +-1 standard error of the mean over the replicates; with one replicate, its
+        # fid run's bootstrap SE over the samples (what that run can say of its own noise).
+        errors = [p.se if p.se is not None else p.bootstrap_se or 0.0 for p in points]
         line = axes.errorbar([p.sparsity for p in points], [p.fid for p in points], yerr=errors, marker="o", capsize=3,
                              label=label)[0]
         if label.startswith("dense"):
@@ -824,8 +840,13 @@ def plot_fid_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike, metric: s
     axes.set_xlabel("sparsity (share of prunable weights removed)")
     axes.set_ylabel(metric if metric != FID_METRIC else "FID (Inception)")
     replicates = max((p.n for points in curves.values() for p in points), default=1)
-    axes.set_title(f"{metric} vs sparsity: mean ± 1 SE over replicates (up to n={replicates})" if replicates > 1
-                   else f"{metric} vs sparsity (one replicate: no error bars)", fontsize="medium")
+    bootstrap = any(p.n == 1 and p.se is None and p.bootstrap_se is not None for points in curves.values() for p in points)
+    if replicates > 1:
+        title = f"{metric} vs sparsity: mean ± 1 SE over replicates (up to n={replicates})"
+        title += "\n(n=1 points: bootstrap SE over the samples)" if bootstrap else ""
+    else:
+        title = f"{metric} vs sparsity, one replicate: " + ("± 1 bootstrap SE over the samples" if bootstrap else "no error bars")
+    axes.set_title(title, fontsize="medium")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path = Path(path)

@@ -172,13 +172,16 @@ def paired_differences(
     return table
 
 
-def format_estimate(mean: float, se: float, n: int, digits: str = ".4g") -> str:
-    """``12.3 ± 0.45 (n=3)``; ``12.3 (n=1)``; empty when nothing was measured."""
+def format_estimate(mean: float, se: float, n: int, bootstrap_se: float | None = None, digits: str = ".4g") -> str:
+    """``12.3 ± 0.45 (n=3)``; ``12.3 (n=1)``, or ``12.3 ± 0.24 (n=1, bootstrap SE)`` with the one
+    run's own bootstrap SE; empty when nothing was measured."""
     if not n or mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
     text = _number(mean, digits)
     if n >= 2 and se is not None and not np.isnan(se):
-        text += f" ± {_number(se, digits)}"
+        return f"{text} ± {_number(se, digits)} (n={int(n)})"
+    if n == 1 and bootstrap_se is not None and not pd.isna(bootstrap_se):
+        return f"{text} ± {_number(bootstrap_se, digits)} (n=1, bootstrap SE)"
     return f"{text} (n={int(n)})"
 
 

@@ -533,7 +533,7 @@ def test_replicates_give_mean_se_n_and_paired_verdicts(store_uri, tmp_path):
     def scored(model: Made, value: float, k: int) -> Made:
         tag = {REPLICATE_TAG: str(k)}
         sample = store.make("sample", model, {"model_run_id": model.run_id, "seed": str(42 + k)}, {"images_per_s": 9.0}, tags=tag)
-        return store.make("fid", sample, {"sample_run_id": sample.run_id}, {"fid_shapes": value},
+        return store.make("fid", sample, {"sample_run_id": sample.run_id}, {"fid_shapes": value, "fid_shapes_se": 0.25 + k / 100},
                           tags={**fake_protocol("fid_shapes", seed=42 + k).tags(), **tag})
 
     learned, plain, heldout = [5.0, 5.5, 4.8], [7.0, 7.9, 6.5], [0.30, 0.33, 0.31]
@@ -579,3 +579,14 @@ def test_replicates_give_mean_se_n_and_paired_verdicts(store_uri, tmp_path):
     series = report.ui_series(table)
     assert series["fid_shapes_se_by_ratio/finetuned"][50] == pytest.approx(row["finetuned_fid_shapes_se"])
     assert series["fid_shapes_by_ratio/finetuned"][50] == pytest.approx(row["finetuned_fid_shapes"])
+
+    # Each replicate's fid run's own bootstrap SE is in replicates.csv; a mean over three keeps none
+    # (replicate 0's would pass for the spread of the mean), one replicate shows its own.
+    assert sorted(replicates["finetuned_fid_shapes_bootstrap_se"]) == pytest.approx([0.25, 0.25, 0.26, 0.26, 0.27, 0.27])
+    assert pd.isna(row["finetuned_fid_shapes_bootstrap_se"])
+    one = report.summarize_table(replicates[replicates["replicate"] == 0].reset_index(drop=True))
+    assert row_of(one, 0.5, True)["finetuned_fid_shapes_bootstrap_se"] == pytest.approx(0.25)
+    (tmp_path / "one").mkdir()
+    markdown = report.write_table_report(one, tmp_path / "one", "T", replicates=replicates).markdown.read_text()
+    assert f"{learned[0]:.4g} ± 0.25 (n=1, bootstrap SE)" in markdown
+    assert "0.3 (n=1)" in markdown  # eval_loss has no bootstrap SE: the value alone

@@ -236,11 +236,14 @@ def test_report_columns_are_the_metrics_the_stages_log(two_protocols):
                     found = [f for f in fid_runs_of_model(model_run) if metric in f.data.metrics
                              and f.data.tags[report.FID_PROTOCOL_ID_TAG] == (protocol_id or table_protocol_id(table, name))]
                     assert not found, column
+                    check(column + report.BOOTSTRAP_SE_SUFFIX, None)
                     checked.add(column)
                     continue
                 (source,) = [f for f in fid_runs_of_model(model_run) if metric in f.data.metrics
                              and f.data.tags[report.FID_PROTOCOL_ID_TAG] == (protocol_id or table_protocol_id(table, name))]
                 check(column, float(source.data.metrics[metric]))
+                # One replicate: the fid run's own bootstrap SE stands beside its FID.
+                check(column + report.BOOTSTRAP_SE_SUFFIX, source.data.metrics.get(metric + "_se"))
         for name in names:
             checked.add(f"protocol_{name}")
         # No speed run in this store: the side-by-side speed and registered-size columns are empty
@@ -249,6 +252,7 @@ def test_report_columns_are_the_metrics_the_stages_log(two_protocols):
             check(column, None)
     # Every column was checked against the runs: a column added to the table must be checked here too.
     assert checked == set(table.columns), set(table.columns) - checked
+    assert table[[c for c in table.columns if c.endswith(report.BOOTSTRAP_SE_SUFFIX)]].notna().any().any()
     assert row_value(table, True, "finetuned_fid_shapes") == pytest.approx(
         run_of(scores["finetune"][1]).data.metrics["fid_shapes"])
     assert row_value(table, True, f"finetuned_fid_shapes@{steps4[report.FID_PROTOCOL_ID_TAG]}") == pytest.approx(

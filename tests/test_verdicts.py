@@ -101,4 +101,6 @@ def test_each_pruner_against_magnitude_per_arm():
 def test_format_estimate():
     assert verdicts.format_estimate(12.345, 0.4567, 3) == "12.35 ± 0.4567 (n=3)"
     assert verdicts.format_estimate(12.345, float("nan"), 1) == "12.35 (n=1)"
+    assert verdicts.format_estimate(12.345, float("nan"), 1, 0.25) == "12.35 ± 0.25 (n=1, bootstrap SE)"
+    assert verdicts.format_estimate(12.345, 0.4567, 3, 0.25) == "12.35 ± 0.4567 (n=3)"  # replicates' SE wins
     assert verdicts.format_estimate(float("nan"), float("nan"), 0) == ""
