@@ -23,7 +23,9 @@ learning rate and EMA; dropout: the model's own), and scored by
   halves (selection: images 0-999, report: 1000-1999), each batch with its own fixed timesteps and
   noise, the same for every arm (so arms are compared on identical draws);
 * ``fid_shapes`` of ``--samples`` DDIM samples (10 uniform steps, eta 0, seed 42 + replicate)
-  against the shapes training set, as the ``fid`` stage scores the demo.
+  against the shapes training set, as the ``fid`` stage scores the demo, except that x0 is clipped
+  (the scheduler's own ``clip_sample``; the sample stage's default is not to clip), so the values
+  compare among the study's arms, not with a demo table's.
 
 What a replicate seed changes: the calibration images and draws of the data-driven pruners
 (taylor, wanda, sparsegpt), mask training's subset, draws and mask samples, the finetune's data
