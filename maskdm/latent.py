@@ -36,6 +36,13 @@ LABELS_FILE = "labels.npy"
 DECODE_BATCH = 16
 
 
+def downsampling_factor(block_out_channels) -> int:
+    """How much a UNet (or an autoencoder's encoder) with these levels shrinks its input: 2 per level after the first.
+
+    Here, not in :mod:`maskdm.models`, which imports this module: the import runs one way only."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 class LatentCodec:
     """Images in [-1, 1] <-> scaled latents, through a frozen diffusers ``VQModel``."""
 
@@ -49,8 +56,6 @@ class LatentCodec:
     @property
     def factor(self) -> int:
         """How much smaller a latent is than its image: 2 per encoder level after the first."""
-        from maskdm.models import downsampling_factor
-
         return downsampling_factor(self.vqvae.config.block_out_channels)
 
     @property

@@ -22,6 +22,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel, VQModel
 
 from maskdm.errors import MaskDMError
+from maskdm.latent import LatentCodec, downsampling_factor  # noqa: F401 (downsampling_factor: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,6 @@ ARCHS: dict[str, dict] = {
 #: The resolution each architecture was made for (``pretrain``'s default for it); any other
 #: multiple of its downsampling factor works too.
 ARCH_RESOLUTIONS = {"tiny": 16, "ddpm-cifar10": 32, "ddpm-64": 64, "ddpm-256": 256}
-
-
-def downsampling_factor(block_out_channels) -> int:
-    """How much a UNet (or an autoencoder's encoder) with these levels shrinks its input: 2 per level after the first."""
-    return 2 ** (len(block_out_channels) - 1)
 
 
 def check_resolution(resolution: int, block_out_channels, what: str) -> None:
@@ -179,8 +175,6 @@ class DDPM:
         """The :class:`maskdm.latent.LatentCodec` of a latent model, else ``None`` (the UNet works on pixels)."""
         if self.vqvae is None:
             return None
-        from maskdm.latent import LatentCodec
-
         return LatentCodec(self.vqvae)
 
     @property
