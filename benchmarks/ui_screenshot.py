@@ -21,7 +21,8 @@ the recipe says.
    ``ui_runs_datasets.png``; a finetune run's page, whose Datasets must list its ``training`` and
    ``evaluation`` inputs with their digests -> ``ui_finetune_run.png``; its System metrics tab ->
    ``ui_finetune_system_metrics.png``; its Model metrics tab must hold the ``preview`` image card
-   (the grids logged per checkpoint with a step). ``--native`` alone skips steps 1-2 (any store with a
+   (the grids logged per checkpoint with a step), its picture loaded in the card's full-screen view,
+   with the step slider -> ``ui_finetune_previews.png``. ``--native`` alone skips steps 1-2 (any store with a
    ``main`` sweep will do)::
 
     python benchmarks/ui_screenshot.py --store /tmp/native-ui --native --out docs/images
@@ -392,9 +393,21 @@ def run_native(base: str, experiment_id: str, out: Path, wait_ms: int) -> None:
             snap(page, "7-model-metrics")
             if "preview" not in page.locator("body").inner_text():
                 raise StepFailed("the finetune run's Model metrics tab shows no 'preview' images")
-            # The card is there with its step slider; in headless chromium here its picture stayed
-            # grey (not resolved), so no screenshot of it is taken.
-            print("step 3: its Model metrics tab has the 'preview' image card (step slider)")
+            # In the card MLflow 3.17 draws the grid at the foot of a box taller than the card (it
+            # shows grey): open the card's full-screen view, in a window tall enough to hold it.
+            card = page.get_by_text("preview", exact=True).first.locator("xpath=ancestor::div[3]")
+            page.set_viewport_size({"width": 1400, "height": 1500})
+            card.scroll_into_view_if_needed()
+            [b for b in card.locator("button").all() if b.is_visible()][0].click()  # its expand icon
+            try:
+                page.wait_for_function(
+                    "Array.from(document.images).some(i => i.src.includes('preview') && i.complete && i.naturalWidth > 0)",
+                    timeout=wait_ms)
+            except Exception:
+                raise StepFailed("the finetune run's 'preview' image card never loaded its picture") from None
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(out / "ui_finetune_previews.png"))
+            print(f"step 3: its Model metrics tab shows the 'preview' grids with a step slider -> {out / 'ui_finetune_previews.png'}")
             context.close()
         finally:
             browser.close()
