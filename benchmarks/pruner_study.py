@@ -57,7 +57,7 @@ from maskdm.verdicts import verdict
 
 ONE_SHOT = ("magnitude", "taylor", "wanda", "sparsegpt")
 PROTECT = "conv_in,conv_out,time_emb,class_emb"  # the demo preset's
-#: train_masks as the demo preset runs it (maskdm/driver.py DEMO).
+#: train_masks as the demo preset runs it (maskdm/driver/presets.py DEMO).
 MASKPRO = dict(lr=0.05, logits=5.0, max_step=150, accumulation=2, temperature=0.05, samples=1, reward_baseline="delta", normalize=True)
 #: Calibration / mask-training subset (train split), as the demo's baseline_loss: 1,024 images in batches of 32.
 SUBSET, BATCH = 1024, 32

@@ -1,4 +1,4 @@
-"""main: the pruning-ratio sweep, every stage a cached child MLflow Project run (see maskdm/driver.py)."""
+"""main: the pruning-ratio sweep, every stage a cached child MLflow Project run (see maskdm/driver/)."""
 
 from __future__ import annotations
 

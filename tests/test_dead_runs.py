@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from maskdm import driver, liveness
+from maskdm.errors import MaskDMError
 from maskdm.tracking import STAGE_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -407,7 +408,7 @@ def test_a_rerun_of_the_driver_ends_its_killed_predecessor(tracking, monkeypatch
     client = MlflowClient()
 
     def stop(*args, **kwargs):  # the sweep itself is not what this test is about
-        raise driver.MaskDMError("stopped before any stage")
+        raise MaskDMError("stopped before any stage")
 
     monkeypatch.setattr(driver, "run_plan", stop)
     args = ["main", "--ratios", "0.5", "--mask_training", "false"]

@@ -163,8 +163,8 @@ def test_each_running_stage_gets_a_gpu_no_other_running_stage_has(monkeypatch):
             del holding[step]
         return driver.StageOutcome(step, stage, f"run-of-{step}", reused=False)
 
-    monkeypatch.setattr(driver, "run_stage", fake_run_stage)
-    monkeypatch.setattr(driver, "find_demo_model", lambda *a: None)
+    monkeypatch.setattr(driver.sweep, "run_stage", fake_run_stage)
+    monkeypatch.setattr(driver.sweep, "find_demo_model", lambda *a: None)
     monkeypatch.setattr("maskdm.tracking.code_version", lambda *a: "v1")
     launch = driver.resolve_launch(parallel="auto", gpus="2,5,7", cores=16)
     assert launch.parallel == 3 and launch.threads == 5
@@ -181,8 +181,8 @@ def test_the_default_launch_is_the_sequential_driver_unchanged(monkeypatch):
         calls.append((step, dict(env), concurrent, launch, threading.current_thread().name))
         return driver.StageOutcome(step, stage, f"run-of-{step}", reused=False)
 
-    monkeypatch.setattr(driver, "run_stage", fake_run_stage)
-    monkeypatch.setattr(driver, "find_demo_model", lambda *a: None)
+    monkeypatch.setattr(driver.sweep, "run_stage", fake_run_stage)
+    monkeypatch.setattr(driver.sweep, "find_demo_model", lambda *a: None)
     monkeypatch.setattr("maskdm.tracking.code_version", lambda *a: "v1")
     # On a machine without GPUs, auto is one stage at a time with the environment untouched ...
     launch = driver.resolve_launch(detect_gpus=lambda: ())
@@ -371,7 +371,7 @@ def kubernetes_without_a_cluster(monkeypatch):
                         lambda **kwargs: types.SimpleNamespace(tags=[f"{kwargs['repository_uri']}:{kwargs['run_id'][:7]}"]))
     monkeypatch.setattr(kb, "push_image_to_registry", lambda tag: "sha256:" + "0" * 64)
     monkeypatch.setattr(kb.KubernetesSubmittedRun, "POLL_STATUS_INTERVAL", 0.05)
-    monkeypatch.setattr(driver, "REMOTE_POLL_S", 0.05)
+    monkeypatch.setattr(driver.launch, "REMOTE_POLL_S", 0.05)
     FakeBatchApi.jobs, FakeBatchApi.complete = {}, set()
     return FakeBatchApi
 
