@@ -150,6 +150,7 @@ def plot(records: list[dict], ratios: list[float], checkpoints: list[int], path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(ratios), figsize=(4.6 * len(ratios), 3.8), squeeze=False)
     for ax, ratio in zip(axes[0], ratios):
@@ -165,6 +166,7 @@ def plot(records: list[dict], ratios: list[float], checkpoints: list[int], path:
                         marker="o", capsize=3, label=f"finetuned, {arm}", color=f"C{i}")
         ax.set_xscale("log")
         ax.set_xticks(checkpoints, [str(k) for k in checkpoints])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("finetune iterations (batch 32)")
         ax.set_title(f"ratio {ratio}: fid_shapes, mean ± 1 SE over seeds", fontsize=9)
         ax.grid(alpha=0.3)

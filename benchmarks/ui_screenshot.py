@@ -318,13 +318,17 @@ def run_recipe(base: str, experiment_id: str, metric: str, out: Path, wait_ms: i
 
 
 def newest_finetune(experiment_id: str) -> tuple[str, list[str]]:
-    """(run ID, its dataset input names) of the experiment's newest FINISHED finetune run."""
+    """(run ID, its dataset input names) of the experiment's newest FINISHED finetune run that
+    logged system metrics (a stage shorter than their sampling interval logs none: docs/stages.md)."""
     from mlflow.tracking import MlflowClient
 
-    runs = MlflowClient().search_runs([experiment_id], FINETUNE_FILTER, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = MlflowClient().search_runs([experiment_id], FINETUNE_FILTER, order_by=["attributes.start_time DESC"], max_results=200)
     if not runs:
         raise StepFailed(f"experiment {experiment_id} holds no FINISHED finetune run")
-    return runs[0].info.run_id, [i.dataset.name for i in runs[0].inputs.dataset_inputs]
+    sampled = [r for r in runs if "system/cpu_utilization_percentage" in r.data.metrics]
+    if not sampled:
+        raise StepFailed(f"none of experiment {experiment_id}'s {len(runs)} newest finetune runs logged system metrics")
+    return sampled[0].info.run_id, [i.dataset.name for i in sampled[0].inputs.dataset_inputs]
 
 
 def run_native(base: str, experiment_id: str, out: Path, wait_ms: int) -> None:
