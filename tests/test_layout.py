@@ -88,12 +88,14 @@ def test_maskdm_modules_import_one_way():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_the_driver_and_the_report_are_packages_of_modules_with_one_job_each():
+def test_the_driver_report_and_registry_are_packages_of_modules_with_one_job_each():
     graph = module_graph()
     assert {"driver.presets", "driver.plan", "driver.launch", "driver.sweep"} <= set(graph)
     assert "driver.plan" in graph["driver.launch"] and "driver.launch" in graph["driver.sweep"]
     assert {"report.runs", "report.scores", "report.table", "report.markdown", "report.curves", "report.files"} <= set(graph)
     assert "report.table" in graph["report.files"] and "report.runs" in graph["report.scores"]
+    assert {"registry.pyfunc", "registry.candidates", "registry.promotion"} <= set(graph)
+    assert {"registry.pyfunc", "registry.candidates"} <= graph["registry.promotion"]
 
 
 @pytest.mark.parametrize("name", sorted(module_files()))
