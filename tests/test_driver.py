@@ -268,7 +268,7 @@ def test_code_version_digests_the_sources_mlproject_and_conda_yaml(tmp_path, mon
     assert version == tracking.code_version(project)
     assert tracking.code_version(_copy_code(tmp_path / "b", project)) == version  # the contents, not the place
     # Without an argument: the project this maskdm/ is in.
-    monkeypatch.setattr(tracking, "_PACKAGE_ROOT", project / "maskdm")
+    monkeypatch.setattr(tracking.lineage, "_PACKAGE_ROOT", project / "maskdm")
     assert tracking.code_version() == version
 
     mlproject = project / "MLproject"
@@ -545,7 +545,7 @@ def test_a_changed_entry_point_command_reruns_every_stage(fake_project, parent, 
     _copy_code(fake_project / "code")
     for name in ("maskdm", "entrypoints"):
         (fake_project / "code" / name).rename(fake_project / name)
-    monkeypatch.setattr(tracking, "_PACKAGE_ROOT", fake_project / "maskdm")
+    monkeypatch.setattr(tracking.lineage, "_PACKAGE_ROOT", fake_project / "maskdm")
     plan = driver.build_plan(driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.4", mask_training="false"))
     run = dict(experiment_id="0", parent_run_id=parent.info.run_id, project_dir=fake_project)
     first = driver.run_plan(plan, **run)

@@ -88,7 +88,7 @@ def test_maskdm_modules_import_one_way():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_the_driver_report_and_registry_are_packages_of_modules_with_one_job_each():
+def test_the_driver_report_registry_and_tracking_are_packages_of_modules_with_one_job_each():
     graph = module_graph()
     assert {"driver.presets", "driver.plan", "driver.launch", "driver.sweep"} <= set(graph)
     assert "driver.plan" in graph["driver.launch"] and "driver.launch" in graph["driver.sweep"]
@@ -96,6 +96,8 @@ def test_the_driver_report_and_registry_are_packages_of_modules_with_one_job_eac
     assert "report.table" in graph["report.files"] and "report.runs" in graph["report.scores"]
     assert {"registry.pyfunc", "registry.candidates", "registry.promotion"} <= set(graph)
     assert {"registry.pyfunc", "registry.candidates"} <= graph["registry.promotion"]
+    assert {"tracking.lineage", "tracking.stage_runs", "tracking.side_runs", "tracking.dead_runs", "tracking.demo_model"} <= set(graph)
+    assert "tracking.lineage" in graph["tracking.stage_runs"]
 
 
 @pytest.mark.parametrize("name", sorted(module_files()))
