@@ -43,7 +43,7 @@ def run_timed(command: list[str], env: dict[str, str]) -> tuple[float, float, fl
 def ours_worker(samples: Path, reference: Path, dims: int, batch_size: int, device: str) -> None:
     """What the fid stage does: load the network, score the in-memory samples, compare with the reference."""
     sys.path.insert(0, str(REPO))
-    from maskdm import fid
+    from maskdm.evaluation import fid
 
     with np.load(samples) as f:
         images = f["images"]
@@ -58,8 +58,8 @@ def prepare(folder: Path, count: int, dims: int, seed: int) -> tuple[Path, Path,
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from maskdm.data import render_shapes
-    from maskdm.fid import save_stats, statistics
+    from maskdm.ddpm.data import render_shapes
+    from maskdm.evaluation.fid import save_stats, statistics
 
     images, _ = render_shapes(count, seed=seed)
     png = folder / "png"

@@ -1,7 +1,7 @@
 """Peak memory and speed of fid's Inception pass by batch size on the CPU: why ``batch_size=auto`` is 50 there.
 
 Each setting runs as a fresh process computing the features of the same N random 256x256 uint8
-images (what the fid stage hands Inception: it resizes them to 299x299) with ``maskdm.fid``; its
+images (what the fid stage hands Inception: it resizes them to 299x299) with ``maskdm.evaluation.fid``; its
 peak RSS is read by a launcher process (``ru_maxrss``, as in bench_memory.py) and its feature pass
 is timed inside it (imports and weight loading excluded). Settings alternate (A B B A) so a change
 of machine load falls on both. Weights are random, planted in pytorch-fid's format: speed and memory
@@ -29,7 +29,7 @@ WORKER = """
 import json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from maskdm import fid
+from maskdm.evaluation import fid
 count, dims, batch_size = map(int, sys.argv[2:5])
 images = np.random.default_rng(0).integers(0, 256, (count, 256, 256, 3), dtype=np.uint8)
 model = fid.load_inception(dims=dims)

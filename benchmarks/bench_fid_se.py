@@ -25,7 +25,7 @@ from unittest import mock
 
 import numpy as np
 
-from maskdm import fid
+from maskdm.evaluation import fid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from maskdm.data import dataset_identity
+from maskdm.ddpm.data import dataset_identity
 
 
 def make_folder(root: Path, count: int) -> None:

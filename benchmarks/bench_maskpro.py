@@ -31,9 +31,9 @@ import time
 import numpy as np
 import torch
 
-from maskdm.data import shapes_dataset
-from maskdm.diffusion import batch_loss, draw_noise_and_timesteps
-from maskdm.maskpro import (
+from maskdm.ddpm.data import shapes_dataset
+from maskdm.ddpm.diffusion import batch_loss, draw_noise_and_timesteps
+from maskdm.method.maskpro import (
     MaskTrainer,
     ReplayBatches,
     ReplaySpec,
@@ -47,7 +47,7 @@ from maskdm.maskpro import (
     top_entries,
 )
 from maskdm.masks import prunable_modules, set_masks
-from maskdm.models import build_unet, count_parameters, default_scheduler
+from maskdm.ddpm.models import build_unet, count_parameters, default_scheduler
 
 DEFAULT_BATCH, DEFAULT_ACCUMULATION = 64, 16
 

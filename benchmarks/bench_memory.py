@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
 def make_folder(folder: Path, count: int, resolution: int, chunk: int = 500) -> None:
     from PIL import Image
 
-    from maskdm.data import render_shapes
+    from maskdm.ddpm.data import render_shapes
 
     if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
         return
@@ -66,7 +66,7 @@ def make_folder(folder: Path, count: int, resolution: int, chunk: int = 500) -> 
 def make_model(folder: Path, resolution: int) -> Path:
     from diffusers import UNet2DModel
 
-    from maskdm.models import DDPM, default_scheduler, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 
     # add_attention=False: the mid block would otherwise attend over (resolution / 2)^2 tokens (module docstring).
     unet = UNet2DModel(

@@ -29,11 +29,11 @@ CASES = ("model only", "magnitude unstructured", "wanda unstructured", "sparsegp
 
 
 def run_case(case: str, arch: str, samples: int, ratio: float, batch_size: int) -> dict:
-    from maskdm.data import shapes_dataset
+    from maskdm.ddpm.data import shapes_dataset
     from maskdm.masks import prunable_modules
-    from maskdm.models import build_unet, default_scheduler
-    from maskdm.oneshot import CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
-    from maskdm.pruning import PruneConfig, apply_pruning, compute_masks
+    from maskdm.ddpm.models import build_unet, default_scheduler
+    from maskdm.method.oneshot import CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
+    from maskdm.method.pruning import PruneConfig, apply_pruning, compute_masks
 
     torch.manual_seed(0)
     unet, scheduler = build_unet(arch, resolution=32), default_scheduler()

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 
 from maskdm.masks import masks_from_weights
-from maskdm.models import build_unet, count_parameters
-from maskdm.pruning import (
+from maskdm.ddpm.models import build_unet, count_parameters
+from maskdm.method.pruning import (
     PruneConfig,
     compact_state_dict,
     expand_compact_state_dict,

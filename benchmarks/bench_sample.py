@@ -1,4 +1,4 @@
-"""DDIM sampling: maskdm.sampling against stock diffusers DDIMPipeline, same model, batch and steps.
+"""DDIM sampling: maskdm.ddpm.sampling against stock diffusers DDIMPipeline, same model, batch and steps.
 
 Both sides start from a random UNet of the chosen architecture (the weights do not change the
 cost), produce the same number of images with the same number of UNet calls, and end with uint8
@@ -26,8 +26,8 @@ from diffusers import DDIMPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskdm.models import build_unet, default_scheduler  # noqa: E402
-from maskdm.sampling import generate_uint8, make_run, prepare_unet  # noqa: E402
+from maskdm.ddpm.models import build_unet, default_scheduler  # noqa: E402
+from maskdm.ddpm.sampling import generate_uint8, make_run, prepare_unet  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

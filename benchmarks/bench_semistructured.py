@@ -16,7 +16,7 @@ They cannot serve the 3x3 convolutions, which hold almost all of this UNet's wei
 a 3x3 convolution is not one matmul of a 2:4 matrix (implicit GEMM would need a sparse-conv kernel,
 which PyTorch does not have), so its 2:4 zeros are still multiplied.
 
-The model is pruned 2:4 by magnitude (:mod:`maskdm.pruning`, the project's pruner), cast to bf16
+The model is pruned 2:4 by magnitude (:mod:`maskdm.method.pruning`, the project's pruner), cast to bf16
 (the kernels take no fp32 and autocast cannot cast their weights), the eligible layers swapped;
 the script checks each swapped layer's output and the UNet's against dense within tolerance,
 then times each layer kind at the shapes a batch of ``--batch`` images gives it, and the whole
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from maskdm.masks import maskable_modules
-from maskdm.models import build_unet
-from maskdm.pruning import PruneConfig, prune
-from maskdm.speed import SemiStructuredConv1x1, SemiStructuredLinear  # the speed stage's own layers
+from maskdm.ddpm.models import build_unet
+from maskdm.method.pruning import PruneConfig, prune
+from maskdm.evaluation.speed import SemiStructuredConv1x1, SemiStructuredLinear  # the speed stage's own layers
 
 
 def is_1x1(module: nn.Module) -> bool:

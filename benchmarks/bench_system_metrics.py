@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import mlflow  # noqa: E402
 import torch  # noqa: E402
 
-from maskdm.models import build_unet  # noqa: E402
+from maskdm.ddpm.models import build_unet  # noqa: E402
 from maskdm.tracking import SYSTEM_METRICS_INTERVAL_S  # noqa: E402
 
 

@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskdm.data import shapes_dataset  # noqa: E402
+from maskdm.ddpm.data import shapes_dataset  # noqa: E402
 from maskdm.masks import DEFAULT_PROTECT, mask_sparsity, prunable_modules  # noqa: E402
-from maskdm.models import DDPM, build_unet, default_scheduler  # noqa: E402
-from maskdm.training import TrainConfig, train_ddpm  # noqa: E402
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler  # noqa: E402
+from maskdm.ddpm.training import TrainConfig, train_ddpm  # noqa: E402
 
 LEARNING_RATE = 2e-4
 

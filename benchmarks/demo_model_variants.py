@@ -1,6 +1,6 @@
 """Side-by-side demo-model candidates: train each at equal CPU cost, save their preview grids in one picture.
 
-How the demo configuration (``maskdm.training.DEMO_PRETRAIN``) was chosen: every variant trains the
+How the demo configuration (``maskdm.ddpm.training.DEMO_PRETRAIN``) was chosen: every variant trains the
 ``tiny`` UNet at 16x16 on ``shapes`` with the library's trainer, then draws the same 64-image,
 25-step DDIM preview that ``pretrain`` logs. Two variants run at a time, one thread each (on a
 2-core CPU that is twice the throughput of one two-thread run), so a pair shares the machine
@@ -46,9 +46,9 @@ def train_one(letter: str, out: Path) -> None:
 
     torch.set_num_threads(1)
     from entrypoints.common import save_preview
-    from maskdm.data import ArrayImageDataset, SHAPE_CLASSES, render_shapes
-    from maskdm.models import DDPM, build_unet, default_scheduler
-    from maskdm.training import TrainConfig, train_ddpm
+    from maskdm.ddpm.data import ArrayImageDataset, SHAPE_CLASSES, render_shapes
+    from maskdm.ddpm.models import DDPM, build_unet, default_scheduler
+    from maskdm.ddpm.training import TrainConfig, train_ddpm
 
     v = VARIANTS[letter]
     images, labels = render_shapes(20000, seed=0, resolution=16, radius=v["radius"])
@@ -85,8 +85,8 @@ SPACINGS = (("uniform", 25), ("quad", 25), ("uniform", 100))
 
 def compare_spacing(model_dir: str, out: Path) -> Path:
     """One model's 64-image preview (seed 0) with 25 uniform, 25 quad and 100 uniform DDIM steps."""
-    from maskdm.models import load_ddpm
-    from maskdm.sampling import sample_images, save_grid
+    from maskdm.ddpm.models import load_ddpm
+    from maskdm.ddpm.sampling import sample_images, save_grid
 
     ddpm = load_ddpm(model_dir)
     letters = []

@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskdm import fid  # noqa: E402
-from maskdm.data import render_shapes  # noqa: E402
-from maskdm.shapes_features import load_shapes_classifier, shapes_features  # noqa: E402
+from maskdm.evaluation import fid  # noqa: E402
+from maskdm.ddpm.data import render_shapes  # noqa: E402
+from maskdm.evaluation.shapes_features import load_shapes_classifier, shapes_features  # noqa: E402
 
 
 def controls(resolution: int) -> dict[str, np.ndarray]:
@@ -38,8 +38,8 @@ def controls(resolution: int) -> dict[str, np.ndarray]:
 
 def stage_classifier():
     from entrypoints.fid import CLASSIFIER_TRAINING
-    from maskdm.data import load_dataset
-    from maskdm.shapes_features import train_shapes_classifier
+    from maskdm.ddpm.data import load_dataset
+    from maskdm.evaluation.shapes_features import train_shapes_classifier
 
     return train_shapes_classifier(load_dataset("shapes", split="train"), **CLASSIFIER_TRAINING)
 

@@ -46,16 +46,16 @@ from pruner_study import (  # noqa: E402  (the study's own helpers: one way to p
     BATCH, SUBSET, held_out_splits, heldout_loss, learn_masks, one_shot, prepare_reference, resolve_model,
 )
 
-from maskdm.verdicts import mean_se_n, verdict  # noqa: E402
+from maskdm.evaluation.verdicts import mean_se_n, verdict  # noqa: E402
 
 ARMS = ("pruned", "pruning mask", "learned mask")
 SAMPLES, STEPS = 512, 10
 
 
 def fid_shapes(unet, scheduler_config, seed: int, reference, classifier) -> float:
-    from maskdm.fid import fid_of_features
-    from maskdm.sampling import sample_images
-    from maskdm.shapes_features import shapes_features
+    from maskdm.evaluation.fid import fid_of_features
+    from maskdm.ddpm.sampling import sample_images
+    from maskdm.evaluation.shapes_features import shapes_features
 
     images = sample_images(copy.deepcopy(unet), scheduler_config, range(SAMPLES), steps=STEPS, seed=42 + seed,
                            batch_size=256, clip_sample=False)
@@ -67,11 +67,11 @@ def run_job(job: dict) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    from maskdm.data import ArrayImageDataset, load_dataset
-    from maskdm.models import DDPM, load_ddpm
-    from maskdm.replay import ReplayBatches, ReplaySpec
-    from maskdm.shapes_features import load_shapes_classifier
-    from maskdm.training import TrainConfig, train_ddpm
+    from maskdm.ddpm.data import ArrayImageDataset, load_dataset
+    from maskdm.ddpm.models import DDPM, load_ddpm
+    from maskdm.method.replay import ReplayBatches, ReplaySpec
+    from maskdm.evaluation.shapes_features import load_shapes_classifier
+    from maskdm.ddpm.training import TrainConfig, train_ddpm
 
     start = time.perf_counter()
     ddpm = load_ddpm(job["model"])
@@ -190,7 +190,7 @@ def main() -> None:
     checkpoints = sorted(int(k) for k in args.checkpoints.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(args.model)
-    from maskdm.models import load_ddpm
+    from maskdm.ddpm.models import load_ddpm
 
     classifier, reference = prepare_reference(args.out, load_ddpm(model).resolution)
     results_path = args.out / "results.json"

@@ -12,10 +12,10 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'PY' 2>&1 | tee "$OUT/smoke.txt"
 import torch, diffusers
-from maskdm.models import DDPM, build_unet, default_scheduler
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler
 from maskdm.masks import prunable_modules
-from maskdm.training import TrainConfig, train_ddpm
-from maskdm.sampling import sample_images
+from maskdm.ddpm.training import TrainConfig, train_ddpm
+from maskdm.ddpm.sampling import sample_images
 print("torch", torch.__version__, "diffusers", diffusers.__version__, torch.cuda.get_device_name())
 ddpm = DDPM(build_unet("tiny", 32), default_scheduler())
 gen = torch.Generator().manual_seed(0)

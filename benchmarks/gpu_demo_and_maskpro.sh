@@ -12,10 +12,10 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 OUT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'PY' 2>&1 | tee "$OUT/demo_on_cuda.txt"
 import os, time, torch
-from maskdm.data import load_dataset
-from maskdm.models import DDPM, build_unet, default_scheduler
-from maskdm.sampling import sample_images, save_grid
-from maskdm.training import DEMO_PRETRAIN as DEMO, TrainConfig, train_ddpm
+from maskdm.ddpm.data import load_dataset
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler
+from maskdm.ddpm.sampling import sample_images, save_grid
+from maskdm.ddpm.training import DEMO_PRETRAIN as DEMO, TrainConfig, train_ddpm
 print("torch", torch.__version__, torch.cuda.get_device_name())
 ddpm = DDPM(build_unet(DEMO["arch"], DEMO["resolution"]), default_scheduler(beta_schedule=DEMO["beta_schedule"]))
 config = TrainConfig(**{k: DEMO[k] for k in TrainConfig.__dataclass_fields__ if k in DEMO})

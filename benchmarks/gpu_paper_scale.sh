@@ -19,11 +19,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 cat > /tmp/smoke_replay.py <<'PY'
 import os, sys, numpy as np, torch
 from conftest import tiny_unet
-from maskdm.fastpath import resolve
-from maskdm.maskpro import (MaskTrainer, ReplayBatches, ReplayedLosses, ReplaySpec, TrainConfig, compute_baseline_losses,
+from maskdm.ddpm.fastpath import resolve
+from maskdm.method.maskpro import (MaskTrainer, ReplayBatches, ReplayedLosses, ReplaySpec, TrainConfig, compute_baseline_losses,
                             make_policy, replay_model, select_targets)
 from maskdm.masks import prunable_modules, set_masks
-from maskdm.models import DDPM, default_scheduler
+from maskdm.ddpm.models import DDPM, default_scheduler
 fast = resolve("auto", "auto", "auto", device="cuda", batch_size=64)
 torch.manual_seed(0)
 ddpm = DDPM(tiny_unet(), default_scheduler())
@@ -61,8 +61,8 @@ timeout 60 python3 benchmarks/bench_semistructured.py --batch 256 --repeats 20 -
 cat > /tmp/speed_side_by_side.py <<'PY'
 import os, sys, tempfile, mlflow, torch
 from mlflow.tracking import MlflowClient
-from maskdm.models import DDPM, build_unet, default_scheduler, save_ddpm
-from maskdm.pruning import PruneConfig, prune
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler, save_ddpm
+from maskdm.method.pruning import PruneConfig, prune
 root = tempfile.mkdtemp(prefix="speed-gpu-")
 mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
 client = MlflowClient()

@@ -4,10 +4,10 @@
         [--patterns 0.5,0.7,2:4] [--updates 2000] [--processes 2]
 
 For every pattern (magnitude pruning, layer scope, the demo's protect list: unstructured 0.5 and
-0.7, and 2:4), every configuration and every seed, it runs :class:`maskdm.maskpro.MaskTrainer`
+0.7, and 2:4), every configuration and every seed, it runs :class:`maskdm.method.maskpro.MaskTrainer`
 in-process on the ORIGINAL dense model, exactly as ``train_masks`` does, and scores the current
 final mask on a held-out set every ``--eval_every`` updates: training images outside the replayed
-subset, with timesteps and noise from a draw stream of their own (``maskdm.replay.heldout_batches``).
+subset, with timesteps and noise from a draw stream of their own (``maskdm.method.replay.heldout_batches``).
 The seed changes the subset, its draws, the held-out set and the mask samples.
 
 Writes ``results.json`` (every run, every curve), ``study.md`` (the table: held-out improvement of
@@ -55,12 +55,12 @@ def run_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from maskdm.data import load_dataset
-    from maskdm.mask_policy import magnitude_logits, make_policy, select_targets
-    from maskdm.maskpro import MaskTrainer, TrainConfig
-    from maskdm.models import load_ddpm
-    from maskdm.pruning import PruneConfig, compute_masks
-    from maskdm.replay import ReplayBatches, ReplaySpec, compute_baseline_losses, heldout_batches, replayed_loss
+    from maskdm.ddpm.data import load_dataset
+    from maskdm.method.mask_policy import magnitude_logits, make_policy, select_targets
+    from maskdm.method.maskpro import MaskTrainer, TrainConfig
+    from maskdm.ddpm.models import load_ddpm
+    from maskdm.method.pruning import PruneConfig, compute_masks
+    from maskdm.method.replay import ReplayBatches, ReplaySpec, compute_baseline_losses, heldout_batches, replayed_loss
 
     cfg, pattern, seed = dict(job["config"]), job["pattern"], job["seed"]
     ddpm = load_ddpm(job["model"])

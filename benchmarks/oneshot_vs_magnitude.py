@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskdm.data import load_dataset  # noqa: E402
-from maskdm.diffusion import eval_images, eval_loss  # noqa: E402
+from maskdm.ddpm.data import load_dataset  # noqa: E402
+from maskdm.ddpm.diffusion import eval_images, eval_loss  # noqa: E402
 from maskdm.masks import prunable_modules  # noqa: E402
-from maskdm.models import load_ddpm  # noqa: E402
-from maskdm.oneshot import CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores  # noqa: E402
-from maskdm.pruning import PruneConfig, prune  # noqa: E402
+from maskdm.ddpm.models import load_ddpm  # noqa: E402
+from maskdm.method.oneshot import CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores  # noqa: E402
+from maskdm.method.pruning import PruneConfig, prune  # noqa: E402
 from maskdm.tracking import demo_model_run_id  # noqa: E402
 
 

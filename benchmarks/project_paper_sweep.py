@@ -13,16 +13,16 @@ device (all of them on a CPU) is measured once and shown in both columns.
 =================  ==================================================  ==============================
 stage              one unit timed                                      count in the sweep
 =================  ==================================================  ==============================
-baseline_loss      one replayed batch of 64 (maskdm.replay, grouped    3 runs x 312 batches
+baseline_loss      one replayed batch of 64 (maskdm.method.replay, grouped    3 runs x 312 batches
                    ``forward_batches`` per forward on the fast path)
 train_masks        one MaskPro update: 16 batches of 64, the masks     3 runs x 15,000 updates, plus
-                   sampled and set (maskdm.maskpro.MaskTrainer)        the held-out scoring (auto)
+                   sampled and set (maskdm.method.maskpro.MaskTrainer)        the held-out scoring (auto)
 finetune           one masked training step at batch 128               6 runs x 100,000 steps
-                   (maskdm.training.train_ddpm)                        (3 ratios x 2 arms)
+                   (maskdm.ddpm.training.train_ddpm)                        (3 ratios x 2 arms)
 sample             one image-step of DDIM at batch 256                 13 runs x 50,000 images x 100
-                   (maskdm.sampling.sample_images)                     steps
+                   (maskdm.ddpm.sampling.sample_images)                     steps
 fid                one image through Inception (random weights: a      13 x 50,000 + the 50,000
-                   speed, never a quality number; maskdm.fid)          reference images once
+                   speed, never a quality number; maskdm.evaluation.fid)          reference images once
 =================  ==================================================  ==============================
 
 prune and extract_masks take seconds and are left out. Counts come from the preset and the plan
@@ -52,9 +52,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from maskdm import fastpath
+from maskdm.ddpm import fastpath
 from maskdm.driver import build_plan, resolve_config
-from maskdm.maskpro import (
+from maskdm.method.maskpro import (
     MaskTrainer,
     ReplayBatches,
     ReplayedLosses,
@@ -72,7 +72,7 @@ from maskdm.maskpro import (
     top_entries,
 )
 from maskdm.masks import prunable_modules
-from maskdm.models import DDPM, build_unet, default_scheduler
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler
 
 #: The stock settings every stage had before the fast path: fp32, NCHW, eager.
 STOCK = fastpath.FastPath()
@@ -236,7 +236,7 @@ def time_train_masks(args, fast: fastpath.FastPath, device: torch.device) -> tup
 
 def time_finetune(args, fast: fastpath.FastPath, device: torch.device) -> tuple[float, str]:
     """Masked training steps per second at ``train_batch``, timed between two logging points after the warm-up."""
-    from maskdm.training import TrainConfig, train_ddpm
+    from maskdm.ddpm.training import TrainConfig, train_ddpm
 
     ddpm = fresh_ddpm(args)
     masks = half_masks(ddpm.unet)
@@ -256,7 +256,7 @@ def time_finetune(args, fast: fastpath.FastPath, device: torch.device) -> tuple[
 
 def time_sample(args, fast: fastpath.FastPath, device: torch.device) -> tuple[float, str]:
     """DDIM image-steps per second at ``sample_batch`` (one warm-up batch first: compilation)."""
-    from maskdm.sampling import sample_images
+    from maskdm.ddpm.sampling import sample_images
 
     ddpm = fresh_ddpm(args)
     unet = half_masked(ddpm.unet)
@@ -284,7 +284,7 @@ def half_masked(unet):
 
 def time_fid(args, device: torch.device) -> tuple[float, str]:
     """Inception images per second (random weights in pytorch-fid's architecture; fid has no fast-path switch)."""
-    from maskdm.fid import inception_features, load_inception
+    from maskdm.evaluation.fid import inception_features, load_inception
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from inception_fixture import random_inception_state_dict

@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdm.verdicts import mean_se_n as mean_se  # the report's own statistics
-from maskdm.verdicts import verdict
+from maskdm.evaluation.verdicts import mean_se_n as mean_se  # the report's own statistics
+from maskdm.evaluation.verdicts import verdict
 
 ONE_SHOT = ("magnitude", "taylor", "wanda", "sparsegpt")
 PROTECT = "conv_in,conv_out,time_emb,class_emb"  # the demo preset's
@@ -73,7 +73,7 @@ def parse_pattern(pattern: str) -> tuple[float, str]:
 
 def held_out_splits(eval_set):
     """The selection and report halves of the shapes eval split, replayed with fixed draws."""
-    from maskdm.replay import HELDOUT_STREAM, ReplayBatches, ReplaySpec
+    from maskdm.method.replay import HELDOUT_STREAM, ReplayBatches, ReplaySpec
 
     def half(lo: int) -> ReplayBatches:
         indices = np.arange(lo, lo + HELDOUT_HALF)
@@ -83,7 +83,7 @@ def held_out_splits(eval_set):
 
 
 def heldout_loss(unet, scheduler, masks, batches) -> float:
-    from maskdm.replay import replay_model, replayed_loss
+    from maskdm.method.replay import replay_model, replayed_loss
 
     model = replay_model(copy.deepcopy(unet), masks)
     return float(np.mean([replayed_loss(model, scheduler, batches, b) for b in range(len(batches))]))
@@ -92,10 +92,10 @@ def heldout_loss(unet, scheduler, masks, batches) -> float:
 def one_shot(ddpm, pruner: str, pattern: str, ratio: float, train_plain, seed: int, calib_samples: int):
     """(masks, unet, scores, selection): the pruner's masks, the UNet the arm finetunes from
     (sparsegpt: its reconstruction), and what it ranked by. Exactly the prune stage's call."""
-    from maskdm.oneshot import CalibConfig
-    from maskdm.pruners import run_pruner
-    from maskdm.pruning import PruneConfig, apply_pruning
-    from maskdm.taylor import TaylorConfig
+    from maskdm.method.oneshot import CalibConfig
+    from maskdm.method.pruners import run_pruner
+    from maskdm.method.pruning import PruneConfig, apply_pruning
+    from maskdm.method.taylor import TaylorConfig
 
     unet = copy.deepcopy(ddpm.unet).eval()
     config = PruneConfig(ratio=ratio, pattern=pattern, protect=PROTECT, pruner=pruner, seed=seed)
@@ -107,9 +107,9 @@ def one_shot(ddpm, pruner: str, pattern: str, ratio: float, train_plain, seed: i
 
 def learn_masks(ddpm, masks, init_scores, selection: str, pattern: str, batches, seed: int):
     """train_masks on the dense weights from ``masks`` (logits from ``init_scores``); the learned final masks."""
-    from maskdm.mask_policy import make_policy, score_logits, select_targets
-    from maskdm.maskpro import MaskTrainer, TrainConfig
-    from maskdm.replay import compute_baseline_losses, replayed_loss
+    from maskdm.method.mask_policy import make_policy, score_logits, select_targets
+    from maskdm.method.maskpro import MaskTrainer, TrainConfig
+    from maskdm.method.replay import compute_baseline_losses, replayed_loss
 
     unet, scheduler = copy.deepcopy(ddpm.unet).eval(), ddpm.scheduler
     names = select_targets(masks, "all")
@@ -126,11 +126,11 @@ def learn_masks(ddpm, masks, init_scores, selection: str, pattern: str, batches,
 
 
 def finetune_and_score(ddpm, unet, masks, job, held_report, train_set, reference, classifier) -> dict:
-    from maskdm.fid import fid_of_features
-    from maskdm.models import DDPM
-    from maskdm.sampling import sample_images
-    from maskdm.shapes_features import shapes_features
-    from maskdm.training import TrainConfig, train_ddpm
+    from maskdm.evaluation.fid import fid_of_features
+    from maskdm.ddpm.models import DDPM
+    from maskdm.ddpm.sampling import sample_images
+    from maskdm.evaluation.shapes_features import shapes_features
+    from maskdm.ddpm.training import TrainConfig, train_ddpm
 
     seed = job["seed"]
     config = TrainConfig(
@@ -152,10 +152,10 @@ def run_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from maskdm.data import ArrayImageDataset, load_dataset
-    from maskdm.models import load_ddpm
-    from maskdm.replay import ReplayBatches, ReplaySpec
-    from maskdm.shapes_features import load_shapes_classifier
+    from maskdm.ddpm.data import ArrayImageDataset, load_dataset
+    from maskdm.ddpm.models import load_ddpm
+    from maskdm.method.replay import ReplayBatches, ReplaySpec
+    from maskdm.evaluation.shapes_features import load_shapes_classifier
 
     start, cpu = time.perf_counter(), time.process_time()
     ddpm = load_ddpm(job["model"])
@@ -268,15 +268,15 @@ def plot(rows, patterns, arms, path: Path) -> None:
 def prepare_reference(out: Path, resolution: int) -> tuple[str, str]:
     """The shapes classifier (as the fid stage trains it) and the training set's feature statistics."""
     from entrypoints.fid import CLASSIFIER_TRAINING
-    from maskdm.data import load_dataset
-    from maskdm.fid import dataset_images_uint8, statistics
-    from maskdm.shapes_features import save_shapes_classifier, shapes_features, train_shapes_classifier
+    from maskdm.ddpm.data import load_dataset
+    from maskdm.evaluation.fid import dataset_images_uint8, statistics
+    from maskdm.evaluation.shapes_features import save_shapes_classifier, shapes_features, train_shapes_classifier
 
     classifier_path, reference_path = out / "shapes_classifier.safetensors", out / "reference.npz"
     if not classifier_path.exists():
         save_shapes_classifier(train_shapes_classifier(load_dataset("shapes", split="train"), **CLASSIFIER_TRAINING), classifier_path)
     if not reference_path.exists():
-        from maskdm.shapes_features import load_shapes_classifier
+        from maskdm.evaluation.shapes_features import load_shapes_classifier
 
         train = load_dataset("shapes", resolution, split="train", augment=False)
         mu, sigma = statistics(shapes_features(dataset_images_uint8(train), load_shapes_classifier(classifier_path)))
@@ -287,7 +287,7 @@ def prepare_reference(out: Path, resolution: int) -> tuple[str, str]:
 def resolve_model(ref: str) -> str:
     if ref != "demo":
         return ref
-    from maskdm.models import DEMO_MODEL_DIR
+    from maskdm.ddpm.models import DEMO_MODEL_DIR
 
     return str(DEMO_MODEL_DIR)
 
@@ -317,7 +317,7 @@ def main() -> None:
     else:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         model = resolve_model(args.model)
-        from maskdm.models import load_ddpm
+        from maskdm.ddpm.models import load_ddpm
 
         classifier, reference = prepare_reference(args.out, load_ddpm(model).resolution)
         common = dict(model=model, finetune_iters=args.finetune_iters, samples=args.samples, calib_samples=args.calib_samples, classifier=classifier, reference=reference)

@@ -7,7 +7,7 @@ pruning the same demo model with
 * ``magnitude``;
 * ``taylor`` as the stage does it (``|w * mean g|`` over 8 x 32 replayed samples) and with 4x the
   samples (32 x 32), to see whether the ranking is limited by gradient noise;
-* ``sum|w*g|``: the per-chunk absolute Taylor term, summed (the variant :mod:`maskdm.taylor`
+* ``sum|w*g|``: the per-chunk absolute Taylor term, summed (the variant :mod:`maskdm.method.taylor`
   does not use; chunks of 32, 8 chunks), for the same reason.
 
 Usage (a tracking store holding a demo model, e.g. after ``maskdm main``):
@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskdm.data import load_dataset  # noqa: E402
-from maskdm.diffusion import NoiseDraw, batch_loss, eval_images, eval_loss  # noqa: E402
+from maskdm.ddpm.data import load_dataset  # noqa: E402
+from maskdm.ddpm.diffusion import NoiseDraw, batch_loss, eval_images, eval_loss  # noqa: E402
 from maskdm.masks import prunable_modules  # noqa: E402
-from maskdm.models import load_ddpm  # noqa: E402
-from maskdm.pruning import PruneConfig, prune  # noqa: E402
-from maskdm.taylor import TaylorConfig, replayed_samples, taylor_batches, taylor_scores  # noqa: E402
+from maskdm.ddpm.models import load_ddpm  # noqa: E402
+from maskdm.method.pruning import PruneConfig, prune  # noqa: E402
+from maskdm.method.taylor import TaylorConfig, replayed_samples, taylor_batches, taylor_scores  # noqa: E402
 from maskdm.tracking import demo_model_run_id  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7)

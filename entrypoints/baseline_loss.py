@@ -3,7 +3,7 @@
 The original dense model of the masks run's lineage (or ``original_model``) carries the extracted
 masks as a parametrization. Batch ``b`` is a fixed slice of a fixed subset of the training images
 (evaluation transforms: no random flip), noised with the timesteps and noise drawn from
-``(seed, b)``: the same draw train_masks replays for batch ``b`` (see :mod:`maskdm.replay`).
+``(seed, b)``: the same draw train_masks replays for batch ``b`` (see :mod:`maskdm.method.replay`).
 
 Forward passes only, so the fast path is bf16 autocast, channels_last, torch.compile (each
 ``auto``: on for CUDA) and ``forward_batches`` replayed batches per forward pass (``auto``: up to
@@ -24,9 +24,9 @@ from entrypoints.common import integer, optional, stage
 from entrypoints.datasets import log_replay_batches, stage_dataset
 from maskdm.dataset_inputs import TRAINING
 from maskdm.errors import MaskDMError
-from maskdm.fastpath import resolve
-from maskdm.mask_policy import parse_pattern, select_targets
-from maskdm.replay import (
+from maskdm.ddpm.fastpath import resolve
+from maskdm.method.mask_policy import parse_pattern, select_targets
+from maskdm.method.replay import (
     ReplayBatches,
     ReplaySpec,
     auto_forward_batches,
@@ -39,7 +39,7 @@ from maskdm.masks import check_masks_fit, load_masks
 
 log = logging.getLogger(__name__)
 
-#: The tag every heavy stage sets to its resolved fast path (:meth:`maskdm.fastpath.FastPath.describe`).
+#: The tag every heavy stage sets to its resolved fast path (:meth:`maskdm.ddpm.fastpath.FastPath.describe`).
 FAST_PATH_TAG = "maskdm.fast_path"
 
 MASKS_FILE = "masks.safetensors"

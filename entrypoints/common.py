@@ -60,7 +60,7 @@ def distributed_stage(name: str, params: Mapping[str, object]):
     """:func:`stage` for a command that may run as several processes (``torchrun``, ``accelerate launch``).
 
     Yields ``(state, run)``: accelerate's ``PartialState`` (the process group started, with
-    :data:`maskdm.training.COLLECTIVE_TIMEOUT`) and, on the main process only, the stage's one
+    :data:`maskdm.ddpm.training.COLLECTIVE_TIMEOUT`) and, on the main process only, the stage's one
     MLflow run (``None`` on the others, which never touch it). A :class:`MaskDMError` on any process
     is its one line and exit 1. When one process fails, the launcher stops the others with SIGTERM:
     the main process takes it as Ctrl-C, so its run ends KILLED instead of staying RUNNING (or
@@ -69,7 +69,7 @@ def distributed_stage(name: str, params: Mapping[str, object]):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from maskdm.training import COLLECTIVE_TIMEOUT
+    from maskdm.ddpm.training import COLLECTIVE_TIMEOUT
 
     # Without CUDA, several processes (torchrun, accelerate launch --cpu) share the work over gloo.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
@@ -161,7 +161,7 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     ``quad`` spacing puts most of the 25 steps at low noise, where the details are drawn: for the
     demo model it looks like 100 uniform steps at the cost of 25 (docs/details/pretrain.md).
     """
-    from maskdm.sampling import sample_images, save_grid
+    from maskdm.ddpm.sampling import sample_images, save_grid
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = sample_images(

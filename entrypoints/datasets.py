@@ -1,7 +1,7 @@
 """The data a stage trains or measures a model on: images, or a latent model's cached latents.
 
-A pixel model gets the dataset itself (:func:`maskdm.data.load_dataset`). A latent model (a
-pipeline with a frozen autoencoder, :mod:`maskdm.latent`) gets the latents of its images: each
+A pixel model gets the dataset itself (:func:`maskdm.ddpm.data.load_dataset`). A latent model (a
+pipeline with a frozen autoencoder, :mod:`maskdm.ddpm.latent`) gets the latents of its images: each
 dataset, split, resolution and autoencoder is encoded once and cached as a ``latent_cache`` run
 beside the stage run (as the FID reference statistics are), which every later stage finds again
 by its key. The stage run records the one it used in the tag ``maskdm.latent_cache.<split>``.
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from maskdm import dataset_inputs
-from maskdm.data import dataset_identity, default_cache_dir, load_dataset, unflipped_split
-from maskdm.latent import LatentCodec, LatentDataset, encode_dataset
+from maskdm.ddpm.data import dataset_identity, default_cache_dir, load_dataset, unflipped_split
+from maskdm.ddpm.latent import LatentCodec, LatentDataset, encode_dataset
 from maskdm.tracking import SideRun, StageRun, cached_or_made, client, source_digest
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def latent_cache_key(cache_run: str) -> str:
 
 
 def log_replay_batches(ddpm, name: str, batches, context: str, run: StageRun | None) -> None:
-    """Log the replayed batches (:class:`maskdm.replay.ReplayBatches`) a stage read of ``name``'s
+    """Log the replayed batches (:class:`maskdm.method.replay.ReplayBatches`) a stage read of ``name``'s
     training split (from :func:`stage_dataset` with ``context=None``) as a dataset input."""
     if run is None:
         return
@@ -85,10 +85,10 @@ def log_replay_batches(ddpm, name: str, batches, context: str, run: StageRun | N
 
 def latent_key(autoencoder_digest: str, name: str, split: str, resolution: int) -> str:
     """What identifies a latent cache: reuse it only when all of this matches (an image folder by
-    its absolute path and listing, :func:`maskdm.data.dataset_identity`)."""
+    its absolute path and listing, :func:`maskdm.ddpm.data.dataset_identity`)."""
     return (
         f"dataset={dataset_identity(name)};split={split};resolution={resolution};autoencoder={autoencoder_digest};"
-        f"code={source_digest('maskdm.latent', 'maskdm.data')}"
+        f"code={source_digest('maskdm.ddpm.latent', 'maskdm.ddpm.data')}"
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from entrypoints.common import stage
 from maskdm.errors import MaskDMError
 from maskdm.masks import MASKS_FILE, check_masks_match_weights, load_masks, mask_sparsity, masks_from_weights, save_masks
-from maskdm.models import load_ddpm
+from maskdm.ddpm.models import load_ddpm
 
 log = logging.getLogger(__name__)
 

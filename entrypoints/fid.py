@@ -2,12 +2,12 @@
 
 The reference is a pytorch-fid style .npz of ``mu`` and ``sigma``, or a dataset name (default: the
 lineage's ``dataset``) whose training images are scored once and cached as a ``fid_reference``
-run, found again by :func:`maskdm.fid.reference_key` (dataset, resolution, features, dims,
+run, found again by :func:`maskdm.evaluation.fid.reference_key` (dataset, resolution, features, dims,
 weights digest). ``features=shapes`` scores with a small classifier of the embedded shapes
 dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
 ``fid``. ``fid`` is Inception pool3 (2048 dims) only; other Inception sizes log ``fid_inception_<dims>``.
 Beside the FID, ``<that metric>_se``: its bootstrap standard error over the samples against the
-fixed reference (``se_resamples``, ``se_seed``; :func:`maskdm.fid.bootstrap_fids`).
+fixed reference (``se_resamples``, ``se_seed``; :func:`maskdm.evaluation.fid.bootstrap_fids`).
 
 Every fid run records its FID protocol (:class:`maskdm.fid_protocol.FidProtocol`: features and dims,
 number of samples, reference, weights digest, and the sample run's sampler, steps, skip type, eta,
@@ -31,9 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from entrypoints.common import integer, optional, stage, truth
-from maskdm import dataset_inputs, fid, npz_stream
+from maskdm import dataset_inputs
+from maskdm.evaluation import fid, npz_stream
 from maskdm.errors import MaskDMError
-from maskdm.fid_protocol import SE_SUFFIX, UNKNOWN, FidProtocol
+from maskdm.evaluation.fid_protocol import SE_SUFFIX, UNKNOWN, FidProtocol
 from maskdm.report import MODEL_STAGE_TAG, model_stage_of
 from maskdm.tracking import SideRun, Upstream, cached_or_made, parse_run_ref, source_digest
 
@@ -47,7 +48,7 @@ REFERENCE_KEY_TAG = "maskdm.fid_reference_key"
 CLASSIFIER_KEY_TAG = "maskdm.shapes_classifier_key"
 #: The images per forward pass this run used (its batch_size param may say auto).
 BATCH_SIZE_TAG = "maskdm.fid_batch_size"
-#: Training of the shapes classifier (maskdm.shapes_features): 99.65% eval accuracy measured, 20 s
+#: Training of the shapes classifier (maskdm.evaluation.shapes_features): 99.65% eval accuracy measured, 20 s
 #: on an idle 2-core CPU (docs/details/fid.md).
 CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed": 0}
 
@@ -127,7 +128,7 @@ def command(
             # A file is named by its content: the same statistics under another path compare.
             reference_part = f"sha256:{fid.weights_digest(stats_path)}"
         else:
-            from maskdm.data import dataset_identity
+            from maskdm.ddpm.data import dataset_identity
 
             # An image folder by its contents (read once here), not its path: the same images
             # elsewhere compare, and images changed in place make new statistics and a new protocol.
@@ -185,7 +186,7 @@ def check_params(features: str, dims: int) -> None:
 
 
 def resolve_batch_size(value: str, device: str) -> int:
-    """``auto`` by device (:data:`maskdm.fid.AUTO_BATCH_SIZE`), else a positive integer."""
+    """``auto`` by device (:data:`maskdm.evaluation.fid.AUTO_BATCH_SIZE`), else a positive integer."""
     if str(value).strip().lower() == "auto":
         return fid.auto_batch_size(device)
     return integer("batch_size", value)
@@ -193,7 +194,7 @@ def resolve_batch_size(value: str, device: str) -> int:
 
 def check_reference(reference: str, features: str, dims: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The statistics of a reference .npz (checked against the features' size), None for a dataset name."""
-    from maskdm.shapes_features import FEATURE_DIM
+    from maskdm.evaluation.shapes_features import FEATURE_DIM
 
     if is_stats_file(reference):
         return fid.load_reference_stats(Path(reference).expanduser(), dims if features == "inception" else FEATURE_DIM)
@@ -317,7 +318,7 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
         model = fid.load_inception(dims, weights_file, device)
         digest = fid.weights_digest(weights_file)
         return Extractor("inception", dims, digest, lambda images: fid.inception_features(images, model, batch_size, device))
-    from maskdm.shapes_features import load_shapes_classifier, shapes_features
+    from maskdm.evaluation.shapes_features import load_shapes_classifier, shapes_features
 
     classifier_file = shapes_classifier_file()
     classifier = load_shapes_classifier(classifier_file)
@@ -333,15 +334,15 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
 def shapes_classifier_key(training: Mapping[str, object] = CLASSIFIER_TRAINING) -> str:
     """Retrain when the training settings, the classifier's code or the shapes renderer change."""
     settings = ";".join(f"{k}={v}" for k, v in sorted(training.items()))
-    return f"{settings};code={source_digest('maskdm.shapes_features', 'maskdm.data')}"
+    return f"{settings};code={source_digest('maskdm.evaluation.shapes_features', 'maskdm.ddpm.data')}"
 
 
 def shapes_classifier_file() -> Path:
     """The cached classifier's weights, trained and logged as a ``shapes_classifier`` run when missing."""
 
     def train(work: Path) -> SideRun:
-        from maskdm.data import load_dataset
-        from maskdm.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
+        from maskdm.ddpm.data import load_dataset
+        from maskdm.evaluation.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
 
         log.info("training the shapes classifier once (about a minute on a CPU); later fid runs reuse it")
         model = train_shapes_classifier(load_dataset("shapes", split="train"), progress=True, **CLASSIFIER_TRAINING)
@@ -359,12 +360,12 @@ def is_stats_file(reference: str) -> bool:
 
 def reference_statistics_key(identity: str, resolution: int, extractor: "Extractor") -> str:
     """The ``fid_reference`` cache key: the dataset's identity (an image folder's contents), the
-    features, and what turned images into them: the preprocessing (:func:`maskdm.fid.preprocessing_identity`)
-    and the code that reads, decodes and scores the images (maskdm.fid, maskdm.data)."""
+    features, and what turned images into them: the preprocessing (:func:`maskdm.evaluation.fid.preprocessing_identity`)
+    and the code that reads, decodes and scores the images (maskdm.evaluation.fid, maskdm.ddpm.data)."""
     return fid.reference_key(
         identity, resolution, extractor.dims, extractor.digest, extractor.name,
         preprocessing=fid.preprocessing_identity(resolution),
-        code=source_digest("maskdm.fid", "maskdm.data"),
+        code=source_digest("maskdm.evaluation.fid", "maskdm.ddpm.data"),
     )
 
 
@@ -373,15 +374,15 @@ def dataset_statistics(
 ) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """(mu, sigma) of a dataset's training images under ``extractor``, and the ``fid_reference`` run caching them.
 
-    ``identity``: :func:`maskdm.data.dataset_identity` of ``dataset`` with ``contents=True``, when
+    ``identity``: :func:`maskdm.ddpm.data.dataset_identity` of ``dataset`` with ``contents=True``, when
     the caller has it already (it reads every image file)."""
-    from maskdm.data import dataset_identity
+    from maskdm.ddpm.data import dataset_identity
 
     identity = identity or dataset_identity(dataset, contents=True)
     key = reference_statistics_key(identity, resolution, extractor)
 
     def score(work: Path) -> SideRun:
-        from maskdm.data import load_dataset
+        from maskdm.ddpm.data import load_dataset
 
         train = load_dataset(dataset, resolution, split="train", augment=False)
         log.info("computing reference statistics of %d %s images once; later fid runs reuse them", len(train), dataset)

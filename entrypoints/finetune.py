@@ -3,7 +3,7 @@
 Start: ``masks_run_id`` names a ``train_masks`` run (its ``model/`` is the dense weights x the
 learned masks) or an ``extract_masks`` run (the ``model/`` of the prune run it was extracted from,
 which is dense x masks already). The masks are a parametrization for the whole run (see
-:mod:`maskdm.training`), so masked weights are zero in every forward pass, in the optimizer's
+:mod:`maskdm.ddpm.training`), so masked weights are zero in every forward pass, in the optimizer's
 updates, in the EMA model and in what is saved; the saved model is asserted to be so.
 
 Checkpoints: every ``save_model_steps`` optimizer steps ``checkpoints/checkpoint-<step>/`` is
@@ -25,7 +25,7 @@ directory (or ``torchrun --nproc_per_node N -m entrypoints.cli finetune ...``). 
 trains; only the main process opens, logs and ends the MLflow run. A process that fails ends the
 job: the launcher stops the others with SIGTERM, which the main process turns into a KILLED run
 (FAILED if its own collective broke first; :func:`entrypoints.common.distributed_stage`), and collectives time out after
-:data:`maskdm.training.COLLECTIVE_TIMEOUT` where no launcher notices.
+:data:`maskdm.ddpm.training.COLLECTIVE_TIMEOUT` where no launcher notices.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ from mlflow.exceptions import MlflowException
 
 from entrypoints.common import PREVIEW_KEY, distributed_stage, number, optional, save_preview
 from entrypoints.datasets import stage_dataset
-from maskdm.diffusion import eval_images, eval_loss
+from maskdm.ddpm.diffusion import eval_images, eval_loss
 from maskdm.errors import MaskDMError
 from maskdm.masks import check_masks_fit, load_masks, mask_sparsity, masks_from_weights
-from maskdm.models import DDPM, load_ddpm
+from maskdm.ddpm.models import DDPM, load_ddpm
 from maskdm.tracking import STAGE_TAG, StageRun, Upstream, client, get_upstream, has_artifact
-from maskdm.training import CHECKPOINT_DONE, TrainConfig, checkpoint_step, fast_path, train_ddpm
+from maskdm.ddpm.training import CHECKPOINT_DONE, TrainConfig, checkpoint_step, fast_path, train_ddpm
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import torch
 from entrypoints.common import PREVIEW_KEY, distributed_stage, save_preview
 from entrypoints.finetune import drop_logged_checkpoints, log_checkpoint
 from maskdm import dataset_inputs
-from maskdm.data import load_dataset
-from maskdm.models import DDPM, build_unet, count_parameters, default_scheduler
+from maskdm.ddpm.data import load_dataset
+from maskdm.ddpm.models import DDPM, build_unet, count_parameters, default_scheduler
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG
-from maskdm.training import DEMO_PRETRAIN as DEMO
-from maskdm.training import TrainConfig, fast_path, train_ddpm
+from maskdm.ddpm.training import DEMO_PRETRAIN as DEMO
+from maskdm.ddpm.training import TrainConfig, fast_path, train_ddpm
 
 
 @click.command("pretrain", help="Train a DDPM from scratch (defaults: the embedded demo model).")

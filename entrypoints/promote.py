@@ -38,7 +38,7 @@ from maskdm.report import resolve_experiment
                    "serving needs a CUDA GPU, sm80+). Recorded with the version (tag kernel, model_config); fixed once registered.")
 def command(**params) -> None:
     with stage("promote", params) as run:
-        from maskdm.speed import check_kernel
+        from maskdm.evaluation.speed import check_kernel
 
         check_kernel(params["kernel"])
         metric = registry.check_metric(params["metric"])

@@ -1,8 +1,8 @@
 """prune: zero weights of a DDPM (magnitude/random/taylor/wanda/sparsegpt, unstructured or N:M, per layer or global).
 
 ``taylor`` ranks weights by their first-order Taylor importance on replayed training minibatches
-(:mod:`maskdm.taylor`); ``wanda`` and ``sparsegpt`` look at each layer's inputs on replayed
-calibration images (:mod:`maskdm.oneshot`), and ``sparsegpt`` also changes the kept weights
+(:mod:`maskdm.method.taylor`); ``wanda`` and ``sparsegpt`` look at each layer's inputs on replayed
+calibration images (:mod:`maskdm.method.oneshot`), and ``sparsegpt`` also changes the kept weights
 (``model/`` holds them). These need a dataset: the option, else the model's lineage. They do not
 fall back to cifar10 as eval_loss does: importance measured on another dataset than the model's
 would prune by the wrong data without a word.
@@ -23,9 +23,9 @@ from entrypoints.datasets import log_replay_batches, stage_dataset
 from maskdm.dataset_inputs import CALIBRATION
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, save_masks
-from maskdm.oneshot import CalibConfig
-from maskdm.pruners import DATA_PRUNERS, run_pruner
-from maskdm.pruning import (
+from maskdm.method.oneshot import CalibConfig
+from maskdm.method.pruners import DATA_PRUNERS, run_pruner
+from maskdm.method.pruning import (
     SCORES_FILE,
     PruneConfig,
     apply_pruning,
@@ -34,7 +34,7 @@ from maskdm.pruning import (
     summarize,
     write_stats,
 )
-from maskdm.taylor import TaylorConfig
+from maskdm.method.taylor import TaylorConfig
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from entrypoints.common import configure_logging, fail, stage
-from maskdm import fastpath
+from maskdm.ddpm import fastpath
 from maskdm.errors import MaskDMError
-from maskdm.models import load_ddpm
-from maskdm.npz_stream import NpzWriter
-from maskdm.sampling import (
+from maskdm.ddpm.models import load_ddpm
+from maskdm.evaluation.npz_stream import NpzWriter
+from maskdm.ddpm.sampling import (
     check_sampling_params,
     generate_uint8,
     iter_sample_batches,
@@ -230,7 +230,7 @@ class SamplesWriter:
     """``samples.npz`` (images streamed in as made, then the settings), ``grid.png`` and optionally ``pngs/``.
 
     The archive is finished under its real name only when every image is in it
-    (:class:`maskdm.npz_stream.NpzWriter`): a failed run leaves no ``samples.npz`` to be scored.
+    (:class:`maskdm.evaluation.npz_stream.NpzWriter`): a failed run leaves no ``samples.npz`` to be scored.
     """
 
     def __init__(self, out, params: dict):

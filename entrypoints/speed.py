@@ -1,10 +1,10 @@
 """speed: the dense model and pruned/finetuned ones timed side by side in one process.
 
 Every model makes the same DDIM batch (``batch_size`` images, ``ddim_steps`` steps, one dtype, one
-device, fixed CPU threads) in interleaved rounds (A B B A ..., :mod:`maskdm.speed`), warm-up
+device, fixed CPU threads) in interleaved rounds (A B B A ..., :mod:`maskdm.evaluation.speed`), warm-up
 excluded; the run logs per model the median seconds with quartiles and min/max, and the speed-up
 against the dense reference (median of per-round ratios) with a bootstrap interval. With
-``served`` it also times each model as registered (packed weights, :mod:`maskdm.sparse_storage`):
+``served`` it also times each model as registered (packed weights, :mod:`maskdm.ddpm.sparse_storage`):
 its bytes, the pyfunc's load time and its predict time per image, against the dense model's.
 Metrics are named ``<quantity>/<model run ID>``; docs/details/speed.md lists them.
 """
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from entrypoints.common import optional, stage
-from maskdm import speed
+from maskdm.evaluation import speed
 from maskdm.errors import MaskDMError
 from maskdm.tracking import MODEL_STAGES, Upstream, get_upstream
 
@@ -175,8 +175,8 @@ def _ratios(name: str, timed: dict[str, speed.Timed]) -> dict[str, float]:
 def measure_models(models, dense, params, kernel, device, dtype) -> dict:
     from tqdm import tqdm
 
-    from maskdm.models import load_ddpm
-    from maskdm.sampling import make_run, prepare_unet, sample_batch
+    from maskdm.ddpm.models import load_ddpm
+    from maskdm.ddpm.sampling import make_run, prepare_unet, sample_batch
 
     fns, swapped_counts = {}, {}
     indices = list(range(params["batch_size"]))
@@ -204,7 +204,7 @@ def measure_models(models, dense, params, kernel, device, dtype) -> dict:
 def measure_served(models, dense, params, kernel, device, dtype) -> dict:
     """The registered form: packed bytes, pyfunc load time, pyfunc predict time per image."""
     from maskdm.registry import DDPMImageGenerator, PIPELINE_ARTIFACT
-    from maskdm.sparse_storage import folder_bytes, pack_pipeline_copy
+    from maskdm.ddpm.sparse_storage import folder_bytes, pack_pipeline_copy
 
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="maskdm-speed-") as tmp:

@@ -4,7 +4,7 @@ Everything that fixes the minibatches (dataset, dataset_size, batch_size, max_ba
 the sampling protocol) comes from the baseline run; a given value that contradicts it is an error.
 Each update samples ``samples`` masks from the logits (drawn from ``mask_seed``, independent of
 the subset's seed, so replicates of the masks share one baseline run), measures each on the same
-``accumulation`` replayed batches and moves the logits against its advantage (see :mod:`maskdm.maskpro`). The
+``accumulation`` replayed batches and moves the logits against its advantage (see :mod:`maskdm.method.maskpro`). The
 current final mask is scored on held-out images every ``eval_every`` updates.
 ``max_step`` counts updates and ``epoch`` passes over the subset; training stops at whichever comes
 first (0 = no limit for that one).
@@ -31,9 +31,9 @@ from entrypoints.common import boolean, choice, integer, number, optional, stage
 from entrypoints.datasets import log_replay_batches, stage_dataset
 from maskdm.dataset_inputs import HELDOUT, TRAINING
 from maskdm.errors import MaskDMError
-from maskdm.fastpath import resolve_channels_last, resolve_compile, resolve_mixed_precision
-from maskdm.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, score_logits, select_targets
-from maskdm.maskpro import (
+from maskdm.ddpm.fastpath import resolve_channels_last, resolve_compile, resolve_mixed_precision
+from maskdm.method.mask_policy import INIT_CHOICES, magnitude_logits, make_policy, score_logits, select_targets
+from maskdm.method.maskpro import (
     REWARD_BASELINES,
     MaskTrainer,
     TrainConfig,
@@ -44,7 +44,7 @@ from maskdm.maskpro import (
     save_logits,
 )
 from maskdm.masks import assert_sparse_as, bake_masks, check_masks_fit, load_masks, mask_sparsity, save_masks, set_masks
-from maskdm.replay import (
+from maskdm.method.replay import (
     LEGACY_SETTINGS,
     ReplayBatches,
     ReplayedLosses,
@@ -57,7 +57,7 @@ from maskdm.replay import (
     replay_model,
     resolve_from_baseline,
 )
-from maskdm.pruning import SCORES_FILE, load_scores
+from maskdm.method.pruning import SCORES_FILE, load_scores
 from maskdm.tracking import get_upstream
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def command(
         if recorded.get("device", on.type) != on.type:
             log.warning("the baseline ran on %s, this run on %s: the losses will not replay to the last bit", recorded["device"], on.type)
         unet = ddpm.unet.to(on)
-        # The same model as the baseline's (masks, layout, compile: maskdm.replay.replay_model); masks
+        # The same model as the baseline's (masks, layout, compile: maskdm.method.replay.replay_model); masks
         # are swapped on ``unet``, whose buffers ``model`` reads.
         model = replay_model(unet, masks, fast)
         trainer = MaskTrainer(

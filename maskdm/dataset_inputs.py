@@ -11,11 +11,11 @@ page show them, and the same data gets the same digest in every run:
 - ``cifar10``: sha256 of the MD5s of the split's batch files, which torchvision checks against
   the files every time it opens the dataset; the 50,000 images are not hashed again.
 - ``imagefolder:<path>``: sha256 of every image file's relative path and bytes, computed once per
-  listing (:func:`maskdm.data.dataset_identity`: paths, sizes, modification times) and cached in
+  listing (:func:`maskdm.ddpm.data.dataset_identity`: paths, sizes, modification times) and cached in
   ``<MASKDM_DATA_DIR>/digests``; a copy of the same files elsewhere gets the same digest, one
   changed image a new one.
 - replayed batches (baseline_loss, train_masks, prune's taylor): the dataset's digest with the
-  batches' fingerprint (:meth:`maskdm.replay.ReplayBatches.fingerprint`: subset order, batching,
+  batches' fingerprint (:meth:`maskdm.method.replay.ReplayBatches.fingerprint`: subset order, batching,
   first batch's pixels).
 - a latent model's latents: the ``latent_cache`` run's key (the images' identity and the
   autoencoder's weights digest).
@@ -40,7 +40,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
-from maskdm.data import ArrayImageDataset, dataset_identity, default_cache_dir, image_paths, load_dataset
+from maskdm.ddpm.data import ArrayImageDataset, dataset_identity, default_cache_dir, image_paths, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def dataset_digest(name: str, split: str, resolution: int, dataset=None) -> str:
         # Rendering a split again takes seconds: its digest is kept per split, resolution and renderer code.
         from maskdm.tracking import source_digest
 
-        key = f"shapes;split={split};resolution={resolution};code={source_digest('maskdm.data')}"
+        key = f"shapes;split={split};resolution={resolution};code={source_digest('maskdm.ddpm.data')}"
         return _cached(key, lambda: array_digest(load_dataset(name, resolution, split=split, augment=False).images))
     if name == "cifar10":
         from torchvision.datasets import CIFAR10
@@ -153,7 +153,7 @@ def dataset_source(name: str, resolution: int):
         return _local_source(Path(os.path.expanduser(name.split(":", 1)[1])).resolve())
     if name == "cifar10":
         return HTTPDatasetSource(CIFAR10_URL)
-    return CodeDatasetSource({"generator": "maskdm.data.render_shapes", "dataset": name, "resolution": str(resolution)})
+    return CodeDatasetSource({"generator": "maskdm.ddpm.data.render_shapes", "dataset": name, "resolution": str(resolution)})
 
 
 def _local_source(path: Path):
@@ -183,7 +183,7 @@ def log_dataset(name: str, split: str, context: str, resolution: int, dataset=No
 
 
 def log_replay(name: str, resolution: int, batches, context: str, dataset_digest_: str | None = None) -> str:
-    """Log replayed batches (:class:`maskdm.replay.ReplayBatches`) of ``name``'s training split."""
+    """Log replayed batches (:class:`maskdm.method.replay.ReplayBatches`) of ``name``'s training split."""
     base = dataset_digest_ or dataset_digest(name, "train", resolution, batches.dataset)
     digest = _short(hashlib.sha256(f"{base}|{batches.fingerprint()}".encode()))
     kind = "heldout" if context == HELDOUT else "replay"

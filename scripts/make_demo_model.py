@@ -24,9 +24,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maskdm.models import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_model_digest  # noqa: E402
+from maskdm.ddpm.models import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_model_digest  # noqa: E402
 from maskdm.tracking import CODE_VERSION_TAG  # noqa: E402
-from maskdm.training import DEMO_PRETRAIN  # noqa: E402
+from maskdm.ddpm.training import DEMO_PRETRAIN  # noqa: E402
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 

@@ -38,7 +38,7 @@ def tiny_unet(resolution: int = 16, channels: int = 3):
 
 @pytest.fixture
 def tiny_ddpm():
-    from maskdm.models import DDPM, default_scheduler
+    from maskdm.ddpm.models import DDPM, default_scheduler
 
     return DDPM(tiny_unet(), default_scheduler())
 
@@ -46,7 +46,7 @@ def tiny_ddpm():
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_ddpm):
     """A diffusers pipeline folder holding a tiny random DDPM."""
-    from maskdm.models import save_ddpm
+    from maskdm.ddpm.models import save_ddpm
 
     return save_ddpm(tiny_ddpm, tmp_path / "tiny_model")
 
@@ -67,7 +67,7 @@ def shapes_image_folder(folder: Path, count: int, resolution: int) -> str:
     """``count`` embedded shapes at ``resolution`` as PNGs in ``folder``/all; returns the dataset name."""
     from PIL import Image
 
-    from maskdm.data import render_shapes
+    from maskdm.ddpm.data import render_shapes
 
     (folder / "all").mkdir(parents=True)
     for i, image in enumerate(render_shapes(count, seed=5, resolution=resolution)[0]):

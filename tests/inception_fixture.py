@@ -2,7 +2,7 @@
 
 pytorch-fid fetches ``pt_inception-2015-12-05-6726825d.pth`` with ``load_state_dict_from_url``,
 which looks in ``$TORCH_HOME/hub/checkpoints/`` first. Writing a state dict of the same
-architecture there lets both pytorch-fid's CLI and :mod:`maskdm.fid` run offline. The weights are
+architecture there lets both pytorch-fid's CLI and :mod:`maskdm.evaluation.fid` run offline. The weights are
 random: FID values computed with them are not a measure of sample quality.
 """
 

@@ -1,13 +1,13 @@
-"""maskdm.batch_cache: replayed batches kept as uint8, in memory up to a budget and on disk beyond it."""
+"""maskdm.ddpm.batch_cache: replayed batches kept as uint8, in memory up to a budget and on disk beyond it."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from maskdm.batch_cache import BatchCache, decode, encode
-from maskdm.data import shapes_dataset
-from maskdm.replay import ReplayBatches, ReplaySpec
+from maskdm.ddpm.batch_cache import BatchCache, decode, encode
+from maskdm.ddpm.data import shapes_dataset
+from maskdm.method.replay import ReplayBatches, ReplaySpec
 
 
 def eight_bit(n: int, seed: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 import entrypoints.finetune as finetune_stage
 from test_finetune_stage import QUICK, assert_zero_exactly_where_masked, chain, invoke, listed, metric_steps, model_of, newest_run, store  # noqa: F401
 from maskdm.tracking import STAGE_TAG, StageRun
-from maskdm.training import CHECKPOINT_DONE
+from maskdm.ddpm.training import CHECKPOINT_DONE
 
 
 def complete_steps(run_id: str) -> list[int]:

@@ -6,9 +6,9 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
-from maskdm.data import SHAPE_CLASSES, SHAPES_RADIUS, load_dataset, render_shapes
+from maskdm.ddpm.data import SHAPE_CLASSES, SHAPES_RADIUS, load_dataset, render_shapes
 from maskdm.errors import MaskDMError
-from maskdm.models import ARCHS, build_unet, count_parameters, default_scheduler, load_ddpm, save_ddpm
+from maskdm.ddpm.models import ARCHS, build_unet, count_parameters, default_scheduler, load_ddpm, save_ddpm
 
 
 def test_shapes_are_deterministic_labelled_and_varied():
@@ -134,7 +134,7 @@ def test_arch_presets():
 def test_dataset_identity_follows_an_image_folders_contents(tmp_path, monkeypatch):
     from PIL import Image
 
-    from maskdm.data import dataset_identity
+    from maskdm.ddpm.data import dataset_identity
 
     folder = tmp_path / "imgs" / "a"
     folder.mkdir(parents=True)

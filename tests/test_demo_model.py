@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from conftest import tracking_store
 from entrypoints import pretrain
 from entrypoints.cli import cli
-from maskdm.models import DEMO_MODEL_DIR, build_unet, default_scheduler, demo_model_digest, demo_recipe, load_ddpm
+from maskdm.ddpm.models import DEMO_MODEL_DIR, build_unet, default_scheduler, demo_model_digest, demo_recipe, load_ddpm
 from maskdm.tracking import DEMO_DIGEST_TAG, STAGE_TAG
-from maskdm.training import DEMO_PRETRAIN
+from maskdm.ddpm.training import DEMO_PRETRAIN
 
 REPO = Path(__file__).resolve().parents[1]
 #: A pretrain short enough for a loaded 2-core CPU, long enough that the weights move.

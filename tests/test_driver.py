@@ -574,7 +574,7 @@ def _prune_models(outcomes, plan, client) -> set[str]:
 def test_the_shipped_demo_model_is_registered_once_then_reused(fake_project, parent):
     from mlflow.tracking import MlflowClient
 
-    from maskdm.models import demo_model_digest
+    from maskdm.ddpm.models import demo_model_digest
     from maskdm.tracking import DEMO_DIGEST_TAG
 
     client = MlflowClient()
@@ -780,7 +780,7 @@ def sweep(tmp_path_factory, code):
     """One tracking store shared by the sequential end-to-end tests, and a first complete sweep in it."""
     import mlflow
 
-    from maskdm.models import DDPM, default_scheduler, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 
     folder = tmp_path_factory.mktemp("sweep")
     model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), folder / "tiny_model")
@@ -908,7 +908,7 @@ def _check_replicates(plan: list, step_runs: dict[str, str], driver_run: str) ->
 def test_e2e_sigkill_mid_finetune_then_rerun_finishes(sweep):
     from mlflow.tracking import MlflowClient
 
-    from maskdm.training import CHECKPOINT_DONE
+    from maskdm.ddpm.training import CHECKPOINT_DONE
 
     client = MlflowClient()
     args = _main_args(sweep["model_dir"], extra_sets=(KILL_SETS,))
@@ -1020,7 +1020,7 @@ def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undistu
     from mlflow.tracking import MlflowClient
 
     from maskdm.tracking import running_runs
-    from maskdm.training import CHECKPOINT_DONE
+    from maskdm.ddpm.training import CHECKPOINT_DONE
 
     client = MlflowClient()
     rng = random.Random(CHAOS_SEED)
@@ -1252,7 +1252,7 @@ def _check_drivers(drivers: list[str], plans: list[list], ratios: list[str]) -> 
 def test_e2e_four_drivers_at_once_against_a_tracking_server(code, tracking_server, tmp_path, monkeypatch):
     import mlflow
 
-    from maskdm.models import DDPM, default_scheduler, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 
     model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), tmp_path / "tiny_model")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)

@@ -566,7 +566,7 @@ def test_e2e_parallel_two_gives_the_sequential_results_table(code, tmp_path, mon
     import pandas as pd
 
     from conftest import tiny_unet
-    from maskdm.models import DDPM, default_scheduler, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 
     MODEL_DIR[:] = [save_ddpm(DDPM(tiny_unet(), default_scheduler()), tmp_path / "tiny_model")]
     # One store, two experiments: the stage cache is per experiment, so the second sweep reruns

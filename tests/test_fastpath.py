@@ -1,4 +1,4 @@
-"""maskdm.fastpath: one resolution of auto/true/false for every heavy stage."""
+"""maskdm.ddpm.fastpath: one resolution of auto/true/false for every heavy stage."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskdm import fastpath
+from maskdm.ddpm import fastpath
 from maskdm.errors import MaskDMError
 
 

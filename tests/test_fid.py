@@ -18,7 +18,7 @@ import torch
 from inception_fixture import _planted_torch_home, planted_inception  # noqa: F401
 from PIL import Image
 
-from maskdm import fid
+from maskdm.evaluation import fid
 from maskdm.errors import MaskDMError
 
 
@@ -180,7 +180,7 @@ def test_reference_key_names_every_input():
 
 
 def test_dataset_images_come_back_as_their_original_pixels():
-    from maskdm.data import render_shapes, shapes_dataset
+    from maskdm.ddpm.data import render_shapes, shapes_dataset
 
     dataset = shapes_dataset("train", resolution=16, size=12)
     expected = render_shapes(12, seed=0, resolution=16)[0][:10]
@@ -261,23 +261,23 @@ def test_weights_digest_follows_content(tmp_path):
 
 @pytest.fixture(scope="module")
 def shapes_classifier():
-    from maskdm.data import load_dataset
-    from maskdm.shapes_features import train_shapes_classifier
+    from maskdm.ddpm.data import load_dataset
+    from maskdm.evaluation.shapes_features import train_shapes_classifier
 
     # Less than the stage's default training, enough for the easy classes (0.995 measured).
     return train_shapes_classifier(load_dataset("shapes", split="train"), epochs=4, batch_size=32, max_images=2500)
 
 
 def test_shapes_classifier_learns_the_labels(shapes_classifier):
-    from maskdm.data import load_dataset
-    from maskdm.shapes_features import classifier_accuracy
+    from maskdm.ddpm.data import load_dataset
+    from maskdm.evaluation.shapes_features import classifier_accuracy
 
     assert classifier_accuracy(shapes_classifier, load_dataset("shapes", split="eval"), limit=1000) > 0.9
 
 
 def test_fid_shapes_separates_distributions(shapes_classifier):
-    from maskdm.data import render_shapes
-    from maskdm.shapes_features import shapes_features
+    from maskdm.ddpm.data import render_shapes
+    from maskdm.evaluation.shapes_features import shapes_features
 
     def stats(images):
         return fid.statistics(shapes_features(images, shapes_classifier))
@@ -295,8 +295,8 @@ def test_fid_shapes_separates_distributions(shapes_classifier):
 def test_fid_shapes_scores_coloured_noise_worse_than_shapes(shapes_classifier):
     """The failure that made the classifier learn a "not a clean shape" class: 16x16 samples of a
     heavily pruned demo model are coloured noise, and must not score like shapes."""
-    from maskdm.data import render_shapes
-    from maskdm.shapes_features import shapes_features
+    from maskdm.ddpm.data import render_shapes
+    from maskdm.evaluation.shapes_features import shapes_features
 
     def stats(images):
         return fid.statistics(shapes_features(images, shapes_classifier))
@@ -310,8 +310,8 @@ def test_fid_shapes_scores_coloured_noise_worse_than_shapes(shapes_classifier):
 
 
 def test_shapes_classifier_round_trips_through_safetensors(shapes_classifier, tmp_path):
-    from maskdm.data import render_shapes
-    from maskdm.shapes_features import load_shapes_classifier, save_shapes_classifier, shapes_features
+    from maskdm.ddpm.data import render_shapes
+    from maskdm.evaluation.shapes_features import load_shapes_classifier, save_shapes_classifier, shapes_features
 
     loaded = load_shapes_classifier(save_shapes_classifier(shapes_classifier, tmp_path / "classifier.safetensors"))
     images = render_shapes(8, seed=3)[0]
@@ -321,7 +321,7 @@ def test_shapes_classifier_round_trips_through_safetensors(shapes_classifier, tm
 def test_a_safetensors_file_that_is_no_classifier_is_an_error(tmp_path):
     from safetensors.torch import save_file
 
-    from maskdm.shapes_features import load_shapes_classifier
+    from maskdm.evaluation.shapes_features import load_shapes_classifier
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(MaskDMError, match="not a shapes classifier"):
@@ -331,8 +331,8 @@ def test_a_safetensors_file_that_is_no_classifier_is_an_error(tmp_path):
 def test_the_shapes_classifier_is_the_same_whatever_the_global_random_state():
     # The training split flips images with the global generator: a classifier that depended on its
     # state differed between processes, so two stores scored the same model differently.
-    from maskdm.data import load_dataset
-    from maskdm.shapes_features import train_shapes_classifier
+    from maskdm.ddpm.data import load_dataset
+    from maskdm.evaluation.shapes_features import train_shapes_classifier
 
     def trained_after(global_seed: int):
         torch.manual_seed(global_seed)

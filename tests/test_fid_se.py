@@ -12,9 +12,9 @@ import pytest
 from inception_fixture import _planted_torch_home  # noqa: F401
 from test_fid_stage import assert_failed_with_one_line, fid_runs_of, invoke, make_sample_run, random_images, stats_of, store  # noqa: F401
 
-from maskdm import fid
+from maskdm.evaluation import fid
 from maskdm.errors import MaskDMError
-from maskdm.fid_protocol import is_fid_metric
+from maskdm.evaluation.fid_protocol import is_fid_metric
 
 
 def gaussian_features(n: int, seed: int, dims: int = 8) -> np.ndarray:
@@ -94,11 +94,11 @@ def test_se_metrics_are_not_fids():
 
 def test_stage_logs_the_se_and_the_same_fid_without_it(store, monkeypatch):
     import entrypoints.fid as fid_stage
-    import maskdm.data
-    from maskdm.data import render_shapes
+    import maskdm.ddpm.data
+    from maskdm.ddpm.data import render_shapes
 
     monkeypatch.setattr(fid_stage, "CLASSIFIER_TRAINING", {"epochs": 1, "batch_size": 32, "max_images": 320, "seed": 0})
-    monkeypatch.setattr(maskdm.data, "SHAPES_TRAIN_SIZE", 400)
+    monkeypatch.setattr(maskdm.ddpm.data, "SHAPES_TRAIN_SIZE", 400)
     sample_run = make_sample_run(render_shapes(120, seed=7)[0], dataset="shapes")
     for options in ({"se_resamples": 0}, {}, {"se_resamples": 30, "se_seed": 1}, {"se_resamples": 30, "se_seed": 1}):
         result = invoke(sample_run_id=sample_run, features="shapes", **options)

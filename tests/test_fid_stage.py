@@ -21,7 +21,7 @@ from inception_fixture import _planted_torch_home  # noqa: F401
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from maskdm import fid
+from maskdm.evaluation import fid
 from maskdm.report import FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG, FidProtocol
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, has_artifact, stage_run
 
@@ -128,7 +128,7 @@ def image_folder(store) -> tuple[str, np.ndarray]:
 
 
 def test_fid_through_mlflow_run_then_reused_reference(store, image_folder):
-    from maskdm.data import dataset_identity
+    from maskdm.ddpm.data import dataset_identity
 
     dataset, reference_images = image_folder
     images = random_images(8, seed=1)
@@ -249,7 +249,7 @@ def test_reference_statistics_follow_the_folders_contents_not_its_listing(store,
     same images in another folder are the same statistics and protocol."""
     import os
 
-    from maskdm.data import dataset_identity
+    from maskdm.ddpm.data import dataset_identity
 
     before, after = random_images(4, seed=20), random_images(4, seed=21)
     root = tmp_path / "refs"
@@ -291,11 +291,11 @@ def test_reference_statistics_follow_the_folders_contents_not_its_listing(store,
 
 @pytest.mark.parametrize("change", ["transform", "pytorch-fid", "code"])
 def test_reference_statistics_made_another_way_are_not_reused(store, tmp_path, monkeypatch, change):
-    """Another resize (transform), another pytorch-fid, or other code in maskdm.fid / maskdm.data:
+    """Another resize (transform), another pytorch-fid, or other code in maskdm.evaluation.fid / maskdm.ddpm.data:
     the statistics are made again, not taken from the cache."""
     from importlib import metadata
 
-    import maskdm.data
+    import maskdm.ddpm.data
     from maskdm import tracking
 
     _write_folder(tmp_path / "refs" / "all", random_images(4, seed=30))
@@ -308,15 +308,15 @@ def test_reference_statistics_made_another_way_are_not_reused(store, tmp_path, m
     if change == "transform":
         from torchvision import transforms
 
-        original = maskdm.data._transform
-        monkeypatch.setattr(maskdm.data, "_transform", lambda resolution, train: transforms.Compose(
+        original = maskdm.ddpm.data._transform
+        monkeypatch.setattr(maskdm.ddpm.data, "_transform", lambda resolution, train: transforms.Compose(
             [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.NEAREST), *original(resolution, train).transforms[1:]]))
     elif change == "pytorch-fid":
         version = metadata.version
         monkeypatch.setattr(metadata, "version", lambda name: "0.0.1" if name == "pytorch-fid" else version(name))
     else:
         digest = tracking.source_digest
-        monkeypatch.setattr("entrypoints.fid.source_digest", lambda *modules: digest(*modules) + ("x" if "maskdm.fid" in modules else ""))
+        monkeypatch.setattr("entrypoints.fid.source_digest", lambda *modules: digest(*modules) + ("x" if "maskdm.evaluation.fid" in modules else ""))
     assert invoke(sample_run_id=sample_run, dims=64).exit_code == 0
     assert len(runs_of("fid_reference")) == references + 1
 
@@ -350,13 +350,13 @@ def test_protocol_records_the_sampling_settings(store, image_folder):
 
 def test_shapes_features_train_and_reuse_their_classifier(store, monkeypatch):
     import entrypoints.fid as fid_stage
-    import maskdm.data
+    import maskdm.ddpm.data
 
     # A few steps of training and a small training split keep this test at seconds; the stage's
     # own settings are the ones test_fid.py's accuracy test scales down from.
     monkeypatch.setattr(fid_stage, "CLASSIFIER_TRAINING", {"epochs": 1, "batch_size": 32, "max_images": 320, "seed": 0})
-    monkeypatch.setattr(maskdm.data, "SHAPES_TRAIN_SIZE", 400)
-    from maskdm.data import render_shapes
+    monkeypatch.setattr(maskdm.ddpm.data, "SHAPES_TRAIN_SIZE", 400)
+    from maskdm.ddpm.data import render_shapes
 
     sample_run = make_sample_run(render_shapes(80, seed=7)[0], dataset="shapes")
     references_before = len(runs_of("fid_reference"))

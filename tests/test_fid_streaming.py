@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskdm import fid, npz_stream
-from maskdm.data import shapes_dataset
+from maskdm.evaluation import fid, npz_stream
+from maskdm.ddpm.data import shapes_dataset
 from maskdm.errors import MaskDMError
 from inception_fixture import _planted_torch_home  # noqa: F401 (the store fixture needs it)
 from test_fid_stage import expected_fid, invoke, make_sample_run, random_images, runs_of, stats_of, store  # noqa: F401

@@ -20,11 +20,11 @@ from torch.utils.data import TensorDataset
 from conftest import tiny_unet
 from entrypoints.cli import cli
 from maskdm.errors import MaskDMError
-from maskdm.fastpath import FastPath
+from maskdm.ddpm.fastpath import FastPath
 from maskdm.masks import DEFAULT_PROTECT, assert_sparse_as, maskable_modules, prunable_modules
-from maskdm.models import DDPM, default_scheduler
-from maskdm.sparse_storage import load_tensors
-from maskdm.training import CHECKPOINT_DONE, EMA_WEIGHTS, TrainConfig, fast_path, train_ddpm
+from maskdm.ddpm.models import DDPM, default_scheduler
+from maskdm.ddpm.sparse_storage import load_tensors
+from maskdm.ddpm.training import CHECKPOINT_DONE, EMA_WEIGHTS, TrainConfig, fast_path, train_ddpm
 
 FAST = TrainConfig(
     num_iters=3, train_batch_size=4, learning_rate=1e-2, adam_weight_decay=0.1, save_model_steps=3,

@@ -22,10 +22,10 @@ from mlflow.tracking import MlflowClient
 from conftest import tiny_unet, tracking_store
 from entrypoints.cli import cli
 from maskdm.masks import DEFAULT_PROTECT, load_masks, mask_sparsity, maskable_modules, prunable_modules, save_masks
-from maskdm.models import DDPM, build_unet, default_scheduler, save_ddpm
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler, save_ddpm
 from maskdm.tracking import STAGE_TAG
-from maskdm.sparse_storage import load_tensors
-from maskdm.training import EMA_WEIGHTS
+from maskdm.ddpm.sparse_storage import load_tensors
+from maskdm.ddpm.training import EMA_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 #: Small enough for a loaded 2-core CPU: 4 optimizer steps of 4 images, a checkpoint every 2.
@@ -91,7 +91,7 @@ def baked_names(state: dict) -> dict:
 
 
 def checkpoint_tensors(run_id: str, step: int, file: str) -> dict:
-    """A checkpoint's tensors by their dense file name (checkpoints store them packed: maskdm.sparse_storage)."""
+    """A checkpoint's tensors by their dense file name (checkpoints store them packed: maskdm.ddpm.sparse_storage)."""
     folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/checkpoint-{step}")
     return baked_names(load_tensors(Path(folder) / file))
 
@@ -143,7 +143,7 @@ def test_finetune_through_mlflow_run(store, chain):
     # Checkpoints and sample grids at steps 2 and 4, each checkpoint complete; metrics as it went.
     assert listed(run_id, "checkpoints") == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]
     for path in listed(run_id, "checkpoints"):
-        # Stored packed (kept values + 1-bit mask): maskdm.sparse_storage.
+        # Stored packed (kept values + 1-bit mask): maskdm.ddpm.sparse_storage.
         assert {f"{path}/ema.json", f"{path}/ema.sparse.safetensors", f"{path}/model.sparse.safetensors"} <= set(listed(run_id, path))
     assert listed(run_id, "samples") == ["samples/step-2.png", "samples/step-4.png"]
     assert {"model", "checkpoints", "samples"} <= set(listed(run_id))

@@ -16,8 +16,8 @@ from conftest import mlflow_run
 from entrypoints.cli import cli
 from entrypoints.extract_masks import SOURCE_TAG
 from maskdm.masks import DEFAULT_PROTECT, MASKS_FILE, load_masks, maskable_modules, masks_from_weights, save_masks
-from maskdm.models import save_ddpm
-from maskdm.pruning import PruneConfig, prune, pruning_stats, write_stats
+from maskdm.ddpm.models import save_ddpm
+from maskdm.method.pruning import PruneConfig, prune, pruning_stats, write_stats
 from maskdm.tracking import DEMO_TAG, MODEL_URI_TAG, STAGE_TAG, stage_run
 
 

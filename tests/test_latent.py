@@ -21,11 +21,11 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import Subset
 
 from conftest import mlflow_run, run_whole_chain, shapes_image_folder, tracking_store
-from maskdm.data import load_dataset, render_shapes
+from maskdm.ddpm.data import load_dataset, render_shapes
 from maskdm.errors import MaskDMError
-from maskdm.latent import LATENTS_FILE, LatentCodec, LatentDataset, encode_dataset
-from maskdm.models import DDPM, default_scheduler, load_ddpm, pipeline_image_shape, save_ddpm
-from maskdm.sampling import make_run, sample_images, sample_tensors, to_uint8
+from maskdm.ddpm.latent import LATENTS_FILE, LatentCodec, LatentDataset, encode_dataset
+from maskdm.ddpm.models import DDPM, default_scheduler, load_ddpm, pipeline_image_shape, save_ddpm
+from maskdm.ddpm.sampling import make_run, sample_images, sample_tensors, to_uint8
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX
 
 #: Images 16x16 -> latents 3x8x8 (two encoder levels).

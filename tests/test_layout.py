@@ -12,10 +12,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maskdm"
 #: The modules that talk to MLflow (docs/design.md): lineage and runs, the dataset inputs a stage
 #: logs, the report, the registry and the driver. The rest of the library is plain torch/numpy.
 MLFLOW_SIDE = {"tracking", "dataset_inputs", "report", "registry", "driver"}
+#: The architecture, bottom up (docs/design.md's picture): a module imports only from its own
+#: package or from a lower layer; ``method`` and ``evaluation`` are siblings, neither imports the other.
+LAYERS = {
+    "errors": 0, "masks": 0.5,
+    "ddpm": 1,
+    "method": 2, "evaluation": 2,
+    "liveness": 3, "tracking": 3, "dataset_inputs": 3, "speed_report": 3, "report": 3, "registry": 3, "driver": 3,
+}
 
 
 def module_name(path: Path) -> str:
-    """``maskdm/models.py`` -> ``models``; ``maskdm/driver/plan.py`` -> ``driver.plan``; ``maskdm/driver/__init__.py`` -> ``driver``."""
+    """``maskdm/ddpm/models.py`` -> ``models``; ``maskdm/driver/plan.py`` -> ``driver.plan``; ``maskdm/driver/__init__.py`` -> ``driver``."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -84,7 +92,7 @@ def test_find_cycle_sees_a_cycle():
 
 def test_maskdm_modules_import_one_way():
     graph = module_graph()
-    assert {"models", "latent", "driver", "report"} <= set(graph)  # the walk found the package
+    assert {"ddpm.models", "ddpm.latent", "driver", "report"} <= set(graph)  # the walk found the package
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -98,6 +106,28 @@ def test_the_driver_report_registry_and_tracking_are_packages_of_modules_with_on
     assert {"registry.pyfunc", "registry.candidates"} <= graph["registry.promotion"]
     assert {"tracking.lineage", "tracking.stage_runs", "tracking.side_runs", "tracking.dead_runs", "tracking.demo_model"} <= set(graph)
     assert "tracking.lineage" in graph["tracking.stage_runs"]
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_downward():
+    graph = module_graph()
+    unplaced = sorted(m for m in graph if m.split(".")[0] not in LAYERS)
+    assert not unplaced, f"modules outside the layers of docs/design.md: {unplaced}"
+    upward = sorted(
+        (a, b) for a in graph for b in graph[a]
+        if a.split(".")[0] != b.split(".")[0] and LAYERS[a.split(".")[0]] <= LAYERS[b.split(".")[0]]
+        and not (LAYERS[a.split(".")[0]] == 3 == LAYERS[b.split(".")[0]])  # the MLflow side uses itself
+    )
+    assert not upward, f"imports that do not point down the layers: {upward}"
+    # The folders are the layers: the three library layers are packages.
+    assert {"ddpm.models", "ddpm.training", "method.maskpro", "method.pruning", "evaluation.fid"} <= set(graph)
+
+
+def test_the_layer_check_sees_an_upward_import(monkeypatch):
+    """The check above on a graph where ddpm imports from method: it must fail."""
+    graph = {"ddpm.training": {"method.pruning"}, "method.pruning": {"masks"}, "masks": set()}
+    bad = [(a, b) for a in graph for b in graph[a]
+           if a.split(".")[0] != b.split(".")[0] and LAYERS[a.split(".")[0]] <= LAYERS[b.split(".")[0]]]
+    assert bad == [("ddpm.training", "method.pruning")]
 
 
 @pytest.mark.parametrize("name", sorted(module_files()))

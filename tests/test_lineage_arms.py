@@ -22,8 +22,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import tiny_unet, tracking_store
 from entrypoints.cli import cli
-from maskdm import driver, fid, report
-from maskdm.models import DDPM, default_scheduler, save_ddpm
+from maskdm import driver, report
+from maskdm.evaluation import fid
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.tracking import (
     EXPERIMENT_KIND_TAG,
     MASKS_SOURCE_TAG,

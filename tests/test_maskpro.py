@@ -1,4 +1,4 @@
-"""MaskPro mask learning (maskdm.maskpro): the estimator, the exact replay, the update loop."""
+"""MaskPro mask learning (maskdm.method.maskpro): the estimator, the exact replay, the update loop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from conftest import tiny_unet
 from maskdm.errors import MaskDMError
-from maskdm.maskpro import (
+from maskdm.method.maskpro import (
     MaskTrainer,
     NMPattern,
     ReplayBatches,
@@ -41,7 +41,7 @@ from maskdm.maskpro import (
     top_entries,
 )
 from maskdm.masks import current_masks, prunable_modules
-from maskdm.models import DDPM, default_scheduler
+from maskdm.ddpm.models import DDPM, default_scheduler
 
 # --- helpers ---------------------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ import torch
 from conftest import tiny_unet
 from entrypoints.baseline_loss import FAST_PATH_TAG
 from maskdm.errors import MaskDMError
-from maskdm.fastpath import FastPath
-from maskdm.maskpro import (
+from maskdm.ddpm.fastpath import FastPath
+from maskdm.method.maskpro import (
     MaskTrainer,
     ReplayBatches,
     ReplayedLosses,
@@ -31,7 +31,7 @@ from maskdm.maskpro import (
     select_targets,
 )
 from maskdm.masks import set_masks
-from maskdm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 from test_maskpro import image_dataset, magnitude_masks
 from test_maskpro_stages import assert_one_line_failure, invoke, masks_run, metric_history, ok, runs_of
 

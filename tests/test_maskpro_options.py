@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from maskdm.errors import MaskDMError
-from maskdm.mask_policy import magnitude_logits, make_policy, select_targets, top_entries
-from maskdm.maskpro import (
+from maskdm.method.mask_policy import magnitude_logits, make_policy, select_targets, top_entries
+from maskdm.method.maskpro import (
     HELDOUT_SHARE,
     MaskTrainer,
     TrainConfig,
@@ -24,7 +24,7 @@ from maskdm.maskpro import (
     mask_generator,
 )
 from maskdm.masks import set_masks
-from maskdm.replay import ReplayBatches, ReplaySpec, compute_baseline_losses, ensure_masks, heldout_batches, replayed_loss
+from maskdm.method.replay import ReplayBatches, ReplaySpec, compute_baseline_losses, ensure_masks, heldout_batches, replayed_loss
 from test_maskpro import diffusion_setup, harmful_nm_toy, image_dataset, linear_toy
 
 # --- lr = 0 changes nothing, with samples that do differ from the initial mask ----------------------

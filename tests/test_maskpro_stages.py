@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_run, tiny_unet
 from entrypoints.cli import cli
-from maskdm.maskpro import load_logits
-from maskdm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.method.maskpro import load_logits
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.masks import load_masks, maskable_modules
 from maskdm.tracking import MODEL_URI_TAG, STAGE_TAG
 

@@ -2,9 +2,9 @@
 
 benchmarks/bench_memory.py measured the fid stage at 4.6 GB peak RSS on 1,000 images at 256x256
 (docs/benchmarks.md): the reference images were decoded as one float batch per 1,000-image chunk
-(about 3.4 GB of float copies); they are now decoded :data:`maskdm.fid.DECODE_IMAGES` at a time into
+(about 3.4 GB of float copies); they are now decoded :data:`maskdm.evaluation.fid.DECODE_IMAGES` at a time into
 a uint8 chunk. samples.npz chunks were read as bytes and copied into a bytearray (the chunk twice);
-they are now read :data:`maskdm.npz_stream.READ_PIECE_BYTES` at a time into the chunk's buffer.
+they are now read :data:`maskdm.evaluation.npz_stream.READ_PIECE_BYTES` at a time into the chunk's buffer.
 baseline_loss on 10,000 images peaked above 3 GB with 1 GiB of replayed batches kept in memory; the
 budget is now 512 MiB, and what lies beyond it must not stay resident.
 """
@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from maskdm import fid, npz_stream, sampling
-from maskdm.batch_cache import DEFAULT_MEMORY_BUDGET, BatchCache
-from maskdm.data import ArrayImageDataset, render_shapes
+from maskdm.ddpm import sampling
+from maskdm.evaluation import fid, npz_stream
+from maskdm.ddpm.batch_cache import DEFAULT_MEMORY_BUDGET, BatchCache
+from maskdm.ddpm.data import ArrayImageDataset, render_shapes
 
 
 class TensorOnly(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ from conftest import shapes_image_folder, tiny_unet, tracking_store
 from entrypoints.cli import cli
 from inception_fixture import _planted_torch_home  # noqa: F401
 from maskdm import dataset_inputs
-from maskdm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.tracking import STAGE_TAG
 
 
@@ -136,7 +136,7 @@ def test_the_same_images_give_the_same_digest_and_a_changed_image_another(store,
 
 
 def test_shapes_digest_is_the_rendered_pixels_and_its_cache_agrees(store):
-    from maskdm.data import load_dataset
+    from maskdm.ddpm.data import load_dataset
 
     loaded = load_dataset("shapes", 16, split="eval", augment=False)
     fresh = dataset_inputs.dataset_digest("shapes", "eval", 16, loaded)

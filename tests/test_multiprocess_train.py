@@ -202,7 +202,7 @@ def test_a_latent_model_under_torchrun_encodes_its_training_latents_once(store, 
 
     from entrypoints.cli import cli
     from test_latent import tiny_latent_ddpm
-    from maskdm.models import save_ddpm
+    from maskdm.ddpm.models import save_ddpm
 
     root, uri = store
     # Local copies of the latents here, for this process and the ranks alike.

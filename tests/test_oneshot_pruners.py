@@ -19,10 +19,10 @@ from torch import nn
 from conftest import REPO
 from entrypoints.cli import cli
 from maskdm.errors import MaskDMError
-from maskdm.mask_policy import magnitude_logits, score_logits
+from maskdm.method.mask_policy import magnitude_logits, score_logits
 from maskdm.masks import MASKS_FILE, load_masks, maskable_modules, prunable_modules
-from maskdm.models import default_scheduler, load_ddpm
-from maskdm.oneshot import (
+from maskdm.ddpm.models import default_scheduler, load_ddpm
+from maskdm.method.oneshot import (
     CalibConfig,
     calibration_batches,
     calibration_samples,
@@ -32,7 +32,7 @@ from maskdm.oneshot import (
     timestep_weights,
     wanda_scores,
 )
-from maskdm.pruning import SCORES_FILE, PruneConfig, compute_masks, load_scores, prune_count
+from maskdm.method.pruning import SCORES_FILE, PruneConfig, compute_masks, load_scores, prune_count
 from maskdm.tracking import MODEL_URI_TAG
 from test_foundation_stages import assert_user_error, download, only_run
 from test_taylor import TensorImages
@@ -359,7 +359,7 @@ def test_the_stage_records_params_stats_masks_scores_and_the_weights(tracking, t
 
 
 def test_a_latent_model_is_pruned_on_its_latents(tracking, tmp_path, monkeypatch):
-    from maskdm.models import save_ddpm
+    from maskdm.ddpm.models import save_ddpm
     from test_latent import tiny_latent_ddpm
 
     monkeypatch.setenv("MASKDM_DATA_DIR", str(tmp_path / "data"))

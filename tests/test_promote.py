@@ -19,8 +19,8 @@ from tests.test_report import FakeStore, build_pipeline, fake_protocol, fid_of
 
 from maskdm import registry
 from maskdm.errors import MaskDMError
-from maskdm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
-from maskdm.sampling import sample_images
+from maskdm.ddpm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
+from maskdm.ddpm.sampling import sample_images
 from maskdm.tracking import STAGE_TAG
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from maskdm.masks import (
     masks_from_weights,
     prunable_modules,
 )
-from maskdm.pruning import (
+from maskdm.method.pruning import (
     PruneConfig,
     apply_pruning,
     compact_state_dict,

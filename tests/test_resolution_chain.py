@@ -33,7 +33,7 @@ from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's t
 def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_home, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from maskdm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
 
     model_dir = save_ddpm(DDPM(tiny_unet(resolution=64), default_scheduler()), tmp_path / "tiny64")
     dataset = shapes_image_folder(tmp_path / "shapes64", 48, 64)
@@ -58,7 +58,7 @@ def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_ho
 @pytest.mark.skipif(not os.environ.get("MASKDM_SLOW_TESTS"), reason="18 stage runs at 64 pixels (minutes): set MASKDM_SLOW_TESTS=1")
 @pytest.mark.timeout(E2E_TIMEOUT_S)
 def test_every_stage_runs_at_64_pixels(code, tmp_path, monkeypatch):
-    from maskdm.models import DDPM, default_scheduler, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 
     model_dir = save_ddpm(DDPM(tiny_unet(resolution=64), default_scheduler()), tmp_path / "tiny64")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from maskdm.data import load_dataset
+from maskdm.ddpm.data import load_dataset
 from maskdm.errors import MaskDMError
-from maskdm.models import ARCH_RESOLUTIONS, ARCHS, build_unet, count_parameters, downsampling_factor
+from maskdm.ddpm.models import ARCH_RESOLUTIONS, ARCHS, build_unet, count_parameters, downsampling_factor
 from test_foundation_stages import assert_user_error
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from conftest import tiny_unet, tracking_store
 from maskdm import report, speed_report
-from maskdm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX
 
 EXPERIMENT = "real-chain"
@@ -60,7 +60,7 @@ def sample_and_score(model_run: str, *extra: str, steps: str = "3") -> tuple[str
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, _planted_torch_home):
     import entrypoints.fid as fid_stage
-    import maskdm.data
+    import maskdm.ddpm.data
 
     folder = tmp_path_factory.mktemp("real-chain")
     with tracking_store(folder) as uri, pytest.MonkeyPatch.context() as patch:
@@ -69,7 +69,7 @@ def chain(tmp_path_factory, _planted_torch_home):
         patch.setenv("TORCH_HOME", str(_planted_torch_home))
         # The fid_shapes classifier and the shapes reference statistics, scaled down (test_fid_stage.py).
         patch.setattr(fid_stage, "CLASSIFIER_TRAINING", {"epochs": 1, "batch_size": 32, "max_images": 320, "seed": 0})
-        patch.setattr(maskdm.data, "SHAPES_TRAIN_SIZE", 400)
+        patch.setattr(maskdm.ddpm.data, "SHAPES_TRAIN_SIZE", 400)
         model_dir = save_ddpm(DDPM(tiny_unet(), default_scheduler()), folder / "tiny_model")
 
         runs = {"dense": invoke("prune", "--model", str(model_dir), "--dataset", "shapes", "--pruning_ratio", "0")}

@@ -16,9 +16,9 @@ from torch import nn
 
 from conftest import tiny_unet
 
-from maskdm import fastpath
-from maskdm.models import default_scheduler
-from maskdm.sampling import (
+from maskdm.ddpm import fastpath
+from maskdm.ddpm.models import default_scheduler
+from maskdm.ddpm.sampling import (
     FAST_PATH_TOLERANCE,
     iter_sample_batches,
     make_run,

@@ -20,8 +20,8 @@ from PIL import Image
 
 from conftest import tiny_unet, tracking_store
 
-from maskdm.models import DDPM, default_scheduler, save_ddpm
-from maskdm.sampling import sample_images
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.ddpm.sampling import sample_images
 from maskdm.tracking import STAGE_TAG, UPSTREAM_TAG_PREFIX, has_artifact, stage_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from maskdm.errors import MaskDMError
-from maskdm.sampling import (
+from maskdm.ddpm.sampling import (
     check_sampling_params,
     ddim_sample,
     ddim_schedule,

@@ -14,8 +14,8 @@ from conftest import tracking_store
 
 from maskdm import registry
 from maskdm.errors import MaskDMError
-from maskdm.models import load_ddpm
-from maskdm.sampling import sample_images
+from maskdm.ddpm.models import load_ddpm
+from maskdm.ddpm.sampling import sample_images
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def models(tmp_path_factory):
     """The same tiny pipeline logged twice as a pyfunc model: with the default cap and with a cap of 6."""
     from conftest import tiny_unet
 
-    from maskdm.models import DDPM, default_scheduler, save_ddpm
+    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
 
     folder = tmp_path_factory.mktemp("serving-store")
     with tracking_store(folder) as uri:

@@ -23,11 +23,11 @@ from torch.utils.data import TensorDataset
 
 from conftest import REPO
 from maskdm import registry
-from maskdm import sparse_storage as ss
+from maskdm.ddpm import sparse_storage as ss
 from maskdm.errors import MaskDMError
-from maskdm.models import DDPM, build_unet, default_scheduler, load_ddpm, save_ddpm
-from maskdm.pruning import PruneConfig, prune
-from maskdm.training import train_ddpm
+from maskdm.ddpm.models import DDPM, build_unet, default_scheduler, load_ddpm, save_ddpm
+from maskdm.method.pruning import PruneConfig, prune
+from maskdm.ddpm.training import train_ddpm
 from test_training import BASE, fresh_ddpm, half_masks
 
 
@@ -359,7 +359,7 @@ def test_the_registered_copy_is_sparse_and_loads_bit_exactly_and_exports_dense(t
     # The one-line export gives the dense diffusers folder back, the weights file byte for byte.
     out = tmp_path / "exported"
     done = subprocess.run(
-        [sys.executable, "-m", "maskdm.sparse_storage", "export", str(pipeline), str(out)],
+        [sys.executable, "-m", "maskdm.ddpm.sparse_storage", "export", str(pipeline), str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -370,7 +370,7 @@ def test_the_registered_copy_is_sparse_and_loads_bit_exactly_and_exports_dense(t
 
 def test_export_command_errors(tmp_path, capsys):
     assert ss.main(["export", str(tmp_path)]) == 2
-    assert "usage: python -m maskdm.sparse_storage export" in capsys.readouterr().err
+    assert "usage: python -m maskdm.ddpm.sparse_storage export" in capsys.readouterr().err
     assert ss.main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.strip() == f"maskdm: error: {tmp_path / 'missing'} is not a folder"
     assert ss.main(["export", str(tmp_path), str(tmp_path)]) == 1

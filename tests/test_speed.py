@@ -18,11 +18,12 @@ from torch import nn
 from conftest import tiny_unet, tracking_store
 from tests.test_report import FakeStore, build_pipeline
 
-from maskdm import report, speed, speed_report
+from maskdm import report, speed_report
+from maskdm.evaluation import speed
 from maskdm.errors import MaskDMError
-from maskdm.models import DDPM, default_scheduler, save_ddpm
-from maskdm.pruning import PruneConfig, prune
-from maskdm.sparse_storage import folder_bytes
+from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
+from maskdm.method.pruning import PruneConfig, prune
+from maskdm.ddpm.sparse_storage import folder_bytes
 
 CUDA_SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -328,7 +329,7 @@ def test_served_model_runs_with_the_kernel_it_was_promoted_with(models, tmp_path
     from types import SimpleNamespace
 
     from maskdm.registry import DEFAULT_MODEL_CONFIG, DDPMImageGenerator
-    from maskdm.sparse_storage import pack_pipeline_copy
+    from maskdm.ddpm.sparse_storage import pack_pipeline_copy
 
     assert DEFAULT_MODEL_CONFIG["kernel"] == "dense"  # a version registered before the option loads dense
     pipeline = tmp_path / "pipeline"

@@ -12,13 +12,13 @@ from torch import nn
 
 from conftest import REPO
 from entrypoints.cli import cli
-from maskdm.data import shapes_dataset
-from maskdm.diffusion import draw_noise_and_timesteps
+from maskdm.ddpm.data import shapes_dataset
+from maskdm.ddpm.diffusion import draw_noise_and_timesteps
 from maskdm.errors import MaskDMError
 from maskdm.masks import MASKS_FILE, load_masks, prunable_modules
-from maskdm.models import default_scheduler
-from maskdm.pruning import PruneConfig, compute_masks, prune_count
-from maskdm.taylor import TaylorConfig, replayed_samples, taylor_batches, taylor_scores
+from maskdm.ddpm.models import default_scheduler
+from maskdm.method.pruning import PruneConfig, compute_masks, prune_count
+from maskdm.method.taylor import TaylorConfig, replayed_samples, taylor_batches, taylor_scores
 from test_foundation_stages import assert_user_error, download, only_run
 
 

@@ -18,9 +18,9 @@ from torch.utils.data import TensorDataset
 from conftest import tiny_unet
 from maskdm.errors import MaskDMError
 from maskdm.masks import DEFAULT_PROTECT, maskable_modules, prunable_modules
-from maskdm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
-from maskdm.sparse_storage import load_tensors
-from maskdm.training import (
+from maskdm.ddpm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
+from maskdm.ddpm.sparse_storage import load_tensors
+from maskdm.ddpm.training import (
     CHECKPOINT_DONE,
     EMA_WEIGHTS,
     TrainConfig,

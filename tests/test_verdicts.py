@@ -1,4 +1,4 @@
-"""The statistics of replicates (maskdm.verdicts): mean, SE and n per arm, paired differences, verdicts."""
+"""The statistics of replicates (maskdm.evaluation.verdicts): mean, SE and n per arm, paired differences, verdicts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maskdm import verdicts
-from maskdm.verdicts import BETTER, NO_DIFFERENCE, ONE_REPLICATE, WORSE
+from maskdm.evaluation import verdicts
+from maskdm.evaluation.verdicts import BETTER, NO_DIFFERENCE, ONE_REPLICATE, WORSE
 
 
 def test_mean_se_n_is_the_standard_error_of_the_mean():

@@ -195,7 +195,7 @@ def resolve_config(
     if not base["dataset"]:
         raise MaskDMError(f"preset '{preset}' has no dataset of its own: pass dataset=imagefolder:<folder of the images>")
 
-    from maskdm.pruning import pattern_ratio  # validates the pattern's spelling too
+    from maskdm.method.pruning import pattern_ratio  # validates the pattern's spelling too
 
     implied = pattern_ratio(base["pattern"])
     if implied is not None and not (ratios and str(ratios).strip()):
@@ -423,7 +423,7 @@ KNOWN_DATASET_SIZES = {"cifar10": 50000}
 
 def dataset_images(name: str) -> int | None:
     """How many training images ``name`` holds, without reading any; None where that is not known here."""
-    from maskdm import data
+    from maskdm.ddpm import data
 
     if name == "shapes":
         return data.SHAPES_TRAIN_SIZE
@@ -506,7 +506,7 @@ def check_plan_inputs(config: SweepConfig, plan: list[Step], project_dir: Path =
 def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]) -> None:
     """The demo model's arch against its resolution, and sample's ddim_steps against the model's
     training timesteps, where they are known without loading a model (the demo model, a local folder)."""
-    from maskdm.models import ARCHS, check_resolution
+    from maskdm.ddpm.models import ARCHS, check_resolution
 
     timesteps = None
     pretrain = full.get("pretrain")
@@ -518,7 +518,7 @@ def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]
             check_resolution(int(pretrain["resolution"]), ARCHS[arch]["block_out_channels"], f"arch '{arch}'")
         except MaskDMError as exc:
             raise MaskDMError(f"plan: pretrain.resolution={pretrain['resolution']}: {exc}") from None
-        timesteps = 1000  # pretrain's scheduler (maskdm.models.default_scheduler)
+        timesteps = 1000  # pretrain's scheduler (maskdm.ddpm.models.default_scheduler)
     elif os.path.isdir(config.model):
         try:
             scheduler = json.loads((Path(config.model) / "scheduler" / "scheduler_config.json").read_text())

@@ -3,8 +3,8 @@
 A registered version is a pyfunc model logged from code (:data:`MODEL_CODE`, so loading it
 unpickles nothing) whose artifact ``pipeline`` is the finetune run's diffusers pipeline folder with
 its weights stored sparse (``unet/diffusion_pytorch_model.sparse.safetensors``: kept values plus a
-bitmask, :mod:`maskdm.sparse_storage`; ``load_context`` rebuilds the dense UNet bit for bit, and
-``python -m maskdm.sparse_storage export <pipeline> <out>`` writes a dense diffusers folder) and
+bitmask, :mod:`maskdm.ddpm.sparse_storage`; ``load_context`` rebuilds the dense UNet bit for bit, and
+``python -m maskdm.ddpm.sparse_storage export <pipeline> <out>`` writes a dense diffusers folder) and
 whose ``code/`` holds a copy of this ``maskdm`` package, so it loads wherever its pip requirements
 are installed, with the code that registered it. ``predict`` takes a DataFrame with integer
 columns ``num_images`` and, optionally, ``ddim_steps`` (default 100) and ``seed`` (default 42), one

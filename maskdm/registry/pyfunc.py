@@ -36,7 +36,7 @@ DEFAULT_MAX_IMAGE_STEPS = 6400
 MAX_IMAGE_STEPS_TAG = "max_image_steps"
 #: ``model_config`` of a registered model; override at load with ``mlflow.pyfunc.load_model(uri, model_config=...)``.
 DEFAULT_MODEL_CONFIG = {"batch_size": 64, "device": "auto", "max_image_steps": DEFAULT_MAX_IMAGE_STEPS, "kernel": "dense"}
-#: The version tag recording the kernel the served model runs with (``promote --kernel``, :mod:`maskdm.speed`).
+#: The version tag recording the kernel the served model runs with (``promote --kernel``, :mod:`maskdm.evaluation.speed`).
 KERNEL_TAG = "kernel"
 #: The version tag that names the finetune run a version holds (the idempotency key).
 FINETUNE_RUN_TAG = "finetune_run_id"
@@ -122,7 +122,7 @@ def check_max_image_steps(value: object) -> int:
 def steps_run(ddim_steps: int, num_train_timesteps: int) -> int:
     """The UNet calls ``ddim_steps`` uniform DDIM steps really make: every ``T // S``-th timestep,
     so more than ``S`` when ``S`` does not divide ``T`` (501 of 1,000 run 1,000)."""
-    from maskdm.sampling import ddim_timesteps
+    from maskdm.ddpm.sampling import ddim_timesteps
 
     return len(ddim_timesteps(num_train_timesteps, ddim_steps, "uniform"))
 
@@ -153,7 +153,7 @@ def generate(
     ddpm, requests: Sequence[GenerationRequest], batch_size: int = 64, device: str = "cpu", mixed_precision: str = "no"
 ) -> np.ndarray:
     """The images of all requests as one uint8 NHWC array, in request order."""
-    from maskdm.sampling import sample_images
+    from maskdm.ddpm.sampling import sample_images
 
     images = [
         sample_images(
@@ -189,9 +189,9 @@ class DDPMImageGenerator(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame(num_images, ddim_steps, seed) -> uint8 NHWC images (see the module doc)."""
 
     def load_context(self, context) -> None:
-        from maskdm.models import load_ddpm
+        from maskdm.ddpm.models import load_ddpm
 
-        from maskdm.sparse_storage import dense_folder
+        from maskdm.ddpm.sparse_storage import dense_folder
 
         config = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
         # A sparse pipeline (every version registered since weights are stored sparse) is rebuilt
@@ -204,7 +204,7 @@ class DDPMImageGenerator(mlflow.pyfunc.PythonModel):
         self.kernel = str(config["kernel"])
         self.mixed_precision = "no"
         if self.kernel != "dense":
-            from maskdm.speed import prepare_kernel
+            from maskdm.evaluation.speed import prepare_kernel
 
             # 2:4 layers compressed once at load (bf16, on the GPU; one line where there is none).
             prepare_kernel(self.ddpm.unet, self.kernel, self.device, "auto")
@@ -252,11 +252,11 @@ def log_pyfunc_model(
 ):
     """Log the pipeline folder as a pyfunc image generator in the active run; returns the ModelInfo.
 
-    The logged copy of the folder stores its weights sparse (:func:`maskdm.sparse_storage.pack_pipeline_copy`);
+    The logged copy of the folder stores its weights sparse (:func:`maskdm.ddpm.sparse_storage.pack_pipeline_copy`);
     ``pipeline_dir`` itself is left as it is.
     """
-    from maskdm.models import pipeline_image_shape
-    from maskdm.sparse_storage import pack_pipeline_copy
+    from maskdm.ddpm.models import pipeline_image_shape
+    from maskdm.ddpm.sparse_storage import pack_pipeline_copy
 
     channels, height, width = pipeline_image_shape(pipeline_dir)
     with tempfile.TemporaryDirectory(prefix="maskdm-pyfunc-") as tmp:

@@ -7,7 +7,7 @@ nothing is read from files on disk. Runs are joined through their lineage tags
 * A row is one (model, dataset, pruning_ratio, pruner, pattern, scope, mask_training) combination
   and replicate (``maskdm.replicate``: :func:`build_replicate_table`); :func:`build_table`
   summarises a combination's replicates into one row, each FID and loss as mean, ``_se`` and
-  ``_n`` (:mod:`maskdm.verdicts`, which also pairs arms replicate by replicate). A row is
+  ``_n`` (:mod:`maskdm.evaluation.verdicts`, which also pairs arms replicate by replicate). A row is
   anchored on the newest FINISHED ``finetune`` run of that combination; where there is none, on the
   newest ``train_masks`` run (mask_training true), else on the newest ``prune`` run (mask_training
   empty: no mask stage has run on it yet). The anchor's lineage names the row's other stage runs.
@@ -35,7 +35,7 @@ and the UI series) and :mod:`~maskdm.report.files` (the files a report writes). 
 is importable from ``maskdm.report``.
 """
 
-from maskdm.fid_protocol import (  # noqa: F401 (re-exported: callers import them from here too)
+from maskdm.evaluation.fid_protocol import (  # noqa: F401 (re-exported: callers import them from here too)
     FID_DIMS, FID_FEATURES, FID_METRIC, FID_PROTOCOL_ID_TAG, FID_PROTOCOL_PART_PREFIX, FID_PROTOCOL_TAG,
     PROTOCOL_PARTS, SE_SUFFIX, UNKNOWN, UNRECORDED, FidProtocol, describe_protocol, fid_metric_name, is_fid_metric,
 )

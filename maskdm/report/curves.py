@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from maskdm.fid_protocol import FID_METRIC
+from maskdm.evaluation.fid_protocol import FID_METRIC
 from maskdm.report.runs import BOOTSTRAP_SE_SUFFIX, MODEL_STAGE_NAMES, _present
 from maskdm.report.scores import split_fid_column
 from maskdm.report.table import table_fid_names

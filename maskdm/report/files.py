@@ -15,7 +15,7 @@ from maskdm.report.runs import REPORT_FILES
 from maskdm.report.table import (
     HELDOUT_COLUMN, build_replicate_table, replicate_table_columns, summarize_table, table_fid_names,
 )
-from maskdm.verdicts import paired_differences
+from maskdm.evaluation.verdicts import paired_differences
 
 # --------------------------------------------------------------------------------------------
 # Files

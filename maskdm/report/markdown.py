@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 
 from maskdm import speed_report
-from maskdm.fid_protocol import FID_METRIC, UNRECORDED, FidProtocol
+from maskdm.evaluation.fid_protocol import FID_METRIC, UNRECORDED, FidProtocol
 from maskdm.report.runs import BOOTSTRAP_SE_SUFFIX, KEY_COLUMNS, MODEL_STAGE_NAMES, PIPELINE_STAGES, _present
 from maskdm.report.scores import split_fid_column
 from maskdm.report.table import HELDOUT_COLUMN, table_fid_names
-from maskdm.verdicts import format_estimate
+from maskdm.evaluation.verdicts import format_estimate
 
 # --------------------------------------------------------------------------------------------
 # Markdown
@@ -120,7 +120,7 @@ def verdicts_markdown(verdicts: pd.DataFrame) -> list[str]:
 def to_markdown(table: pd.DataFrame, title: str = "MaskDM results", verdicts: pd.DataFrame | None = None) -> str:
     """results.md: one small table per quantity, each keyed by ratio/pruner/pattern/scope/mask_training;
     FIDs and losses as mean ± SE over the replicates (n); then the paired differences (``verdicts``,
-    :func:`maskdm.verdicts.paired_differences`).
+    :func:`maskdm.evaluation.verdicts.paired_differences`).
 
     Columns that are empty in every row are left out (results.csv keeps them all); model and
     dataset become a line under the title when they are the same in every row.

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from maskdm.fid_protocol import FID_METRIC, SE_SUFFIX, UNRECORDED, FidProtocol, is_fid_metric
+from maskdm.evaluation.fid_protocol import FID_METRIC, SE_SUFFIX, UNRECORDED, FidProtocol, is_fid_metric
 from maskdm.report.runs import BOOTSTRAP_SE_SUFFIX, RunRecord, newest_first, parse_ratio
 from maskdm.tracking import REPLICATE_TAG, lineage_stages, masks_source_of, parse_run_ref
 

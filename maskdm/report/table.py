@@ -9,13 +9,13 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 from maskdm import speed_report
-from maskdm.fid_protocol import FID_METRIC
+from maskdm.evaluation.fid_protocol import FID_METRIC
 from maskdm.report.runs import (
     _ANCHOR_PRIORITY, BOOTSTRAP_SE_SUFFIX, INTEGER_COLUMNS, KEY_COLUMNS, MODEL_STAGE_NAMES, PIPELINE_STAGES,
     SIZE_COLUMNS, RunRecord, newest_first, run_records,
 )
 from maskdm.report.scores import FidColumn, ModelScores, collect_scores, fid_columns, is_fid_column, replicate_of_run
-from maskdm.verdicts import REPLICATE_COLUMN, summarize, summary_columns
+from maskdm.evaluation.verdicts import REPLICATE_COLUMN, summarize, summary_columns
 
 #: One logger for the whole report, as before it was a package.
 log = logging.getLogger("maskdm.report")
@@ -50,7 +50,7 @@ def replicate_table_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> list[st
 def measure_columns(fid_names: Sequence[str] = (FID_METRIC,)) -> dict[str, str | None]:
     """The columns summarised over replicates (mean, ``_se``, ``_n``): every FID, eval_loss and the
     held-out loss; each mapped to the column of the run its value comes from where replicates may
-    share that run (:func:`maskdm.verdicts.summarize`)."""
+    share that run (:func:`maskdm.evaluation.verdicts.summarize`)."""
     measures: dict[str, str | None] = {f"{ms}_{name}": None for name in fid_names for ms in MODEL_STAGE_NAMES}
     measures.update({f"{ms}_eval_loss": MODEL_RUN_ID_COLUMNS[ms] for ms in MODEL_STAGE_NAMES})
     measures[HELDOUT_COLUMN] = MODEL_RUN_ID_COLUMNS["masked"]
@@ -69,7 +69,7 @@ def build_table(runs: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def summarize_table(replicates: pd.DataFrame) -> pd.DataFrame:
-    """Mean, SE and n over the replicates of each row key (:func:`maskdm.verdicts.summarize`)."""
+    """Mean, SE and n over the replicates of each row key (:func:`maskdm.evaluation.verdicts.summarize`)."""
     names = table_fid_names(replicates)
     table = summarize(replicates, list(KEY_COLUMNS), measure_columns(names)).reindex(columns=table_columns(names))
     for measure in (f"{ms}_{name}" for name in names for ms in MODEL_STAGE_NAMES):

@@ -137,7 +137,7 @@ class StageRun:
 
     def resolve_model(self, ref: str):
         """Open ``ref`` (hub id, local folder, run ID, ``runs:/<id>/model`` or ``demo``) and record it."""
-        from maskdm.models import load_ddpm
+        from maskdm.ddpm.models import load_ddpm
 
         ref = str(ref).strip()
         if ref == "demo":
@@ -154,7 +154,7 @@ class StageRun:
 
     def load_lineage_model(self, override: str | None = None):
         """The original dense model of this run's lineage (or ``override``), e.g. for baseline_loss."""
-        from maskdm.models import load_ddpm
+        from maskdm.ddpm.models import load_ddpm
 
         if override:
             return self.resolve_model(override)
@@ -172,9 +172,9 @@ class StageRun:
 
         ``dataset`` is a dataset name or an already loaded evaluation split.
         """
-        from maskdm.data import load_dataset
-        from maskdm.diffusion import eval_images, eval_loss
-        from maskdm.models import save_ddpm
+        from maskdm.ddpm.data import load_dataset
+        from maskdm.ddpm.diffusion import eval_images, eval_loss
+        from maskdm.ddpm.models import save_ddpm
 
         if isinstance(dataset, str):
             if ddpm.is_latent:  # its UNet would take the images for latents without a word

@@ -27,7 +27,7 @@ metadata records (``<name>.safetensors``, or a torch-pickled state such as accel
 :func:`pack_checkpoint` packs a training checkpoint in place, :func:`unpack_folder` rebuilds the
 dense files into a new folder, :func:`dense_folder` does that into a temporary folder for a
 reader (``accelerate.load_state``, ``diffusers.from_pretrained``), and ``python -m
-maskdm.sparse_storage export <sparse folder> <dense folder>`` is the one-line export to a folder
+maskdm.ddpm.sparse_storage export <sparse folder> <dense folder>`` is the one-line export to a folder
 diffusers and accelerate open.
 """
 
@@ -547,7 +547,7 @@ def checkpoint_files_to_pack(folder: Path) -> list[Path]:
 
 
 def pack_checkpoint(folder: str | os.PathLike, verify: bool = True) -> list[PackedFile]:
-    """Pack a checkpoint folder written by :mod:`maskdm.training` in place (main process only).
+    """Pack a checkpoint folder written by :mod:`maskdm.ddpm.training` in place (main process only).
 
     Each file of :func:`checkpoint_files_to_pack` is replaced by its ``*.sparse.safetensors`` form;
     the scheduler and RNG states stay as they are. :func:`dense_folder` gives back the folder
@@ -583,7 +583,7 @@ def folder_bytes(folder: str | os.PathLike, pattern: str = "*") -> int:
 # The one-line export
 
 
-USAGE = """usage: python -m maskdm.sparse_storage export SPARSE_FOLDER DENSE_FOLDER
+USAGE = """usage: python -m maskdm.ddpm.sparse_storage export SPARSE_FOLDER DENSE_FOLDER
 
 Writes DENSE_FOLDER (new): a copy of SPARSE_FOLDER (a registered model's pipeline artifact or a
 packed checkpoint) with every *.sparse.safetensors file replaced by the dense file it stands for,

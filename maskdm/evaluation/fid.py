@@ -488,7 +488,7 @@ def reference_key(
 ) -> str:
     """What identifies a dataset's reference statistics: reuse them only when all of this matches.
 
-    ``dataset``: its identity (an image folder by its contents, :func:`maskdm.data.dataset_identity`);
+    ``dataset``: its identity (an image folder by its contents, :func:`maskdm.ddpm.data.dataset_identity`);
     ``preprocessing``: :func:`preprocessing_identity`; ``code``: a digest of the code that made them.
     """
     return (f"dataset={dataset};resolution={resolution};features={features};dims={dims};weights={weights_digest};"
@@ -506,7 +506,7 @@ def preprocessing_identity(resolution: int) -> str:
     :data:`PREPROCESSING_PACKAGES`. Statistics made under another of either are made again."""
     from importlib import metadata
 
-    from maskdm.data import reference_transform
+    from maskdm.ddpm.data import reference_transform
 
     versions = []
     for name in PREPROCESSING_PACKAGES:
@@ -527,13 +527,13 @@ def dataset_uint8_chunks(
 ) -> Iterator[np.ndarray]:
     """The images of a maskdm dataset ((image in [-1, 1] CHW, label) items) as uint8 NHWC chunks, in order.
 
-    Rounded as samples are (:func:`maskdm.sampling.to_uint8`), which gives back a dataset's
+    Rounded as samples are (:func:`maskdm.ddpm.sampling.to_uint8`), which gives back a dataset's
     original uint8 pixels exactly. One chunk of ``batch_size`` images is held at a time, as uint8:
     the float images are decoded and rounded :data:`DECODE_IMAGES` at a time into it. (Decoding a
     whole chunk as one float batch cost about 3.4 GB over the chunk for 1,000 images at 256x256:
     the items, their stacked copy and ``to_uint8``'s temporaries, 786 MB each; docs/benchmarks.md.)
     """
-    from maskdm.sampling import to_uint8
+    from maskdm.ddpm.sampling import to_uint8
 
     count = len(dataset) if limit is None else min(limit, len(dataset))
     if count == 0:

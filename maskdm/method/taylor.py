@@ -1,13 +1,13 @@
 """First-order Taylor importance of every prunable weight, from replayed diffusion losses.
 
-The ``taylor`` pruner of :mod:`maskdm.pruning` ranks weight ``w`` by ``|w * G|``, where ``G`` is the
+The ``taylor`` pruner of :mod:`maskdm.method.pruning` ranks weight ``w`` by ``|w * G|``, where ``G`` is the
 gradient of the noise-prediction loss averaged over the samples counted (the first-order estimate
 of how much the loss changes when ``w`` is set to 0). This is the weight-level version of the
 importance Diff-Pruning (Fang et al., NeurIPS 2023) uses; what we took from it and what we chose:
 
 * **Samples.** ``batches`` replayed minibatches of ``batch_size`` training images (evaluation
-  transforms), with the timesteps and noise of :func:`maskdm.diffusion.draw_noise_and_timesteps`
-  seeded by ``(seed, b)``: the replay of :mod:`maskdm.replay`, so with the same dataset, seed and
+  transforms), with the timesteps and noise of :func:`maskdm.ddpm.diffusion.draw_noise_and_timesteps`
+  seeded by ``(seed, b)``: the replay of :mod:`maskdm.method.replay`, so with the same dataset, seed and
   batch size these are exactly baseline_loss's first minibatches. Diff-Pruning instead takes one
   batch and runs it through every timestep 0..T-1 with one noise draw; the replay covers the
   timesteps by sampling, with the same images-noise pairs any later stage can reproduce.
@@ -46,9 +46,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from maskdm.diffusion import NoiseDraw, batch_loss, draw_noise_and_timesteps
+from maskdm.ddpm.diffusion import NoiseDraw, batch_loss, draw_noise_and_timesteps
 from maskdm.errors import MaskDMError
-from maskdm.replay import ReplayBatches, ReplaySpec
+from maskdm.method.replay import ReplayBatches, ReplaySpec
 
 log = logging.getLogger(__name__)
 

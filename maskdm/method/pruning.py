@@ -3,7 +3,7 @@
 Pruning is split into three steps so that each can be checked on its own:
 
 * :func:`compute_masks` decides (``magnitude``, ``random``, ``taylor`` or ``wanda``; ``sparsegpt`` is
-  :func:`maskdm.oneshot.sparsegpt_prune`; ``unstructured`` or ``N:M``,
+  :func:`maskdm.method.oneshot.sparsegpt_prune`; ``unstructured`` or ``N:M``,
   per ``layer`` or ``global``) and returns bool masks, True = kept, keyed by exact module name;
 * :func:`apply_pruning` zeroes the masked-out weights in place and touches nothing else;
 * :func:`pruning_stats` describes the result as a JSON-serialisable dict, including the measured
@@ -15,7 +15,7 @@ Rules where a choice had to be made (``docs/details/prune.md`` has the full text
   loses exactly ``k = floor(ratio * n)`` of them, ``ratio * n`` evaluated exactly on the decimal
   value of ``ratio`` (float arithmetic would give ``0.29 * 100 = 28.999...`` and prune 28).
 * Ties: weights are ranked by their score (``|w|``; for ``taylor``, the importance of
-  :mod:`maskdm.taylor`, given to :func:`compute_masks` as ``scores``) and, among equal scores,
+  :mod:`maskdm.method.taylor`, given to :func:`compute_masks` as ``scores``) and, among equal scores,
   by position (flat index within a layer, then layer order for ``global``); the earlier one is
   pruned first. So exactly ``k`` go
   even when many weights are equal, and the result never depends on the sort implementation.
@@ -57,7 +57,7 @@ from maskdm.masks import DEFAULT_PROTECT, check_masks_fit, maskable_modules, par
 log = logging.getLogger(__name__)
 
 PRUNERS: tuple[str, ...] = ("magnitude", "random", "taylor", "wanda", "sparsegpt")
-#: Pruners whose scores come from outside (maskdm.taylor, maskdm.oneshot) and are given to compute_masks.
+#: Pruners whose scores come from outside (maskdm.method.taylor, maskdm.method.oneshot) and are given to compute_masks.
 SCORED_PRUNERS: tuple[str, ...] = ("taylor", "wanda")
 #: The prune run's record of what each pruner ranked by (train_masks init=pruner starts from it).
 SCORES_FILE = "scores.safetensors"
@@ -104,9 +104,9 @@ class PruneConfig:
     ratio:   share of weights to prune, in [0, 1). With an ``N:M`` pattern it must equal ``1 - N/M``
              (within :data:`NM_RATIO_TOLERANCE`): the pattern decides, the ratio records it.
     pruner:  ``magnitude`` (drop the smallest ``|w|``), ``random`` (seeded uniform choice),
-             ``taylor`` (drop the smallest first-order Taylor importance, :mod:`maskdm.taylor`),
+             ``taylor`` (drop the smallest first-order Taylor importance, :mod:`maskdm.method.taylor`),
              ``wanda`` (``|w| * ||x||``, compared within each output row) or ``sparsegpt``
-             (OBS selection with weight reconstruction); both of :mod:`maskdm.oneshot`.
+             (OBS selection with weight reconstruction); both of :mod:`maskdm.method.oneshot`.
     pattern: ``unstructured`` or ``N:M`` (N kept of every M consecutive input weights).
     scope:   ``layer`` (every layer loses ``ratio`` of its weights) or ``global`` (one ranking over
              all prunable weights; layers end up with different sparsities). ``N:M`` needs ``layer``.
@@ -205,7 +205,7 @@ def compute_masks(model: nn.Module, config: PruneConfig, scores: Mapping[str, to
     """Decide which weights of ``model``'s prunable layers to keep. Does not modify ``model``.
 
     ``scores``: the ``taylor`` pruner's importance of each prunable layer's weights (by module name,
-    shaped like the weight; :func:`maskdm.taylor.taylor_scores`); the other pruners take none.
+    shaped like the weight; :func:`maskdm.method.taylor.taylor_scores`); the other pruners take none.
     """
     modules = prunable_modules(model, config.protect)
     if not modules:
@@ -213,7 +213,7 @@ def compute_masks(model: nn.Module, config: PruneConfig, scores: Mapping[str, to
             f"nothing to prune: protect '{','.join(config.protect)}' covers every Conv2d/Linear layer of the model"
         )
     if config.pruner == "sparsegpt":
-        raise MaskDMError("pruner=sparsegpt chooses its masks while reconstructing the weights: use maskdm.oneshot.sparsegpt_prune")
+        raise MaskDMError("pruner=sparsegpt chooses its masks while reconstructing the weights: use maskdm.method.oneshot.sparsegpt_prune")
     weights = {name: _plain_weight(name, module).detach().cpu() for name, module in modules.items()}
     generator = torch.Generator().manual_seed(config.seed)
     ranking = _ranking_scores(weights, config.pruner, scores)
@@ -247,7 +247,7 @@ def _ranking_scores(
             raise MaskDMError(f"pruner '{pruner}' takes no importance scores; they are for pruner={'/'.join(SCORED_PRUNERS)}")
         return {name: w.abs() for name, w in weights.items()} if pruner == "magnitude" else None
     if scores is None:
-        source = "maskdm.taylor.taylor_scores" if pruner == "taylor" else "maskdm.oneshot.wanda_scores"
+        source = "maskdm.method.taylor.taylor_scores" if pruner == "taylor" else "maskdm.method.oneshot.wanda_scores"
         raise MaskDMError(f"pruner={pruner} needs importance scores ({source}) and so a dataset")
     if set(scores) != set(weights):
         missing = sorted(set(weights) - set(scores)) or sorted(set(scores) - set(weights))

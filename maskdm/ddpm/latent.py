@@ -39,7 +39,7 @@ DECODE_BATCH = 16
 def downsampling_factor(block_out_channels) -> int:
     """How much a UNet (or an autoencoder's encoder) with these levels shrinks its input: 2 per level after the first.
 
-    Here, not in :mod:`maskdm.models`, which imports this module: the import runs one way only."""
+    Here, not in :mod:`maskdm.ddpm.models`, which imports this module: the import runs one way only."""
     return 2 ** (len(block_out_channels) - 1)
 
 

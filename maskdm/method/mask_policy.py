@@ -469,7 +469,7 @@ def score_logits(
     """Initial logits from any pruner's recorded scores (``scores.safetensors`` of a prune run).
 
     ``magnitude_logits`` with the recorded score in place of ``|w|``, thresholded where the pruner
-    made its choice (``selection``, :func:`maskdm.pruning.selection_of`): ``layer`` one threshold
+    made its choice (``selection``, :func:`maskdm.method.pruning.selection_of`): ``layer`` one threshold
     per layer, ``row`` one per output row (wanda), ``block:<B>`` one per row within each block of B
     columns (sparsegpt). Each threshold is the geometric midpoint between the smallest kept and
     the largest pruned score of its group, so every kept weight starts above 1/2 and every pruned

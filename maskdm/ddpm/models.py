@@ -3,7 +3,7 @@
 Models move between stages only as diffusers pipeline folders (``model_index.json``, ``unet/``,
 ``scheduler/``) that ``DDPMPipeline.from_pretrained`` opens, or for a latent diffusion model
 ``LDMPipeline.from_pretrained`` (``vqvae/`` besides: the frozen autoencoder whose latents the UNet
-works on, :mod:`maskdm.latent`). Run IDs and ``demo`` are resolved to such folders by
+works on, :mod:`maskdm.ddpm.latent`). Run IDs and ``demo`` are resolved to such folders by
 :mod:`maskdm.tracking`; this module only sees paths and hub ids.
 """
 
@@ -22,7 +22,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel, VQModel
 
 from maskdm.errors import MaskDMError
-from maskdm.latent import LatentCodec, downsampling_factor  # noqa: F401 (downsampling_factor: re-exported)
+from maskdm.ddpm.latent import LatentCodec, downsampling_factor  # noqa: F401 (downsampling_factor: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def build_unet(arch: str, resolution: int = 32, in_channels: int = 3, seed: int 
 #: The demo model shipped with the package: the diffusers pipeline folder that ``pretrain`` with its
 #: defaults saved (its ``model/`` artifact), so ``model=demo`` is the same weights in every tracking
 #: store and on every machine. How it was made: docs/details/pretrain.md#the-shipped-demo-model.
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo_model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"  # maskdm/assets (this file: maskdm/ddpm/models.py)
 #: What it was made with: the pretrain run's params, thread count, code and library versions.
 DEMO_RECIPE_FILE = DEMO_MODEL_DIR.parent / "demo_model_recipe.json"
 
@@ -172,7 +172,7 @@ class DDPM:
 
     @property
     def codec(self):
-        """The :class:`maskdm.latent.LatentCodec` of a latent model, else ``None`` (the UNet works on pixels)."""
+        """The :class:`maskdm.ddpm.latent.LatentCodec` of a latent model, else ``None`` (the UNet works on pixels)."""
         if self.vqvae is None:
             return None
         return LatentCodec(self.vqvae)

@@ -1,12 +1,12 @@
-"""Every pruner behind one call: a model and a :class:`~maskdm.pruning.PruneConfig` in, masks out.
+"""Every pruner behind one call: a model and a :class:`~maskdm.method.pruning.PruneConfig` in, masks out.
 
-``magnitude`` and ``random`` need nothing else; ``taylor`` (:mod:`maskdm.taylor`), ``wanda`` and
-``sparsegpt`` (:mod:`maskdm.oneshot`) measure on replayed training images, given as
+``magnitude`` and ``random`` need nothing else; ``taylor`` (:mod:`maskdm.method.taylor`), ``wanda`` and
+``sparsegpt`` (:mod:`maskdm.method.oneshot`) measure on replayed training images, given as
 ``train_images``. The ``prune`` stage and benchmarks/pruner_study.py both prune through
 :func:`run_pruner`, so a study measures exactly what the stage does.
 
 ``sparsegpt`` changes the kept weights of ``unet`` in place (its reconstruction); every pruner
-leaves the pruned weights as they are, for :func:`~maskdm.pruning.apply_pruning` to zero.
+leaves the pruned weights as they are, for :func:`~maskdm.method.pruning.apply_pruning` to zero.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from maskdm.masks import prunable_modules
-from maskdm.oneshot import ONESHOT_PRUNERS, CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
-from maskdm.pruning import PruneConfig, PruneResult, compute_masks, selection_of
-from maskdm.replay import ReplayBatches
-from maskdm.taylor import TaylorConfig, taylor_batches, taylor_scores
+from maskdm.method.oneshot import ONESHOT_PRUNERS, CalibConfig, calibration_batches, calibration_samples, sparsegpt_prune, wanda_scores
+from maskdm.method.pruning import PruneConfig, PruneResult, compute_masks, selection_of
+from maskdm.method.replay import ReplayBatches
+from maskdm.method.taylor import TaylorConfig, taylor_batches, taylor_scores
 
 #: Pruners that measure on training images.
 DATA_PRUNERS = ("taylor", *ONESHOT_PRUNERS)
@@ -31,7 +31,7 @@ class PrunerOutcome:
     result: PruneResult
     #: What the pruner ranked by (``|w|`` for magnitude), by layer; None for random.
     scores: dict[str, torch.Tensor] | None
-    #: Within what the scores were compared (:func:`maskdm.pruning.selection_of`).
+    #: Within what the scores were compared (:func:`maskdm.method.pruning.selection_of`).
     selection: str
     #: Metrics of the measurement (taylor's samples, sparsegpt's passes), for the run.
     metrics: dict[str, float] = field(default_factory=dict)

@@ -2,10 +2,10 @@
 
 Start from the masks a cheap pruner gave and learn, on the ORIGINAL dense weights, a distribution
 over masks whose samples lower the diffusion loss. Forward passes only, under ``torch.no_grad``:
-the logits move by a closed-form score (:mod:`maskdm.mask_policy`), never by backpropagation.
+the logits move by a closed-form score (:mod:`maskdm.method.mask_policy`), never by backpropagation.
 
 Each update samples ``samples`` masks, measures each on the same ``accumulation`` replayed batches
-(:mod:`maskdm.replay`), and moves the logits against its advantage:
+(:mod:`maskdm.method.replay`), and moves the logits against its advantage:
 
 * reward ``R_k = loss(m_k) - baseline_loss`` (the initial mask's loss on the same batches, so the
   batch's own difficulty cancels exactly);
@@ -17,10 +17,10 @@ Each update samples ``samples`` masks, measures each on the same ``accumulation`
 * ``logits <- logits - lr / samples * sum_k A_k * score(m_k)``.
 
 While training, the current final mask can be scored every ``eval_every`` updates on a held-out
-set (:class:`maskdm.replay.ReplayBatches` from :func:`maskdm.replay.heldout_batches`), so what
+set (:class:`maskdm.method.replay.ReplayBatches` from :func:`maskdm.method.replay.heldout_batches`), so what
 the user watches is mask quality on images and draws the training never saw.
 
-This module re-exports the public names of :mod:`maskdm.replay` and :mod:`maskdm.mask_policy`,
+This module re-exports the public names of :mod:`maskdm.method.replay` and :mod:`maskdm.method.mask_policy`,
 the two parts it was split into.
 """
 
@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from maskdm.errors import MaskDMError
-from maskdm.mask_policy import (
+from maskdm.method.mask_policy import (
     INIT_CHOICES,
     MAX_EXACT_N,
     TARGET_CHOICES,
@@ -63,7 +63,7 @@ from maskdm.mask_policy import (
     trainable_layers,
 )
 from maskdm.masks import set_masks
-from maskdm.replay import (
+from maskdm.method.replay import (
     REPLAY_PROTOCOL_VERSION,
     ReplayBatches,
     ReplayedLosses,
@@ -279,7 +279,7 @@ class MaskTrainer:
     ``heldout_loss(b)`` (with ``heldout_batches`` batches) scores a mask on the held-out set; with
     it, the current final mask is scored every ``eval_every`` updates (0 = only before and after).
 
-    A loss callable with a ``losses(indices)`` method (:class:`maskdm.replay.ReplayedLosses`) is
+    A loss callable with a ``losses(indices)`` method (:class:`maskdm.method.replay.ReplayedLosses`) is
     asked for a whole window at once, so it can evaluate several batches per forward pass.
     """
 

@@ -7,7 +7,7 @@ with ``eta``) is done here over an explicit sequence, with the scheduler's own `
 model's scheduler config, as ``DDIMPipeline`` does). Clipping the predicted x_0 is an explicit
 choice (``clip_sample``); only ``clip_sample=None`` takes it from the scheduler config.
 
-The fast path (:mod:`maskdm.fastpath`: bf16 autocast of the UNet, channels_last, torch.compile) is
+The fast path (:mod:`maskdm.ddpm.fastpath`: bf16 autocast of the UNet, channels_last, torch.compile) is
 chosen with the same ``auto``/``true``/``false`` spellings as the training stages; the DDIM update
 itself always runs in float32. On a trained model it matches the float32 path within
 :data:`FAST_PATH_TOLERANCE` per image (docs/details/sample.md, "The fast path").
@@ -35,8 +35,8 @@ from torch import nn
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from maskdm import fastpath
-from maskdm.diffusion import batch_generator
+from maskdm.ddpm import fastpath
+from maskdm.ddpm.diffusion import batch_generator
 from maskdm.errors import MaskDMError
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def check_sampling_params(
 
 
 def check_mixed_precision(mixed_precision: str) -> None:
-    """``auto`` (resolved by :func:`maskdm.fastpath.resolve_mixed_precision`), ``no``, ``bf16`` or ``fp16``."""
+    """``auto`` (resolved by :func:`maskdm.ddpm.fastpath.resolve_mixed_precision`), ``no``, ``bf16`` or ``fp16``."""
     if mixed_precision not in fastpath.MIXED_PRECISION_CHOICES:
         choices = ", ".join(fastpath.MIXED_PRECISION_CHOICES)
         raise MaskDMError(f"unknown mixed_precision '{mixed_precision}': choose one of {choices}")
@@ -320,7 +320,7 @@ class SamplingRun:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str | None = None
-    #: A latent model's :class:`maskdm.latent.LatentCodec`: samples are decoded by it, batch by batch.
+    #: A latent model's :class:`maskdm.ddpm.latent.LatentCodec`: samples are decoded by it, batch by batch.
     codec: object | None = None
 
     @property
@@ -355,7 +355,7 @@ def make_run(
     """Check the options and build the schedule; ``clip_sample`` as in :func:`ddim_schedule`.
 
     ``mixed_precision``, ``channels_last`` and ``compile`` also take ``auto`` (``true``/``false``
-    for the two switches), resolved by :func:`maskdm.fastpath.resolve` for ``device`` and for calls
+    for the two switches), resolved by :func:`maskdm.ddpm.fastpath.resolve` for ``device`` and for calls
     of ``batch_size`` images (``compile=auto`` compiles on CUDA from ``COMPILE_MIN_BATCH`` images).
     ``codec``: a latent model's autoencoder; the sampled latents are decoded to images.
     """
@@ -516,7 +516,7 @@ def sample_images(
     ``fp16`` runs the UNet under autocast (the update stays float32). ``compile`` wraps the UNet in
     ``torch.compile`` and pads the last batch to ``batch_size``. The three also take ``auto``
     (:func:`make_run`); the defaults are the plain float32 eager path. ``codec``: a latent model's
-    autoencoder (:attr:`maskdm.models.DDPM.codec`); the images are then the decoded latents.
+    autoencoder (:attr:`maskdm.ddpm.models.DDPM.codec`); the images are then the decoded latents.
     """
     run = make_run(
         unet,

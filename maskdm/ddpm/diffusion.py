@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskdm.fastpath import FastPath
+from maskdm.ddpm.fastpath import FastPath
 
 #: The eval_loss protocol shared by every model-writing stage, so values compare across runs:
 #: the first EVAL_SIZE images of the dataset's evaluation split (deterministic transforms), in
@@ -68,7 +68,7 @@ def batch_loss(
     """Noise-prediction MSE of ``unet`` on ``clean`` images in [-1, 1] under ``draw``.
 
     ``reduction="none"`` returns one loss per image (mean over pixels). ``fast`` (a
-    :class:`maskdm.fastpath.FastPath`) runs the UNet alone under its autocast, on input in its
+    :class:`maskdm.ddpm.fastpath.FastPath`) runs the UNet alone under its autocast, on input in its
     memory format; noising and the loss stay float32.
     """
     draw = draw.to(clean.device)

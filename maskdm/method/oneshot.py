@@ -5,8 +5,8 @@ and ``X`` its input columns, one per token (a Linear's input rows; a convolution
 :func:`torch.nn.functional.unfold` with the layer's kernel, stride, padding and dilation).
 
 * **Calibration** (:func:`calibration_samples`). ``calib_samples`` training images (evaluation
-  transforms, the replay's seeded subset of :mod:`maskdm.replay`) with the replay's own timesteps
-  and noise (:func:`maskdm.diffusion.draw_noise_and_timesteps` seeded by ``(seed, 0)``);
+  transforms, the replay's seeded subset of :mod:`maskdm.method.replay`) with the replay's own timesteps
+  and noise (:func:`maskdm.ddpm.diffusion.draw_noise_and_timesteps` seeded by ``(seed, 0)``);
   ``calib_timesteps = K > 1`` adds K-1 more draws of timesteps and noise for the same images (draw
   streams of their own), so each image is seen at K timesteps. Forward hooks record every
   prunable layer's input; the model runs in eval mode under ``torch.no_grad``, on the dense model:
@@ -28,7 +28,7 @@ and ``X`` its input columns, one per token (a Linear's input rows; a convolution
   their weight is not one matmul over the unfolded input.
 
 Wanda (Sun et al., 2023) scores ``|W_ij| * ||X_j||_2`` and compares within each output row
-(:mod:`maskdm.pruning` ranks, counts and breaks ties). SparseGPT (Frantar & Alistarh, 2023) is
+(:mod:`maskdm.method.pruning` ranks, counts and breaks ties). SparseGPT (Frantar & Alistarh, 2023) is
 :func:`sparsegpt_layer`: the mask is chosen block by block from ``w^2 / [U]_jj^2`` (``U`` the upper
 Cholesky factor of ``H^-1``) and the error of each pruned weight is propagated to the later columns,
 so the kept weights change.
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from maskdm.diffusion import NoiseDraw, draw_noise_and_timesteps
+from maskdm.ddpm.diffusion import NoiseDraw, draw_noise_and_timesteps
 from maskdm.errors import MaskDMError
-from maskdm.pruning import PruneConfig, PruneResult, row_counts, smallest_per_row
-from maskdm.replay import ReplayBatches, ReplaySpec
+from maskdm.method.pruning import PruneConfig, PruneResult, row_counts, smallest_per_row
+from maskdm.method.replay import ReplayBatches, ReplaySpec
 
 log = logging.getLogger(__name__)
 

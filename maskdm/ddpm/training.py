@@ -4,7 +4,7 @@ Shaped like diffusers' ``train_unconditional.py``: accelerator, model, EMA, opti
 loop, save. Noise-prediction MSE, AdamW, a ``get_scheduler`` warm-up schedule, diffusers
 ``EMAModel``, gradient accumulation and multi-GPU through accelerate.
 
-Fast path (:mod:`maskdm.fastpath`, each ``auto`` = on for CUDA): bf16 autocast (accelerate's
+Fast path (:mod:`maskdm.ddpm.fastpath`, each ``auto`` = on for CUDA): bf16 autocast (accelerate's
 ``mixed_precision``), channels_last weights and batches, and ``torch.compile`` of the prepared
 (DDP-wrapped) model, used for the forward pass only. accelerate, the EMA and the checkpoints see the
 uncompiled module, so a checkpoint's names are the same with or without compile and a run may resume
@@ -55,12 +55,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from maskdm import fastpath
-from maskdm.diffusion import NoiseDraw, batch_loss
+from maskdm.ddpm import fastpath
+from maskdm.ddpm.diffusion import NoiseDraw, batch_loss
 from maskdm.errors import MaskDMError
 from maskdm.masks import apply_masks, assert_sparse_as, bake_masks, masked_modules
-from maskdm.models import DDPM
-from maskdm.sparse_storage import dense_folder, pack_checkpoint
+from maskdm.ddpm.models import DDPM
+from maskdm.ddpm.sparse_storage import dense_folder, pack_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class TrainConfig:
     save_model_steps: int = 1000
     mixed_precision: str = "auto"
     #: channels_last weights and batches, and torch.compile of the forward pass: auto, true or false
-    #: (:mod:`maskdm.fastpath`; ``auto`` is on for CUDA, compile from batch 64).
+    #: (:mod:`maskdm.ddpm.fastpath`; ``auto`` is on for CUDA, compile from batch 64).
     channels_last: str = "auto"
     compile: str = "auto"
     #: Dropout probability set on every dropout layer of the UNet; None leaves the model's own.
@@ -153,7 +153,7 @@ class TrainConfig:
 
 
 def resolve_mixed_precision(choice: str, device: torch.device | str | None = None) -> str:
-    """``auto``: bf16 where a CUDA device supports it, else full precision (:func:`maskdm.fastpath.resolve_mixed_precision`)."""
+    """``auto``: bf16 where a CUDA device supports it, else full precision (:func:`maskdm.ddpm.fastpath.resolve_mixed_precision`)."""
     return fastpath.resolve_mixed_precision(choice, device)
 
 
@@ -395,7 +395,7 @@ def _save_checkpoint(accelerator: Accelerator, ema: EMAModel, names: list[str], 
     if accelerator.is_main_process:
         save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}, str(path / EMA_WEIGHTS))
         # Weights, EMA and optimizer states stored as kept values + a 1-bit mask (bit-exact; about
-        # 0.53x the bytes at 50 % sparsity): maskdm.sparse_storage, read back by _load_checkpoint.
+        # 0.53x the bytes at 50 % sparsity): maskdm.ddpm.sparse_storage, read back by _load_checkpoint.
         pack_checkpoint(path)
         # Last: marks the checkpoint complete.
         (path / CHECKPOINT_DONE).write_text(json.dumps({"step": step, "optimization_step": ema.optimization_step}))

@@ -2,14 +2,14 @@
 
 The signal of mask learning must be the mask and nothing else, so every minibatch is *replayed*:
 batch ``b`` is the same images (a fixed subset in a fixed order, deterministic transforms) with the
-same timesteps and noise (:func:`maskdm.diffusion.draw_noise_and_timesteps` seeded by ``(seed, b)``)
+same timesteps and noise (:func:`maskdm.ddpm.diffusion.draw_noise_and_timesteps` seeded by ``(seed, b)``)
 in the baseline stage and in every epoch of training. Both go through :func:`replayed_loss`, so they
 cannot drift apart, and with the sampled mask equal to the initial one the reward is exactly 0.
 
 The held-out set (:class:`HeldoutBatches`) is the next images of the same seeded permutation,
 after the subset, with draws from a stream of their own: images and noise mask training never saw.
 
-The fast path (:mod:`maskdm.fastpath`: bf16 autocast, channels_last, torch.compile) and the
+The fast path (:mod:`maskdm.ddpm.fastpath`: bf16 autocast, channels_last, torch.compile) and the
 grouping of ``forward_batches`` replayed batches into one forward pass (:class:`ReplayedLosses`)
 change the losses in their last bits, so both are part of the replay: the baseline records them
 (:func:`replay_settings`) and train_masks takes them from it, and both stages make their model
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from maskdm.diffusion import NoiseDraw, batch_loss, draw_noise_and_timesteps
+from maskdm.ddpm.diffusion import NoiseDraw, batch_loss, draw_noise_and_timesteps
 from maskdm.errors import MaskDMError
-from maskdm.batch_cache import DEFAULT_MEMORY_BUDGET, BatchCache, decode, encode
-from maskdm.fastpath import FastPath, no_autocast_cache
+from maskdm.ddpm.batch_cache import DEFAULT_MEMORY_BUDGET, BatchCache, decode, encode
+from maskdm.ddpm.fastpath import FastPath, no_autocast_cache
 from maskdm.masks import apply_masks, masked_modules, set_masks
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class ReplayBatches:
 
     Images are read once and kept (``cache=True``), since training passes over the same subset
     thousands of times: as uint8 pixels, in memory up to a budget and beyond it in a temporary
-    file (:class:`maskdm.batch_cache.BatchCache`), so memory does not grow with the subset (20,000
+    file (:class:`maskdm.ddpm.batch_cache.BatchCache`), so memory does not grow with the subset (20,000
     CIFAR images take 61 MB; 20,000 at 256x256, 3.9 GB, mostly on disk). Every batch handed out is
     the cache's decoded form, the first time too, so replays stay exact.
     """
@@ -150,7 +150,7 @@ class ReplayBatches:
             "subset": "numpy.random.Generator(PCG64(seed)).permutation(len(dataset))[:dataset_size]",
             "batches": "consecutive batch_size slices of the subset, incomplete last batch dropped, at most max_batches",
             "transforms": "deterministic (no random flip)",
-            "draws": "batch b: maskdm.diffusion.draw_noise_and_timesteps(seed, b, shape, num_train_timesteps)",
+            "draws": "batch b: maskdm.ddpm.diffusion.draw_noise_and_timesteps(seed, b, shape, num_train_timesteps)",
             "model_mode": "eval (no dropout), torch.no_grad",
             "dataset_len": len(self.dataset),
             "subset_len": int(len(self.indices)),
