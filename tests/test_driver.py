@@ -280,7 +280,7 @@ def test_code_version_digests_the_sources_mlproject_and_conda_yaml(tmp_path, mon
     edits = {
         "an entry point's command in MLproject": (mlproject, edit_finetune_command),
         "conda.yaml": (project / "conda.yaml", lambda text: text + "  - ffmpeg\n"),
-        "a maskdm/ source": (project / "maskdm" / "sampling.py", lambda text: text + "\n# edited\n"),
+        "a maskdm/ source (in a subpackage)": (project / "maskdm" / "ddpm" / "sampling.py", lambda text: text + "\n# edited\n"),
         "an entrypoints/ source": (project / "entrypoints" / "sample.py", lambda text: text + "\n# edited\n"),
     }
     for what, (path, edit) in edits.items():
