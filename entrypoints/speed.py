@@ -23,7 +23,7 @@ import torch
 
 from entrypoints.common import optional, stage
 from maskdm.evaluation import speed
-from maskdm.errors import MaskDMError
+from maskdm.errors import MaskDMError, positive_or_auto
 from maskdm.tracking import MODEL_STAGES, Upstream, get_upstream
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,8 @@ def check_has_masks(up: Upstream) -> None:
 
 
 def set_threads(threads: str) -> int:
-    if threads != "auto":
-        try:
-            count = int(threads)
-        except ValueError:
-            count = 0
-        if count < 1:
-            raise MaskDMError(f"threads must be auto or a positive integer, not '{threads}'")
+    count = positive_or_auto("threads", threads, "it is the CPU threads the timing runs on")
+    if count is not None:
         torch.set_num_threads(count)
     return torch.get_num_threads()
 

@@ -251,6 +251,7 @@ def test_stage_logs_ratios_spread_sizes_and_settings(models, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--kernel", "sparse"), "unknown kernel 'sparse'"),
     (("--repeats", "0"), "repeats must be at least 1"),
+    (("--threads", "0"), "threads must be an integer >= 1 or auto, not '0'"),
     (("--model_run_ids", ""), "no model runs"),
     (("--dense", "auto", "--model_run_ids", "{pruned}"), "dense=auto: no prune run with pruning_ratio 0"),
     (("--kernel", "semi_structured", "--dense", "{other}", "--model_run_ids", "{dense}"), "has no masks"),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maskdm.driver.plan import CACHE_KEY_TAG, PARENT_RUN_TAG, REPO_DIR, STEP_TAG, USED_BY_TAG_PREFIX, cache_key, full_params
-from maskdm.errors import MaskDMError
+from maskdm.errors import MaskDMError, positive_or_auto
 
 #: One logger for the whole driver, as before it was a package (its lines read "maskdm.driver: ...").
 log = logging.getLogger("maskdm.driver")
@@ -309,20 +309,6 @@ def load_backend_config(value: str | Mapping | None) -> dict:
     return config
 
 
-def _positive(name: str, value: object, hint: str) -> int | None:
-    """``auto`` (or empty) -> None; otherwise an integer >= 1."""
-    text = str(value).strip().lower() if value is not None else "auto"
-    if text in ("", "auto"):
-        return None
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise MaskDMError(f"{name} must be an integer >= 1 or auto, not '{value}'; {hint}")
-    return number
-
-
 def parse_gpus(value: object) -> tuple[str, ...] | None:
     """``auto`` -> None (decided later), ``none`` -> (), ``0,1,3`` (indices or GPU-/MIG- UUIDs) -> a tuple."""
     text = str(value).strip() if value is not None else "auto"
@@ -363,8 +349,8 @@ def resolve_launch(
     if backend not in known_backends():
         raise MaskDMError(f"backend '{backend}' is not one of {', '.join(known_backends())} (mlflow.projects backends)")
     config = load_backend_config(backend_config)
-    count = _positive("parallel", parallel, "it is how many stages run at once")
-    pinned_threads = _positive("threads", threads, "it is the CPU threads of each stage process")
+    count = positive_or_auto("parallel", parallel, "it is how many stages run at once")
+    pinned_threads = positive_or_auto("threads", threads, "it is the CPU threads of each stage process")
     listed = parse_gpus(gpus)
     if backend != "local":
         if listed is not None or pinned_threads is not None:
