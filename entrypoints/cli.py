@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -24,12 +25,23 @@ COMMANDS = {
     "reap": "reap",
 }
 
+#: The commands a driver's warm server may run (every stage; never ``main`` itself).
+WARM_COMMANDS = frozenset(COMMANDS) - {"main"}
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return [name for name in COMMANDS if importlib.util.find_spec(f"entrypoints.{COMMANDS[name]}")]
 
     def main(self, *args, **kwargs):
+        if not args and "args" not in kwargs and len(sys.argv) > 1 and sys.argv[1] in WARM_COMMANDS:
+            # Started by a driver that keeps a warm server: the stage runs in a process forked
+            # from it, which has imported torch, diffusers and MLflow already (maskdm.warm_start).
+            from maskdm.warm_start.client import run_warm
+
+            code = run_warm(__file__)
+            if code is not None:
+                raise SystemExit(code)
         # Bad option values get the same one-line form as every other user error.
         try:
             return super().main(*args, standalone_mode=False, **kwargs)

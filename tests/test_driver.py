@@ -965,25 +965,34 @@ CHAOS_SEED = 20
 CHAOS_SITE = Path(__file__).resolve().parent / "chaos_site"
 
 
+def _stage_of(process) -> str | None:
+    """The stage a process runs: a ``maskdm <stage>`` command, or a stage process forked by the
+    driver's warm server (named after its stage, maskdm.warm_start); None for any other."""
+    import psutil
+
+    try:
+        args = process.cmdline()
+        for i, arg in enumerate(args[:-1]):
+            if os.path.basename(arg) == "maskdm" and args[i + 1] != "main":
+                return args[i + 1]
+        parent = process.parent()
+        if parent is not None and "maskdm.warm_start.server" in parent.cmdline() and process.name() in driver.STAGES:
+            return process.name()
+    except psutil.Error:
+        pass
+    return None
+
+
 def _stage_processes(root: int, stage: str | None) -> list:
-    """The ``maskdm <stage>`` processes under ``root`` (its descendants; any stage's if None), by psutil."""
+    """The stage processes under ``root`` (its descendants; any stage's if None), by psutil: a
+    stage's command and, when it runs warm, the forked process that runs it."""
     import psutil
 
     try:
         children = psutil.Process(root).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    found = []
-    for child in children:
-        try:
-            args = child.cmdline()
-        except psutil.Error:
-            continue
-        for i, arg in enumerate(args[:-1]):
-            if os.path.basename(arg) == "maskdm" and args[i + 1] != "main" and stage in (None, args[i + 1]):
-                found.append(child)
-                break
-    return found
+    return [child for child in children if (found := _stage_of(child)) and stage in (None, found)]
 
 
 def _sigkill(proc: subprocess.Popen, whole: bool, targets: list) -> None:
@@ -1069,7 +1078,7 @@ def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undistu
                 # That stage's process ended before its moment came: the next stage's, whichever.
                 looking_for, seen = None, {}
         assert killed is not None, f"attempt {attempt} ({how} {stage}) found nothing to kill: {log_path.read_text()[-3000:]}"
-        killed_stage = killed.cmdline()[[os.path.basename(a) for a in killed.cmdline()].index("maskdm") + 1]
+        killed_stage = _stage_of(killed)
         _sigkill(proc, whole, [killed])
         assert not killed.is_running() or killed.status() == psutil.STATUS_ZOMBIE
         done.append({"how": how, "stage": killed_stage, "whole": whole, "delay": round(delay, 2)})

@@ -15,7 +15,7 @@ MLFLOW_SIDE = {"tracking", "dataset_inputs", "report", "registry", "driver"}
 #: The architecture, bottom up (docs/design.md's picture): a module imports only from its own
 #: package or from a lower layer; ``method`` and ``evaluation`` are siblings, neither imports the other.
 LAYERS = {
-    "errors": 0, "masks": 0.5,
+    "errors": 0, "warm_start": 0, "masks": 0.5,
     "ddpm": 1,
     "method": 2, "evaluation": 2,
     "liveness": 3, "tracking": 3, "dataset_inputs": 3, "speed_report": 3, "report": 3, "registry": 3, "driver": 3,

@@ -14,12 +14,16 @@ import resource
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maskdm.driver.plan import CACHE_KEY_TAG, PARENT_RUN_TAG, REPO_DIR, STEP_TAG, USED_BY_TAG_PREFIX, cache_key, full_params
 from maskdm.errors import MaskDMError, positive_or_auto
+
+if TYPE_CHECKING:
+    from maskdm.warm_start.handle import WarmServer
 
 #: One logger for the whole driver, as before it was a package (its lines read "maskdm.driver: ...").
 log = logging.getLogger("maskdm.driver")
@@ -125,13 +129,16 @@ def run_stage(
     launch: Launch | None = None,
     env: Mapping[str, str] | None = None,
     concurrent: bool = False,
+    warm: WarmServer | None = None,
 ) -> StageOutcome:
     """Reuse the FINISHED run with this stage's cache key, or run the stage as a child MLflow Project run.
 
     ``env`` (a GPU, a thread count) is added to the stage process's environment only. By default
     the stage runs as ``mlflow.projects.run(synchronous=True)`` in this thread; ``concurrent``
     (other stages start from other threads meanwhile) submits it instead (:func:`_submit_and_wait`).
-    ``launch.backend`` other than ``local`` hands it to that MLflow Projects backend.
+    ``launch.backend`` other than ``local`` hands it to that MLflow Projects backend. With
+    ``warm`` (:func:`start_warm_server`), the stage's process is forked from that server instead of
+    starting a fresh Python; everything else (the run, its parameters and tags) is the same.
     """
     import mlflow
     from mlflow.entities import Param
@@ -195,21 +202,53 @@ def run_stage(
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in passed.items()])
     log.info("%s: running as run %s%s", step, run_id, f" ({describe_env(env)})" if env else "")
+    env = {**(env or {}), **(warm.environ() if warm else {})}
     if concurrent:
-        wall_s, cpu_s = _submit_and_wait(stage, step, passed, run_id, experiment_id, project_dir, env or {})
+        wall_s, cpu_s = _submit_and_wait(stage, step, passed, run_id, experiment_id, project_dir, env)
+        cpu_s += warm.cpu_s(run_id) if warm else 0.0
         return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from, wall_s=wall_s, cpu_s=cpu_s)
     wall_start, cpu_start = time.perf_counter(), _children_cpu_s()
     try:
         # One stage at a time: nothing else spawns while os.environ carries this stage's env.
-        with _environ(env or {}):
+        with _environ(env):
             mlflow.projects.run(
                 uri=str(project_dir), entry_point=stage, parameters=passed, experiment_id=experiment_id,
                 env_manager="local", synchronous=True, run_id=run_id,
             )
     except ExecutionException:
         raise MaskDMError(f"stage {stage} failed in run {run_id} ({step}); its error is printed above") from None
+    wall_s, cpu_s = time.perf_counter() - wall_start, _children_cpu_s() - cpu_start
     return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from,
-                        wall_s=time.perf_counter() - wall_start, cpu_s=_children_cpu_s() - cpu_start)
+                        wall_s=wall_s, cpu_s=cpu_s + (warm.cpu_s(run_id) if warm else 0.0))
+
+
+#: What a warm server imports besides the stages' own modules: what stages import lazily on their
+#: way (MLflow's SQL stores when a process makes its first client, the git lookup of a run's source,
+#: diffusers' lazily loaded models and pipelines, the plotting of train_masks' curves, ...), found by
+#: listing the modules each demo stage imported after its own module. One not installed is skipped.
+WARM_PRELOAD = (
+    "entrypoints.cli", "entrypoints.common",
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.store.artifact.local_artifact_repo", "mlflow.store.db.utils", "alembic.command", "alembic.config",
+    "sqlalchemy.dialects.sqlite", "git", "IPython",
+    "diffusers.models.unets", "diffusers.models.autoencoders", "diffusers.pipelines.ddpm", "diffusers.pipelines.ddim",
+    "diffusers.quantizers", "accelerate", "huggingface_hub", "safetensors.torch", "torchvision", "torch._dynamo", "sympy",
+    "PIL.Image", "matplotlib.pyplot", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize", "scipy.sparse.linalg",
+    "scipy.integrate", "scipy.spatial", "filelock",
+)
+
+
+def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR) -> WarmServer | None:
+    """A warm server (:mod:`maskdm.warm_start`) for these stages' commands, importing in the
+    background; None where warm starts are off (``MASKDM_WARM_START=0``) or impossible, and for a
+    project other than this package's own (its commands are not ``maskdm <stage>``)."""
+    from maskdm.warm_start.handle import WarmServer
+
+    if Path(project_dir).resolve() != REPO_DIR.resolve():
+        return None
+
+    modules = [*WARM_PRELOAD, *(f"entrypoints.{stage}" for stage in dict.fromkeys(stages))]
+    return WarmServer.launch(modules, "entrypoints.cli:cli", project_dir)
 
 
 # --- where and how many stages run at once -------------------------------------------------------

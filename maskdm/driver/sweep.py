@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from maskdm.driver.launch import _SUBMITTED, Launch, StageOutcome, _client, run_stage
+from maskdm.driver.launch import _SUBMITTED, Launch, StageOutcome, _client, run_stage, start_warm_server
 from maskdm.driver.plan import (
     DEMO_MODEL_STEP, PARENT_RUN_TAG, REPO_DIR, USED_BY_TAG_PREFIX, VARIANT_TAG, Step, check_plan, join_listed,
 )
@@ -120,6 +120,8 @@ def run_plan(
     concurrent_stages = launch.parallel > 1
     if launch != Launch():
         log.info("running %s", launch.describe())
+    # Stage processes on this machine fork from one process that imported their libraries once.
+    warm = start_warm_server([step.stage for step in plan], project_dir) if launch.backend == "local" else None
 
     def start(step: Step, slot: int, done: Mapping[str, StageOutcome]) -> StageOutcome:
         params = join_listed({**step.params, **{param: done[needed].run_id for param, needed in step.needs.items()}})
@@ -134,9 +136,14 @@ def run_plan(
             step.stage, params, experiment_id=experiment_id, parent_run_id=parent_run_id, step=step.name,
             tags=tags, project_dir=project_dir, code_version=version,
             launch=launch if launch.backend != "local" else None, env=envs[slot], concurrent=concurrent_stages,
+            warm=warm,
         )
 
-    return schedule(plan, start, parallel=launch.parallel, on_outcome=on_outcome)
+    try:
+        return schedule(plan, start, parallel=launch.parallel, on_outcome=on_outcome)
+    finally:
+        if warm is not None:
+            warm.close()
 
 
 # --- results ---------------------------------------------------------------------------------------
