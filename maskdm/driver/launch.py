@@ -238,7 +238,7 @@ WARM_PRELOAD = (
 )
 
 
-def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR) -> WarmServer | None:
+def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR, per_stage_env: Iterable[str] = ()) -> WarmServer | None:
     """A warm server (:mod:`maskdm.warm_start`) for these stages' commands, importing in the
     background; None where warm starts are off (``MASKDM_WARM_START=0``) or impossible, and for a
     project other than this package's own (its commands are not ``maskdm <stage>``)."""
@@ -248,7 +248,7 @@ def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR) -> Wa
         return None
 
     modules = [*WARM_PRELOAD, *(f"entrypoints.{stage}" for stage in dict.fromkeys(stages))]
-    return WarmServer.launch(modules, "entrypoints.cli:cli", project_dir)
+    return WarmServer.launch(modules, "entrypoints.cli:cli", per_stage_env)
 
 
 # --- where and how many stages run at once -------------------------------------------------------

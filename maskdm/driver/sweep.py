@@ -14,6 +14,7 @@ from maskdm.driver.launch import _SUBMITTED, Launch, StageOutcome, _client, run_
 from maskdm.driver.plan import (
     DEMO_MODEL_STEP, PARENT_RUN_TAG, REPO_DIR, USED_BY_TAG_PREFIX, VARIANT_TAG, Step, check_plan, join_listed,
 )
+from maskdm.warm_start import SOCKET_ENV
 
 #: One logger for the whole driver, as before it was a package (its lines read "maskdm.driver: ...").
 log = logging.getLogger("maskdm.driver")
@@ -122,6 +123,8 @@ def run_plan(
         log.info("running %s", launch.describe())
     # Stage processes on this machine fork from one process that imported their libraries once.
     warm = start_warm_server([step.stage for step in plan], project_dir) if launch.backend == "local" else None
+    # This driver's stages use its own server or none: not one this process's environment names.
+    inherited_socket = os.environ.pop(SOCKET_ENV, None)
 
     def start(step: Step, slot: int, done: Mapping[str, StageOutcome]) -> StageOutcome:
         params = join_listed({**step.params, **{param: done[needed].run_id for param, needed in step.needs.items()}})
@@ -144,6 +147,8 @@ def run_plan(
     finally:
         if warm is not None:
             warm.close()
+        if inherited_socket is not None:
+            os.environ[SOCKET_ENV] = inherited_socket
 
 
 # --- results ---------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 and exit as the stage process exits.
 
 :func:`run_warm` returns None when there is no server to hand to (no ``MASKDM_WARM_SOCKET``, the
-server gone, or its refusal: printed as one line); the command then runs the stage itself. It
+server gone, or its refusal, which the server reports to the driver); the command then runs the
+stage itself. It
 imports nothing heavy, so a command that hands its stage over costs a bare Python start.
 """
 
@@ -33,17 +34,15 @@ def run_warm(call_file: str) -> int | None:
         sock.connect(path)
         protocol.send(sock, {
             "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "python": sys.executable,
-            "path": sys.path, "file": os.path.realpath(call_file),
+            "path": sys.path, "file": os.path.realpath(call_file), "package": protocol.package_file(),
         }, fds=[0, 1, 2])
         reply, _ = protocol.receive(sock)
     except OSError:
         sock.close()
         return None
     if reply is None or "refused" in reply:
+        # The server tells the driver why (it logs it); the stage's own output stays as a cold start's.
         sock.close()
-        if reply is not None:
-            print(f"maskdm: warm start refused ({reply['refused']}); starting this stage in a fresh process",
-                  file=sys.stderr, flush=True)
         return None
     return _wait(sock, int(reply["started"]), int(reply["pgid"]))
 

@@ -43,14 +43,17 @@ class WarmServer:
         #: None until the server answered; then whether it is ready.
         self._ready: bool | None = None
         self._cpu: dict[str, float] = {}
+        #: The server's refusals, as it reported them (``refused``: why; ``command``; ``run_id``).
+        self.refusals: list[dict] = []
         self._lock = threading.Condition()
         self._reader: threading.Thread | None = None
 
     @classmethod
-    def launch(cls, preload: Iterable[str], call: str, cwd: str | os.PathLike) -> WarmServer | None:
+    def launch(cls, preload: Iterable[str], call: str, per_stage_env: Iterable[str] = ()) -> WarmServer | None:
         """Start a server that imports ``preload`` and runs ``call`` per request; None where warm
         starts are off or impossible (why is logged). It imports in the background: :meth:`environ`
-        waits for it."""
+        waits for it. ``per_stage_env``: variables a command may set otherwise than this process
+        has them now, besides the server's own list (a test runner's per-test variable, say)."""
         if not protocol.supported():
             log.info("warm start: not on this platform (it needs Linux); every stage starts a fresh Python")
             return None
@@ -63,8 +66,10 @@ class WarmServer:
         env = {k: v for k, v in os.environ.items() if k not in _PER_STAGE_ONLY}
         proc = subprocess.Popen(
             [sys.executable, "-m", "maskdm.warm_start.server", "--socket", str(socket_path),
-             "--preload", ",".join(preload), "--call", call],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=cwd, env=env, text=True,
+             "--preload", ",".join(preload), "--call", call, "--per_stage_env", ",".join(per_stage_env)],
+            # Started in its own empty folder, so that it imports every module from where the stage
+            # commands will (the installed packages, PYTHONPATH), never from a working directory.
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=folder, env=env, text=True,
         )
         return cls(proc, folder, socket_path)
 
@@ -95,6 +100,10 @@ class WarmServer:
                 with self._lock:
                     self._cpu[report["run_id"]] = float(report["cpu_s"])
                     self._lock.notify_all()
+            elif "refused" in report:
+                self.refusals.append(report)
+                log.warning("warm start: %s%s starts in a fresh Python: %s", report.get("command") or "a command",
+                            f" (run {report['run_id']})" if report.get("run_id") else "", report["refused"])
 
     def cpu_s(self, run_id: str, wait_s: float = 2.0) -> float:
         """CPU seconds (user + system) of the stage process that ran ``run_id`` here; 0 if none did.

@@ -16,18 +16,27 @@ WARM_START_ENV = "MASKDM_WARM_START"
 
 #: Variables a stage's environment may hold that the server's does not, or with another value:
 #: what mlflow's local backend sets per run, what the driver sets per slot (GPU, threads; applied
-#: to the forked process by the server), what a shell sets for the command it runs, and the session
-#: ID MLflow's telemetry puts in its process's environment once it logs. Any other
+#: to the forked process by the server), what a shell sets for the command it runs, the session
+#: ID MLflow's telemetry puts in its process's environment once it logs, and the cache folders
+#: read only when used (torch hub's and MaskDM's datasets), never at import. Any other
 #: difference could change what an import did at the server's start, so it makes the server refuse.
 PER_STAGE_VARIABLES = frozenset({
     "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI",
     "CUDA_VISIBLE_DEVICES", "_MLFLOW_TELEMETRY_SESSION_ID", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "TORCH_HOME", "MASKDM_DATA_DIR",
     SOCKET_ENV, "_", "SHLVL", "PWD", "OLDPWD",
 })
 
 _LENGTH = struct.Struct("!I")
 #: The most standard streams a request carries (stdin, stdout, stderr).
 MAX_FDS = 3
+
+
+def package_file() -> str:
+    """Where this process imported maskdm from (a server and its commands must agree on it)."""
+    import maskdm
+
+    return os.path.realpath(maskdm.__file__ or "")
 
 
 def supported() -> bool:

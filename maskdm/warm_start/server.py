@@ -14,8 +14,8 @@ thread count from the environment, names itself after the stage, and runs the co
 It exits through Python's normal exit (atexit handlers, flushed streams), as a fresh process would.
 
 What the stage process's parent (this server) sees is relayed to the client: its PID when it
-starts, its exit code or the signal that ended it, and for the driver its CPU time (one JSON line
-per stage on stdout). The client's signals (SIGTERM, SIGHUP, SIGINT) are passed on. If the client
+starts, its exit code or the signal that ended it; and to the driver (one JSON line on stdout) each
+stage's CPU time, and each refusal with its reason. The client's signals (SIGTERM, SIGHUP, SIGINT) are passed on. If the client
 dies, the stage process is SIGKILLed, as the process it stands for would have been; if this server
 dies, its stage processes get SIGTERM (``PR_SET_PDEATHSIG``) and end their runs as a stop does.
 """
@@ -109,17 +109,20 @@ def _probe() -> str | None:
     return "a forked process hung using torch (OpenMP or CUDA state inherited from the imports)"
 
 
-def refusal(request: dict, environ: dict[str, str], call_file: str) -> str | None:
-    """Why ``request`` cannot be run here exactly as a fresh process would run it (None: it can)."""
+def refusal(request: dict, environ: dict[str, str], call_file: str, per_stage: frozenset[str] = frozenset()) -> str | None:
+    """Why ``request`` cannot be run here exactly as a fresh process would run it (None: it can).
+    ``per_stage``: more variables that may differ, besides :data:`protocol.PER_STAGE_VARIABLES`."""
     if os.path.realpath(request.get("python", "")) != os.path.realpath(sys.executable):
         return f"another Python ({request.get('python')}; the server runs {sys.executable})"
     if request.get("file") != call_file:
         return f"another copy of the code ({request.get('file')}; the server has {call_file})"
+    if request.get("package") != protocol.package_file():
+        return f"another copy of maskdm ({request.get('package')}; the server has {protocol.package_file()})"
     if request.get("path", [])[1:] != sys.path:
         return "another module search path (PYTHONPATH or installed packages differ)"
     env = request.get("env", {})
-    differing = sorted(k for k in set(env) | set(environ)
-                       if k not in protocol.PER_STAGE_VARIABLES and env.get(k) != environ.get(k))
+    allowed = protocol.PER_STAGE_VARIABLES | per_stage
+    differing = sorted(k for k in set(env) | set(environ) if k not in allowed and env.get(k) != environ.get(k))
     if differing:
         return f"its environment differs in {', '.join(differing[:5])}"
     if any(k in env for k in ("WORLD_SIZE", "LOCAL_RANK")):
@@ -222,7 +225,7 @@ def _exit(code) -> None:
     os._exit(status & 0xFF)
 
 
-def serve(socket_path: str, preload: list[str], call: str) -> int:
+def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[str] = frozenset()) -> int:
     server_pid = os.getpid()
     # Ctrl-C in a terminal reaches the whole process group, the stages included; this server waits
     # for them to end their runs instead of leaving them orphaned.
@@ -281,8 +284,10 @@ def serve(socket_path: str, preload: list[str], call: str) -> int:
                 os.close(fd)
             conn.close()
             return
-        why = refusal(request, environ, call_file)
+        why = refusal(request, environ, call_file, per_stage)
         if why:
+            _say({"refused": why, "command": " ".join(request.get("argv", [])[1:2]),
+                  "run_id": str(request.get("env", {}).get("MLFLOW_RUN_ID", ""))})
             for fd in fds:
                 os.close(fd)
             try:
@@ -381,9 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="Path of the Unix socket to listen on.")
     parser.add_argument("--preload", default="", help="Comma-separated modules to import once.")
     parser.add_argument("--call", required=True, help="module:function each request runs (a click group).")
+    parser.add_argument("--per_stage_env", default="",
+                        help="Comma-separated variables a command's environment may set otherwise, besides the built-in ones.")
     args = parser.parse_args(argv)
     preload = [m for m in args.preload.split(",") if m]
-    return serve(args.socket, preload, args.call)
+    return serve(args.socket, preload, args.call, frozenset(v for v in args.per_stage_env.split(",") if v))
 
 
 if __name__ == "__main__":
