@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,30 +110,29 @@ def run_whole_chain(model, dataset: str, tracking_uri: str, cwd) -> dict[str, st
     return ids
 
 
-@pytest.fixture(scope="session", autouse=True)
-def warm_stage_commands():
-    """The stage commands tests start themselves (``mlflow run . -e <stage>``, ``maskdm <stage>``)
-    fork from one warm server per test process, as a driver's stages do (maskdm.warm_start): the
-    same code, without 7 s of imports each. The server imports in the background; a command
-    started before it is ready, or in an environment it refuses (another PYTHONPATH, a torchrun
-    rank), starts cold. ``MASKDM_WARM_START=0`` runs every test's stages cold.
-    test_warm_start.py compares a stage's run warm and cold."""
+@pytest.fixture
+def warm_stages(monkeypatch):
+    """For a test that runs a chain of stages through ``mlflow run``: its stage commands fork from a
+    warm server, as a driver's stages do (maskdm.warm_start), instead of importing torch, diffusers
+    and MLflow again each (about 7 s a stage). Started in the test's environment as it is when the
+    fixture runs; a test's later changes may only be those a stage may have (TORCH_HOME, the
+    tracking URI, ...). Fails the test if the server refused a command (so it ran cold).
+    ``MASKDM_WARM_START=0`` runs them cold. test_warm_start.py compares a stage's run warm and cold."""
     from maskdm.driver.launch import start_warm_server
     from maskdm.driver.plan import STAGES
-    from maskdm.warm_start import SOCKET_ENV
 
-    # pytest sets PYTEST_CURRENT_TEST per test; nothing reads it at import.
+    # pytest sets PYTEST_CURRENT_TEST per test phase; nothing reads it at import.
     warm = start_warm_server(STAGES, per_stage_env=("PYTEST_CURRENT_TEST",))
     if warm is None:
         yield None
         return
-    os.environ[SOCKET_ENV] = str(warm.socket_path)  # no socket yet: commands start cold until it listens
-    threading.Thread(target=warm.environ, name="warm-ready", daemon=True).start()  # its reports, once ready
     try:
+        for key, value in warm.environ().items():
+            monkeypatch.setenv(key, value)
         yield warm
     finally:
-        os.environ.pop(SOCKET_ENV, None)
         warm.close()
+    assert not warm.refusals, f"stage commands the warm server refused (they ran cold): {warm.refusals}"
 
 
 @contextmanager

@@ -37,15 +37,6 @@ def reap(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.fixture(autouse=True)
-def _stages_in_their_own_process(monkeypatch):
-    """These tests find, kill and judge a stage by the process the test started: each starts cold
-    (not forked from the session's warm server, conftest.py)."""
-    from maskdm.warm_start import SOCKET_ENV
-
-    monkeypatch.delenv(SOCKET_ENV, raising=False)
-
-
 def start_stage(tracking_uri: str, cwd: Path, run_id: str | None = None) -> subprocess.Popen:
     """A real ``maskdm pretrain`` that trains for far longer than the test waits (killed by the test)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MASKDM_HEARTBEAT_S": "1", "OMP_NUM_THREADS": "1"}

@@ -219,7 +219,7 @@ def test_stage_dataset_encodes_once_per_key_and_reuses_the_cache(tracking, ldm_d
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_every_stage_of_a_latent_pipeline_through_mlflow_run(tmp_path, ldm_dir, shapes_folder, _planted_torch_home, monkeypatch):
+def test_every_stage_of_a_latent_pipeline_through_mlflow_run(tmp_path, ldm_dir, shapes_folder, _planted_torch_home, monkeypatch, warm_stages):
     monkeypatch.setenv("TORCH_HOME", str(_planted_torch_home))
     with tracking_store(tmp_path) as uri:
         client = MlflowClient(uri)

@@ -30,7 +30,7 @@ from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's t
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_home, monkeypatch):
+def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_home, monkeypatch, warm_stages):
     from mlflow.tracking import MlflowClient
 
     from maskdm.ddpm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
