@@ -205,21 +205,21 @@ def run_stage(
     env = {**(env or {}), **(warm.environ() if warm else {})}
     if concurrent:
         wall_s, cpu_s = _submit_and_wait(stage, step, passed, run_id, experiment_id, project_dir, env)
-        cpu_s += warm.cpu_s(run_id) if warm else 0.0
-        return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from, wall_s=wall_s, cpu_s=cpu_s)
-    wall_start, cpu_start = time.perf_counter(), _children_cpu_s()
-    try:
-        # One stage at a time: nothing else spawns while os.environ carries this stage's env.
-        with _environ(env):
-            mlflow.projects.run(
-                uri=str(project_dir), entry_point=stage, parameters=passed, experiment_id=experiment_id,
-                env_manager="local", synchronous=True, run_id=run_id,
-            )
-    except ExecutionException:
-        raise MaskDMError(f"stage {stage} failed in run {run_id} ({step}); its error is printed above") from None
-    wall_s, cpu_s = time.perf_counter() - wall_start, _children_cpu_s() - cpu_start
-    return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from,
-                        wall_s=wall_s, cpu_s=cpu_s + (warm.cpu_s(run_id) if warm else 0.0))
+    else:
+        wall_start, cpu_start = time.perf_counter(), _children_cpu_s()
+        try:
+            # One stage at a time: nothing else spawns while os.environ carries this stage's env.
+            with _environ(env):
+                mlflow.projects.run(
+                    uri=str(project_dir), entry_point=stage, parameters=passed, experiment_id=experiment_id,
+                    env_manager="local", synchronous=True, run_id=run_id,
+                )
+        except ExecutionException:
+            raise MaskDMError(f"stage {stage} failed in run {run_id} ({step}); its error is printed above") from None
+        wall_s, cpu_s = time.perf_counter() - wall_start, _children_cpu_s() - cpu_start
+    # A warm stage's process is the server's child, not this process's: the server reports its CPU.
+    cpu_s += warm.cpu_s(run_id) if warm else 0.0
+    return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from, wall_s=wall_s, cpu_s=cpu_s)
 
 
 #: What a warm server imports besides the stages' own modules: what stages import lazily on their

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,8 +130,6 @@ class WarmServer:
 
 
 def _read_line(proc: subprocess.Popen, timeout_s: float) -> dict | None:
-    import selectors
-
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
         if not selector.select(timeout_s):
@@ -154,6 +154,4 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _remove(folder: Path) -> None:
-    for child in folder.iterdir() if folder.exists() else ():
-        child.unlink(missing_ok=True)
-    folder.rmdir() if folder.exists() else None
+    shutil.rmtree(folder, ignore_errors=True)
