@@ -4,7 +4,8 @@ The reference is a pytorch-fid style .npz of ``mu`` and ``sigma``, or a dataset 
 lineage's ``dataset``) whose training images are scored once and cached as a ``fid_reference``
 run, found again by :func:`maskdm.evaluation.fid.reference_key` (dataset, resolution, features, dims,
 weights digest). ``features=shapes`` scores with a small classifier of the embedded shapes
-dataset, trained once and cached as a ``shapes_classifier`` run; it logs ``fid_shapes``, never
+dataset, the package's shipped one (or one trained where its code changed), cached as a
+``shapes_classifier`` run; it logs ``fid_shapes``, never
 ``fid``. ``fid`` is Inception pool3 (2048 dims) only; other Inception sizes log ``fid_inception_<dims>``.
 Beside the FID, ``<that metric>_se``: its bootstrap standard error over the samples against the
 fixed reference (``se_resamples``, ``se_seed``; :func:`maskdm.evaluation.fid.bootstrap_fids`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entrypoints.common import integer, optional, stage, truth
+import maskdm
 from maskdm import dataset_inputs
 from maskdm.evaluation import fid, npz_stream
 from maskdm.errors import MaskDMError
@@ -51,6 +54,13 @@ BATCH_SIZE_TAG = "maskdm.fid_batch_size"
 #: Training of the shapes classifier (maskdm.evaluation.shapes_features): 99.65% eval accuracy measured, 20 s
 #: on an idle 2-core CPU (docs/details/fid.md).
 CLASSIFIER_TRAINING = {"epochs": 3, "batch_size": 32, "max_images": 4000, "seed": 0}
+#: The classifier shipped with the package, trained by scripts/make_shapes_classifier.py with that
+#: recipe at one CPU thread (two trainings in two processes bit-identical), and its recipe: a store
+#: without a classifier registers this file instead of training one, while the recipe's cache key
+#: is the current one. So every store scores ``fid_shapes`` with the same weights, and none waits
+#: for a training (trained per store they are the same only where the float arithmetic agrees).
+SHIPPED_CLASSIFIER_FILE = Path(maskdm.__file__).resolve().parent / "assets" / "shapes_classifier.safetensors"
+SHIPPED_CLASSIFIER_RECIPE = SHIPPED_CLASSIFIER_FILE.with_name("shapes_classifier_recipe.json")
 
 
 @click.command("fid", help="FID of a sample run's samples.npz against a dataset or a .npz of statistics.")
@@ -331,19 +341,39 @@ def load_extractor(features: str, dims: int, weights: str | None, batch_size: in
 # --- cached side runs (the reference statistics, the shapes classifier) ---------------------------
 
 
-def shapes_classifier_key(training: Mapping[str, object] = CLASSIFIER_TRAINING) -> str:
-    """Retrain when the training settings, the classifier's code or the shapes renderer change."""
+def shapes_classifier_key(training: Mapping[str, object] | None = None) -> str:
+    """Retrain when the training settings (default: :data:`CLASSIFIER_TRAINING`, read when called),
+    the classifier's code or the shapes renderer change."""
+    training = CLASSIFIER_TRAINING if training is None else training
     settings = ";".join(f"{k}={v}" for k, v in sorted(training.items()))
     return f"{settings};code={source_digest('maskdm.evaluation.shapes_features', 'maskdm.ddpm.data')}"
 
 
+def shipped_classifier_recipe() -> dict | None:
+    """The shipped classifier's recipe if it was trained under the current cache key, else None
+    (the training settings or the sources of the classifier or the shapes renderer changed since)."""
+    if not (SHIPPED_CLASSIFIER_FILE.is_file() and SHIPPED_CLASSIFIER_RECIPE.is_file()):
+        return None
+    recipe = json.loads(SHIPPED_CLASSIFIER_RECIPE.read_text())
+    return recipe if recipe.get("key") == shapes_classifier_key() else None
+
+
 def shapes_classifier_file() -> Path:
-    """The cached classifier's weights, trained and logged as a ``shapes_classifier`` run when missing."""
+    """The cached classifier's weights; when the store has none, the shipped classifier is logged as
+    its ``shapes_classifier`` run, or, if the code changed since it was made, one is trained."""
 
     def train(work: Path) -> SideRun:
         from maskdm.ddpm.data import load_dataset
         from maskdm.evaluation.shapes_features import classifier_accuracy, save_shapes_classifier, train_shapes_classifier
 
+        recipe = shipped_classifier_recipe()
+        if recipe is not None:
+            path = work / CLASSIFIER_FILE
+            shutil.copyfile(SHIPPED_CLASSIFIER_FILE, path)
+            log.info("registering the shipped shapes classifier (%s) in this store", SHIPPED_CLASSIFIER_FILE.name)
+            params = {"dataset": "shapes", **CLASSIFIER_TRAINING, "made_by": recipe["command"],
+                      "torch_threads": recipe["torch_threads"], "code_commit": recipe["code_commit"]}
+            return SideRun(params, {"eval_accuracy": recipe["metrics"]["eval_accuracy"]}, [path, SHIPPED_CLASSIFIER_RECIPE])
         log.info("training the shapes classifier once (about a minute on a CPU); later fid runs reuse it")
         model = train_shapes_classifier(load_dataset("shapes", split="train"), progress=True, **CLASSIFIER_TRAINING)
         accuracy = classifier_accuracy(model, load_dataset("shapes", split="eval"))

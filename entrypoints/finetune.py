@@ -40,7 +40,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 
-from entrypoints.common import PREVIEW_KEY, distributed_stage, number, optional, save_preview
+from entrypoints.common import PREVIEW_IMAGES, PREVIEW_KEY, distributed_stage, integer, number, optional, save_preview
 from entrypoints.datasets import stage_dataset
 from maskdm.ddpm.diffusion import eval_images, eval_loss
 from maskdm.errors import MaskDMError
@@ -77,6 +77,7 @@ class Job:
     resume: Resume | None
     workdir: Path
     checkpoints_total_limit: int = 2
+    preview_images: int = PREVIEW_IMAGES
 
 
 @click.command("finetune", help="Finetune a pruned DDPM with fixed masks (a train_masks or extract_masks run); logs model/ and checkpoints/.")
@@ -95,6 +96,7 @@ class Job:
 @click.option("--compile", "compile_", default="auto", show_default=True, help="auto (on for CUDA from batch 64), true or false: torch.compile the UNet's forward pass.")
 @click.option("--checkpoints_total_limit", type=int, default=2, show_default=True, help="Checkpoints kept in the artifact store (oldest deleted; at least one complete is always kept).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order, noise and timesteps.")
+@click.option("--preview_images", type=int, default=PREVIEW_IMAGES, show_default=True, help="Images in the sample grid logged at every checkpoint.")
 @click.option("--resume_run_id", default=None, help="An earlier finetune run of the same masks_run_id to continue from its newest complete checkpoint.")
 def command(**params) -> None:
     params["compile"] = params.pop("compile_")
@@ -108,6 +110,7 @@ def command(**params) -> None:
 
 def prepare(params: dict, workdir: Path, run: StageRun | None) -> Job:
     """Check everything (config, masks run, resume run, masks against the model), then download."""
+    integer("preview_images", params["preview_images"])
     config = TrainConfig(
         num_iters=params["num_iters"],
         train_batch_size=params["train_batch_size"],
@@ -136,7 +139,7 @@ def prepare(params: dict, workdir: Path, run: StageRun | None) -> Job:
     ddpm = load_ddpm(str(model_run.download("model", workdir / "start")))
     check_masks_fit(ddpm.unet, masks)
     dataset = params["dataset"] or up.params.get("dataset") or FALLBACK_DATASET
-    return Job(ddpm, masks, dataset, config, resume, workdir, params["checkpoints_total_limit"])
+    return Job(ddpm, masks, dataset, config, resume, workdir, params["checkpoints_total_limit"], params["preview_images"])
 
 
 def start_model_run(up: Upstream) -> Upstream:
@@ -197,7 +200,8 @@ def finetune(job: Job, state, run: StageRun | None) -> None:
         if job.resume:
             run.set_tags({RESUMED_FROM_TAG: f"{job.resume.run_id}:{job.resume.step}"})
         eval_set = stage_dataset(job.ddpm, job.dataset, "eval", run=run)
-        on_checkpoint = checkpoint_logger(run, eval_images(eval_set), job.workdir, state.device, job.checkpoints_total_limit)
+        on_checkpoint = checkpoint_logger(run, eval_images(eval_set), job.workdir, state.device, job.checkpoints_total_limit,
+                                          job.preview_images)
 
     result = train_ddpm(
         job.ddpm, train_set, job.config, masks=job.masks,
@@ -230,9 +234,10 @@ def model_dropout(unet: torch.nn.Module) -> float:
     return float(config.get("dropout", 0.0)) if config is not None else 0.0
 
 
-def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device, total_limit: int = 2):
+def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device, total_limit: int = 2,
+                      preview_images: int = PREVIEW_IMAGES):
     """The ``on_checkpoint`` callback: log the checkpoint at once (keeping at most ``total_limit``
-    logged), then the EMA model's eval_loss and a sample grid."""
+    logged), then the EMA model's eval_loss and a sample grid of ``preview_images``."""
 
     def on_checkpoint(path: Path, step: int, ema: DDPM) -> None:
         # Room first, so the store never holds more than max(total_limit, 2) checkpoints, even mid-upload.
@@ -243,7 +248,7 @@ def checkpoint_logger(run: StageRun, images: torch.Tensor, workdir: Path, device
         run.log_metrics({"eval_loss": loss}, step=step)
         grid = workdir / "samples" / f"step-{step}.png"
         grid.parent.mkdir(exist_ok=True)
-        save_preview(ema, grid)
+        save_preview(ema, grid, num_images=preview_images)
         run.log_artifact_now(grid, "samples")
         run.log_image(grid, PREVIEW_KEY, step)  # the run page's slider over the checkpoints
         log.info("step %d: checkpoint logged, eval_loss %.5f", step, loss)

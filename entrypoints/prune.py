@@ -18,7 +18,7 @@ import logging
 import click
 import torch
 
-from entrypoints.common import integer, number, optional, save_preview, stage
+from entrypoints.common import PREVIEW_IMAGES, integer, number, optional, save_preview, stage
 from entrypoints.datasets import log_replay_batches, stage_dataset
 from maskdm.dataset_inputs import CALIBRATION
 from maskdm.errors import MaskDMError
@@ -51,6 +51,7 @@ FALLBACK_DATASET = "cifar10"
 @click.option("--scope", default="layer", show_default=True, help="layer (each layer to the ratio) or global.")
 @click.option("--protect", default=",".join(DEFAULT_PROTECT), show_default=True, help="Name substrings of layers left dense.")
 @click.option("--seed", default="0", show_default=True, help="Seed of the random pruner, taylor's replayed batches and the preview.")
+@click.option("--preview_images", default=str(PREVIEW_IMAGES), show_default=True, help="Images in preview.png, the pruned model's sample grid.")
 @click.option("--taylor_batches", default="8", show_default=True, help="taylor: replayed training minibatches the importance is measured on.")
 @click.option("--taylor_batch_size", default="32", show_default=True, help="taylor: images per minibatch.")
 @click.option("--taylor_threshold", default="0", show_default=True, help="taylor: stop once the accumulated gradient changes by at most this share (0 = use every sample).")
@@ -67,6 +68,7 @@ def command(**params) -> None:
             ratio=params["pruning_ratio"], pruner=params["pruner"], pattern=params["pattern"],
             scope=params["scope"], protect=params["protect"], seed=params["seed"],
         )
+        preview_images = integer("preview_images", params["preview_images"])
         taylor = TaylorConfig(
             batches=integer("taylor_batches", params["taylor_batches"]),
             batch_size=integer("taylor_batch_size", params["taylor_batch_size"]),
@@ -127,4 +129,4 @@ def command(**params) -> None:
             "dense_checkpoint_bytes": stats["dense_checkpoint_bytes"],
         })
         run.log_model(ddpm, eval_split)
-        save_preview(ddpm, run.out / "preview.png", seed=config.seed)
+        save_preview(ddpm, run.out / "preview.png", num_images=preview_images, seed=config.seed)

@@ -91,12 +91,13 @@ def run_whole_chain(model, dataset: str, tracking_uri: str, cwd) -> dict[str, st
     ``mlflow run`` with tiny settings (fid: Inception at dims 64, so TORCH_HOME must hold planted
     weights); stage -> run ID, each checked FINISHED."""
     steps = [
-        ("prune", lambda ids: {"model": model, "dataset": dataset, "pruning_ratio": "0.5"}),
+        ("prune", lambda ids: {"model": model, "dataset": dataset, "pruning_ratio": "0.5", "preview_images": "4"}),
         ("extract_masks", lambda ids: {"prune_run_id": ids["prune"]}),
         ("baseline_loss", lambda ids: {"masks_run_id": ids["extract_masks"], "dataset_size": "32", "batch_size": "8"}),
         ("train_masks", lambda ids: {"baseline_run_id": ids["baseline_loss"], "max_step": "4", "accumulation": "2",
                                      "heldout_size": "8", "eval_every": "2"}),
-        ("finetune", lambda ids: {"masks_run_id": ids["train_masks"], "num_iters": "4", "train_batch_size": "8", "save_model_steps": "4"}),
+        ("finetune", lambda ids: {"masks_run_id": ids["train_masks"], "num_iters": "4", "train_batch_size": "8", "save_model_steps": "4",
+                                  "preview_images": "4"}),
         ("sample", lambda ids: {"model_run_id": ids["finetune"], "total_samples": "8", "batch_size": "4", "ddim_steps": "2"}),
         ("fid", lambda ids: {"sample_run_id": ids["sample"], "features": "inception", "dims": "64"}),
     ]

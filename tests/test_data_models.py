@@ -24,6 +24,20 @@ def test_shapes_are_deterministic_labelled_and_varied():
     assert (centre_vs_corner > 30).mean() > 0.8
 
 
+def test_shapes_drawn_a_chunk_at_a_time_are_the_images_drawn_at_once(monkeypatch):
+    import maskdm.ddpm.data as data
+
+    # One chunk for all 300 images, as before chunks; then chunks of 7 images (300 = 42 x 7 + 6),
+    # and of one image. Any image drawn with another's geometry or colours would differ.
+    monkeypatch.setattr(data, "_RENDER_CHUNK_PIXELS", 10**9)
+    whole, labels = render_shapes(300, seed=11, resolution=24)
+    for images_per_chunk in (7, 1):
+        monkeypatch.setattr(data, "_RENDER_CHUNK_PIXELS", images_per_chunk * 24 * 24)
+        chunked, chunked_labels = render_shapes(300, seed=11, resolution=24)
+        assert np.array_equal(chunked, whole) and np.array_equal(chunked_labels, labels)
+    assert len(np.unique(whole.reshape(300, -1), axis=0)) == 300
+
+
 def foreground_pixels(images: np.ndarray) -> np.ndarray:
     # A shape's colour has one channel at 255; the gradient backgrounds stay at or below 0.6 * 255.
     return (images.max(axis=-1) == 255).sum(axis=(1, 2))

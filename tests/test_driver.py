@@ -611,6 +611,9 @@ TINY_SETS = ",".join([
     "finetune.num_iters=4", "finetune.train_batch_size=8", "finetune.save_model_steps=2",
     "sample.total_samples=16", "sample.batch_size=16", "sample.ddim_steps=3",
     "fid.batch_size=16",
+    # The speed step measures every model of the sweep side by side: its timings are not compared.
+    "speed.repeats=3", "speed.warmup=0", "speed.batch_size=4", "speed.ddim_steps=2",
+    "prune.preview_images=8", "finetune.preview_images=8",
 ])
 #: For the kill test: long enough to be killed between checkpoints, short enough to finish after.
 KILL_SETS = "finetune.num_iters=60,finetune.save_model_steps=10"
@@ -775,6 +778,11 @@ def pd_present(value) -> bool:
     return value is not None and not pd.isna(value)
 
 
+#: The tests on the shared sweep run on one pytest-xdist worker (``--dist loadgroup``, pyproject's
+#: addopts): a module fixture is made once per worker that runs a test needing it.
+SWEEP_WORKER = pytest.mark.xdist_group("e2e-sweep")
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, code):
     """One tracking store shared by the sequential end-to-end tests, and a first complete sweep in it."""
@@ -800,6 +808,7 @@ def sweep(tmp_path_factory, code):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
+@SWEEP_WORKER
 def test_e2e_rerun_creates_no_stage_runs(sweep):
     plan = driver.build_plan(_config(sweep["model_dir"], mask_training="both", seeds=SWEEP_SEEDS))
     first = _check_lineage(sweep["first_driver"], plan)
@@ -905,6 +914,7 @@ def _check_replicates(plan: list, step_runs: dict[str, str], driver_run: str) ->
 
 @pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
+@SWEEP_WORKER
 def test_e2e_sigkill_mid_finetune_then_rerun_finishes(sweep):
     from mlflow.tracking import MlflowClient
 
@@ -1016,6 +1026,7 @@ def _sigkill(proc: subprocess.Popen, whole: bool, targets: list) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(E2E_TIMEOUT_S)
+@SWEEP_WORKER
 def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undisturbed(sweep):
     """A sweep whose processes are SIGKILLed at seeded random moments of five stages, mid-upload of
     a checkpoint and mid-rotation of checkpoints, rerun after each kill until it finishes: its table
@@ -1144,6 +1155,40 @@ def test_e2e_chaos_sigkills_at_random_moments_then_the_sweep_finishes_as_undistu
     pd.testing.assert_frame_equal(table[measured].reset_index(drop=True), reference[measured], check_exact=False, rtol=1e-6,
                                   check_dtype=False)
     (sweep["folder"] / "chaos-kills.json").write_text(json.dumps({"kills": done, "statuses": statuses}, indent=1))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(E2E_TIMEOUT_S)
+@SWEEP_WORKER
+def test_e2e_parallel_two_gives_the_sequential_results_table(sweep):
+    """The first sweep's mask_training=false row, run again with ``--parallel 2`` in another
+    experiment of its store (the stage cache is per experiment, so every stage runs again; the fid
+    stage's side caches are found in any experiment): its own lineage, nothing reused, and the
+    same table as the sequential sweep's replicate 0, exactly, run IDs and timings aside."""
+    import mlflow
+    import pandas as pd
+
+    log_path = sweep["folder"] / "parallel.log"
+    args = [*_main_args(sweep["model_dir"], mask_training="false"), "--experiment", "parallel", "--parallel", "2"]
+    parallel = _driver_run_id(_finish(_start_driver(args, sweep["uri"], sweep["folder"], log_path), log_path))
+
+    plan = driver.build_plan(_config(sweep["model_dir"], mask_training="false"))
+    made = set(_check_lineage(parallel, plan).values())
+    assert not any(s["reused"] for s in _stage_runs(parallel))
+    assert not made & {s["run_id"] for s in _stage_runs(sweep["first_driver"])}  # every stage ran again
+    assert mlflow.get_run(sweep["first_driver"]).data.tags.get("maskdm.launch") == "up to 1 stage(s) at once"
+    assert mlflow.get_run(parallel).data.tags["maskdm.launch"] == "up to 2 stage(s) at once, 1 CPU thread(s) per stage"
+
+    table, reference = _results(parallel, "replicates.csv"), _results(sweep["first_driver"], "replicates.csv")
+    reference = reference[(reference["mask_training"] == False) & (reference["replicate"] == 0)].reset_index(drop=True)  # noqa: E712
+    assert len(table) == len(reference) == 1
+    measured = [c for c in table.columns if not c.endswith(TIMING_COLUMNS)]
+    scored = [c for c in measured if c.endswith("_fid_shapes") and pd.notna(table[c].iloc[0])]
+    assert {"dense_fid_shapes", "pruned_fid_shapes", "finetuned_fid_shapes"} <= set(scored)
+    assert set(measured) <= set(reference.columns)
+    # check_dtype off: the reference's columns of what only replicate 0 measured (the speed step's
+    # registered size) hold NaN for replicate 1, so they are float there and integer here.
+    pd.testing.assert_frame_equal(table[measured].reset_index(drop=True), reference[measured], check_exact=True, check_dtype=False)
 
 
 def _free_port() -> int:

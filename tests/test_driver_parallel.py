@@ -9,8 +9,8 @@
   a driver rerun waits for it;
 - the real local backend on a stand-in project whose stages record their environment: the GPU and
   thread variables each stage process saw, and lineage and the cache under ``parallel`` 2;
-- end to end (``e2e``): a tiny sweep run sequentially and with ``--parallel 2`` in two stores gives
-  the same results table.
+- end to end (``e2e``): tests/test_driver.py runs the tiny sweep with ``--parallel 2`` beside its
+  sequential sweep (one store) and compares the tables.
 """
 
 from __future__ import annotations
@@ -26,19 +26,8 @@ import pytest
 from maskdm import driver
 from maskdm.errors import MaskDMError
 from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's tests
-    E2E_TIMEOUT_S,
     FAKE_STAGES,
-    TIMING_COLUMNS,
     stand_in_project,
-    _check_lineage,
-    _driver_run_id,
-    _finish,
-    _main_args,
-    _config,
-    _results,
-    _stage_runs,
-    _start_driver,
-    code,
     fake_project,
     parent,
 )
@@ -545,58 +534,3 @@ def test_a_failing_stage_under_parallel_is_failed_and_the_driver_raises(env_proj
     finished = client.search_runs(["0"], "attributes.status = 'FINISHED' and tags.`maskdm.stage` != ''")
     assert {r.data.tags[driver.STEP_TAG] for r in finished if driver.STEP_TAG in r.data.tags} == set(done)
     assert "prune r=0.4" in done
-
-
-# --- end to end: sequential and parallel tables ---------------------------------------------------
-
-
-def _sweep(folder: Path, uri: str, experiment: str, extra: list[str]) -> str:
-    log_path = folder / f"{experiment}.log"
-    args = [*_main_args(MODEL_DIR[0], mask_training="false"), "--experiment", experiment, *extra]
-    return _driver_run_id(_finish(_start_driver(args, uri, folder, log_path), log_path))
-
-
-MODEL_DIR: list[Path] = []
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(E2E_TIMEOUT_S)
-def test_e2e_parallel_two_gives_the_sequential_results_table(code, tmp_path, monkeypatch):
-    import mlflow
-    import pandas as pd
-
-    from conftest import tiny_unet
-    from maskdm.ddpm.models import DDPM, default_scheduler, save_ddpm
-
-    MODEL_DIR[:] = [save_ddpm(DDPM(tiny_unet(), default_scheduler()), tmp_path / "tiny_model")]
-    # One store, two experiments: the stage cache is per experiment, so the second sweep reruns
-    # every stage; the fid stage's side caches (the shapes classifier, the reference statistics)
-    # are found in any experiment, so both score with the same classifier. (Two stores would
-    # each train their own, and that training is not reproducible across processes: two
-    # trainings with the same settings gave different weights, so the FIDs would differ whatever
-    # the driver did.)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sequential = _sweep(tmp_path, uri, "sequential", [])
-    parallel = _sweep(tmp_path, uri, "parallel", ["--parallel", "2"])
-
-    plan = driver.build_plan(_config(MODEL_DIR[0], mask_training="false"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        tables, made = [], []
-        for run_id in (sequential, parallel):
-            made.append(set(_check_lineage(run_id, plan).values()))
-            assert not any(s["reused"] for s in _stage_runs(run_id))
-            tables.append(_results(run_id))
-        tags = mlflow.get_run(parallel).data.tags
-        assert mlflow.get_run(sequential).data.tags.get("maskdm.launch") == "up to 1 stage(s) at once"
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert not made[0] & made[1]  # every stage ran twice, once per sweep
-    assert tags["maskdm.launch"] == "up to 2 stage(s) at once, 1 CPU thread(s) per stage"
-    a, b = tables
-    assert list(a.columns) == list(b.columns) and len(a) == len(b) == 1
-    measured = [c for c in a.columns if not c.endswith(TIMING_COLUMNS)]
-    scored = [c for c in measured if c.endswith("_fid_shapes") and pd.notna(a[c].iloc[0])]
-    assert {"dense_fid_shapes", "pruned_fid_shapes", "finetuned_fid_shapes"} <= set(scored)
-    pd.testing.assert_frame_equal(a[measured], b[measured], check_exact=True)

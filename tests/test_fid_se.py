@@ -93,11 +93,9 @@ def test_se_metrics_are_not_fids():
 
 
 def test_stage_logs_the_se_and_the_same_fid_without_it(store, monkeypatch):
-    import entrypoints.fid as fid_stage
     import maskdm.ddpm.data
     from maskdm.ddpm.data import render_shapes
 
-    monkeypatch.setattr(fid_stage, "CLASSIFIER_TRAINING", {"epochs": 1, "batch_size": 32, "max_images": 320, "seed": 0})
     monkeypatch.setattr(maskdm.ddpm.data, "SHAPES_TRAIN_SIZE", 400)
     sample_run = make_sample_run(render_shapes(120, seed=7)[0], dataset="shapes")
     for options in ({"se_resamples": 0}, {}, {"se_resamples": 30, "se_seed": 1}, {"se_resamples": 30, "se_seed": 1}):

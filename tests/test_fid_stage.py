@@ -7,6 +7,7 @@ made in-process with a handful of 32x32 images.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -370,12 +371,41 @@ def test_shapes_features_train_and_reuse_their_classifier(store, monkeypatch):
     (classifier_run,) = runs_of("shapes_classifier")
     assert has_artifact(classifier_run.info.run_id, "shapes_classifier.safetensors")
     assert 0 <= classifier_run.data.metrics["eval_accuracy"] <= 1
+    # Trained here: the shipped classifier was made under other settings (its key is not this one).
+    assert "made_by" not in classifier_run.data.params
+    assert first.data.tags["maskdm.fid_weights_digest"] != json.loads(fid_stage.SHIPPED_CLASSIFIER_RECIPE.read_text())["weights_digest"]
     assert len(runs_of("fid_reference")) == references_before + 1
     assert stats_of(first.info.run_id)[0].shape == (64,)
     parts = protocol_of(first)
     assert (parts["features"], parts["dims"], parts["samples"], parts["reference"]) == ("shapes", "64", "80", "shapes:train")
     assert parts["weights"] == first.data.tags["maskdm.fid_weights_digest"]
     assert second.data.tags[FID_PROTOCOL_ID_TAG] == first.data.tags[FID_PROTOCOL_ID_TAG]
+
+
+def test_a_store_without_a_classifier_registers_the_shipped_one_untrained(tmp_path, monkeypatch):
+    import entrypoints.fid as fid_stage
+    import maskdm.ddpm.data
+    import maskdm.evaluation.shapes_features as shapes_features
+    from conftest import tracking_store
+    from maskdm.ddpm.data import render_shapes
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped classifier is current: nothing should be trained")
+
+    monkeypatch.setattr(shapes_features, "train_shapes_classifier", no_training)
+    monkeypatch.setattr(maskdm.ddpm.data, "SHAPES_TRAIN_SIZE", 400)  # the reference statistics: seconds
+    recipe = json.loads(fid_stage.SHIPPED_CLASSIFIER_RECIPE.read_text())
+    with tracking_store(tmp_path) as _:
+        result = invoke(sample_run_id=make_sample_run(render_shapes(40, seed=3)[0]), features="shapes")
+        assert result.exit_code == 0, result.output
+        (classifier_run,) = runs_of("shapes_classifier")
+        (scored,) = runs_of("fid")
+        params = classifier_run.data.params
+        assert params["made_by"] == recipe["command"] and params["torch_threads"] == str(recipe["torch_threads"])
+        assert classifier_run.data.metrics["eval_accuracy"] == pytest.approx(recipe["metrics"]["eval_accuracy"])
+        logged = mlflow.artifacts.download_artifacts(run_id=classifier_run.info.run_id, artifact_path="shapes_classifier.safetensors")
+        assert fid.weights_digest(logged) == recipe["weights_digest"] == scored.data.tags["maskdm.fid_weights_digest"]
+        assert has_artifact(classifier_run.info.run_id, fid_stage.SHIPPED_CLASSIFIER_RECIPE.name)
 
 
 # --- bad input ------------------------------------------------------------------------------------

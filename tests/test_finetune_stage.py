@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -109,7 +110,8 @@ def test_finetune_through_mlflow_run(store, chain):
     prune_run, masks_run, masks = chain
     cmd = ["mlflow", "run", str(REPO), "-e", "finetune", "--env-manager", "local",
            "-P", f"masks_run_id={masks_run.info.run_id}", "-P", "num_iters=4", "-P", "save_model_steps=2",
-           "-P", "train_batch_size=4", "-P", "ema_max_decay=0.9", "-P", "mixed_precision=no", "-P", "dropout=0.1"]
+           "-P", "train_batch_size=4", "-P", "ema_max_decay=0.9", "-P", "mixed_precision=no", "-P", "dropout=0.1",
+           "-P", "preview_images=8"]
     done = subprocess.run(cmd, cwd=root, env=child_env(uri), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = newest_run("finetune")
@@ -146,6 +148,15 @@ def test_finetune_through_mlflow_run(store, chain):
         # Stored packed (kept values + 1-bit mask): maskdm.ddpm.sparse_storage.
         assert {f"{path}/ema.json", f"{path}/ema.sparse.safetensors", f"{path}/model.sparse.safetensors"} <= set(listed(run_id, path))
     assert listed(run_id, "samples") == ["samples/step-2.png", "samples/step-4.png"]
+    # Grids of preview_images (8): one row of eight, where the default's 64 make eight rows.
+    from PIL import Image
+
+    from maskdm.ddpm.sampling import save_grid
+
+    grid = Image.open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/step-4.png"))
+    side = unet.config.sample_size
+    expected = {n: Image.open(save_grid(np.zeros((n, side, side, 3), np.uint8), root / f"grid{n}.png")).size for n in (8, 64)}
+    assert grid.size == expected[8] != expected[64]
     assert {"model", "checkpoints", "samples"} <= set(listed(run_id))
     assert metric_steps(run_id, "loss") == [4] == metric_steps(run_id, "lr")  # every 10 steps and at the last
     assert "lr" in run.data.metrics and {2, 4} <= set(metric_steps(run_id, "eval_loss"))
@@ -277,6 +288,7 @@ def test_bad_input_is_one_line_and_a_failed_run(store, chain, tmp_path):
         (["--masks_run_id", masks_id, "--num_iters", "0"], "num_iters must be at least 1"),
         (["--masks_run_id", masks_id, "--dropout", "1.5"], "dropout must be in [0, 1)"),
         (["--masks_run_id", masks_id, "--dropout", "half"], "dropout must be 'model' or a probability"),
+        (["--masks_run_id", masks_id, "--preview_images", "0"], "preview_images must be an integer >= 1"),
     ]
     for args, message in cases:
         result = invoke("finetune", *args, *QUICK)

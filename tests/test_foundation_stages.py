@@ -49,7 +49,7 @@ def download(run, path: str) -> str:
 @pytest.fixture
 def pruned(tracking, tiny_model_dir, tmp_path):
     """A prune run (ratio 0.5) and an extract_masks run, both through ``mlflow run``."""
-    done = mlflow_run("prune", tracking, tmp_path, model=tiny_model_dir, dataset="shapes", pruning_ratio="0.5")
+    done = mlflow_run("prune", tracking, tmp_path, model=tiny_model_dir, dataset="shapes", pruning_ratio="0.5", preview_images="6")
     assert done.returncode == 0, done.stderr[-3000:]
     prune_run = only_run("prune")
     done = mlflow_run("extract_masks", tracking, tmp_path, prune_run_id=prune_run.info.run_id)
@@ -75,6 +75,15 @@ def test_prune_and_extract_masks_through_mlflow_run(pruned, tiny_model_dir, tiny
             assert name not in stats["layers"]
     names = [a.path for a in MlflowClient().list_artifacts(prune_run.info.run_id)]
     assert {"model", "pruning_stats.json", "preview.png", "masks.safetensors"} <= set(names)
+    # preview_images 6: the grid of six images (the default's 64 make another size).
+    import numpy as np
+    from PIL import Image
+
+    from maskdm.ddpm.sampling import save_grid
+
+    preview = Image.open(download(prune_run, "preview.png"))
+    six, sixty_four = (Image.open(save_grid(np.zeros((n, 16, 16, 3), np.uint8), Path(folder).parent / f"grid{n}.png")) for n in (6, 64))
+    assert preview.size == six.size != sixty_four.size
 
     # extract_masks: the masks prune recorded; on this model (no weight was zero before pruning)
     # they are exactly the pruned model's nonzero pattern. With lineage.
@@ -137,6 +146,7 @@ def test_pretrain_through_mlflow_run_and_demo_resolution(tracking, tmp_path):
         (["--model", "google/not-a-real-model-xyz"], "cannot fetch model"),
         (["--dataset", "mnist"], "unknown dataset"),
         (["--dataset", "imagefolder:EMPTY"], "holds no"),
+        (["--preview_images", "0"], "preview_images must be an integer >= 1"),
     ],
 )
 def test_prune_bad_input_is_one_line_and_a_failed_run(tracking, tiny_model_dir, tmp_path, args, message, capfd):

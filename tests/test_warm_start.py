@@ -182,6 +182,54 @@ def test_a_server_let_go_finishes_its_running_stage_first(tmp_path, monkeypatch)
     assert seen["ppid"] == os.getpid()
 
 
+def _later_server(tmp_path, monkeypatch, cuda: bool = False) -> tuple[WarmServer, dict, Path]:
+    """A server that serves after importing warm_helper and imports warm_later between requests."""
+    go = tmp_path / "go"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    monkeypatch.setenv("WARM_LATER_GO", str(go))
+    monkeypatch.setenv("WARM_LATER_CUDA", "1" if cuda else "0")
+    warm = WarmServer.launch(["warm_helper", "warm_later"], "warm_helper:main", ready_after=1)
+    # Ready while warm_later cannot have been imported: its import waits for `go`, written below.
+    env = warm.environ()
+    assert env, "the server did not become ready before the rest of its preload"
+    deadline = time.monotonic() + 60
+    while not Path(f"{go}.importing").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert Path(f"{go}.importing").exists(), "the server did not import the rest of its preload while idle"
+    go.write_text("")
+    return warm, {**os.environ, **env}, go
+
+
+def modules(env, cwd, *names) -> dict:
+    proc = command(env, "modules", *names, cwd=cwd)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+def test_a_server_serves_before_the_rest_of_its_preload_and_imports_it_between_requests(tmp_path, monkeypatch):
+    warm, env, _ = _later_server(tmp_path, monkeypatch)
+    try:
+        # Served once that import ended: forked from the server, with warm_later imported by it
+        # (the command itself never imports it).
+        seen = modules(env, tmp_path, "warm_later", "warm_helper")
+        assert seen == {"ppid": warm.pid, "imported": {"warm_later": True, "warm_helper": True}}
+    finally:
+        warm.close()
+
+
+def test_a_later_import_that_starts_cuda_stops_the_server_and_stages_start_fresh(tmp_path, monkeypatch, caplog):
+    warm, env, _ = _later_server(tmp_path, monkeypatch, cuda=True)
+    try:
+        # The server exits (it runs no stage) and the command runs itself, as without a server.
+        warm._proc.wait(timeout=60)
+        seen = modules(env, tmp_path, "warm_later")
+        assert seen == {"ppid": os.getpid(), "imported": {"warm_later": False}}
+    finally:
+        warm.close()
+    assert "takes no more stages" in caplog.text
+
+
 def test_warm_start_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.setenv(protocol.WARM_START_ENV, "0")
     assert WarmServer.launch(["warm_helper"], "warm_helper:main") is None

@@ -22,6 +22,8 @@ def main() -> None:
                           "ppid": os.getppid(), "threads": torch.get_num_threads(), "path0": sys.path[0],
                           "comm": open("/proc/self/comm").read().strip()}))
         print("to stderr", file=sys.stderr)
+    elif what == "modules":  # which of the named modules this process has imported
+        print(json.dumps({"ppid": os.getppid(), "imported": {name: name in sys.modules for name in sys.argv[2:]}}))
     elif what == "exit":
         sys.exit(int(sys.argv[2]))
     elif what == "sleep":  # until a signal: SIGTERM is written down (as a stage ends its run KILLED)

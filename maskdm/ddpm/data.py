@@ -59,30 +59,49 @@ def render_shapes(
     centre = rng.uniform(0.3, 0.7, (n, 2))
     radii = rng.uniform(*radius, n)
 
+    # Every random number is drawn above, for the whole batch; the pixels are then made a chunk
+    # at a time, so the float64 intermediates stay in the CPU's caches (all 20,000 training images
+    # at once made arrays of 160 MB each at 32x32, and took 13 times as long as at 16x16).
     coords = (np.arange(resolution) + 0.5) / resolution
+    t = np.linspace(0.0, 1.0, resolution)[None, :, None, None]
+    images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
+    chunk = max(1, _RENDER_CHUNK_PIXELS // (resolution * resolution))
+    for start in range(0, n, chunk):
+        part = slice(start, min(n, start + chunk))
+        images[part] = _draw(labels[part], bg_top[part], bg_bottom[part], fg[part], centre[part], radii[part], coords, t)
+    return images, labels.astype(np.int64)
+
+
+#: Pixels per chunk of :func:`render_shapes`: 128 images of 32x32.
+_RENDER_CHUNK_PIXELS = 128 * 32 * 32
+
+
+def _draw(labels, bg_top, bg_bottom, fg, centre, radii, coords, t) -> np.ndarray:
+    """The uint8 pixels of :func:`render_shapes`'s images from their drawn labels, colours and geometry."""
+    n, resolution = len(labels), len(coords)
     y = coords[None, :, None]
     x = coords[None, None, :]
     dy = y - centre[:, 0, None, None]
     dx = x - centre[:, 1, None, None]
     r = radii[:, None, None]
     regions = {
-        "circle": dx**2 + dy**2 <= r**2,
-        "square": (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r),
-        "triangle": (dy <= 0.8 * r) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6),
-        "diamond": np.abs(dx) + np.abs(dy) <= r,
-        "ring": (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (0.55 * r) ** 2),
-        "cross": ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r)) | ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r)),
+        "circle": lambda: dx**2 + dy**2 <= r**2,
+        "square": lambda: (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r),
+        "triangle": lambda: (dy <= 0.8 * r) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6),
+        "diamond": lambda: np.abs(dx) + np.abs(dy) <= r,
+        "ring": lambda: (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (0.55 * r) ** 2),
+        "cross": lambda: ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r)) | ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r)),
     }
     inside = np.zeros((n, resolution, resolution), dtype=bool)
     for k, name in enumerate(SHAPE_CLASSES):
         pick = labels == k
-        inside[pick] = regions[name][pick]
+        if pick.any():
+            inside[pick] = regions[name]()[pick]
 
-    t = np.linspace(0.0, 1.0, resolution)[None, :, None, None]
     background = bg_top * (1 - t) + bg_bottom * t  # (n, H, 1, 3)
     images = np.broadcast_to(background, (n, resolution, resolution, 3)).copy()
     images[inside] = np.repeat(fg, inside.reshape(n, -1).sum(1), axis=0)
-    return (images * 255).round().astype(np.uint8), labels.astype(np.int64)
+    return (images * 255).round().astype(np.uint8)
 
 
 class ArrayImageDataset(Dataset):

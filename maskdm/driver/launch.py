@@ -222,15 +222,22 @@ def run_stage(
     return StageOutcome(step, stage, run_id, reused=False, resumed_from=resumed_from, wall_s=wall_s, cpu_s=cpu_s)
 
 
-#: What a warm server imports besides the stages' own modules: what stages import lazily on their
-#: way (MLflow's SQL stores when a process makes its first client, the git lookup of a run's source,
-#: diffusers' lazily loaded models and pipelines, the plotting of train_masks' curves, ...), found by
-#: listing the modules each demo stage imported after its own module. One not installed is skipped.
-WARM_PRELOAD = (
+#: What a warm server imports before it serves: what every stage imports on its way to its own
+#: work (the CLI, MLflow's SQL stores, which a process loads with its first client), besides the
+#: first stage's own module.
+WARM_PRELOAD_FIRST = (
     "entrypoints.cli", "entrypoints.common",
     "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
     "mlflow.store.artifact.local_artifact_repo", "mlflow.store.db.utils", "alembic.command", "alembic.config",
-    "sqlalchemy.dialects.sqlite", "git", "IPython",
+    "sqlalchemy.dialects.sqlite",
+)
+#: What it imports after that, between requests, with the other stages' modules: what stages import
+#: lazily on their way (the git lookup of a run's source, diffusers' lazily loaded models and
+#: pipelines, the plotting of train_masks' curves, ...), found by listing the modules each demo stage
+#: imported after its own module. A stage forked before one of them is imported imports it itself;
+#: a sweep killed early never pays for the rest. One not installed is skipped.
+WARM_PRELOAD_LATER = (
+    "git", "IPython",
     "diffusers.models.unets", "diffusers.models.autoencoders", "diffusers.pipelines.ddpm", "diffusers.pipelines.ddim",
     "diffusers.quantizers", "accelerate", "huggingface_hub", "safetensors.torch", "torchvision", "torch._dynamo", "sympy",
     "PIL.Image", "matplotlib.pyplot", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize", "scipy.sparse.linalg",
@@ -247,8 +254,10 @@ def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR, per_s
     if Path(project_dir).resolve() != REPO_DIR.resolve():
         return None
 
-    modules = [*WARM_PRELOAD, *(f"entrypoints.{stage}" for stage in dict.fromkeys(stages))]
-    return WarmServer.launch(modules, "entrypoints.cli:cli", per_stage_env)
+    first, *rest = [f"entrypoints.{stage}" for stage in dict.fromkeys(stages)] or ["entrypoints.cli"]
+    # Ready once the first stage can start; the rest is imported while the stages run.
+    modules = [*WARM_PRELOAD_FIRST, first, *rest, *WARM_PRELOAD_LATER]
+    return WarmServer.launch(modules, "entrypoints.cli:cli", per_stage_env, ready_after=len(WARM_PRELOAD_FIRST) + 1)
 
 
 # --- where and how many stages run at once -------------------------------------------------------

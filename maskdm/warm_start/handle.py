@@ -51,11 +51,14 @@ class WarmServer:
         self._reader: threading.Thread | None = None
 
     @classmethod
-    def launch(cls, preload: Iterable[str], call: str, per_stage_env: Iterable[str] = ()) -> WarmServer | None:
+    def launch(cls, preload: Iterable[str], call: str, per_stage_env: Iterable[str] = (),
+               ready_after: int | None = None) -> WarmServer | None:
         """Start a server that imports ``preload`` and runs ``call`` per request; None where warm
         starts are off or impossible (why is logged). It imports in the background: :meth:`environ`
         waits for it. ``per_stage_env``: variables a command may set otherwise than this process
-        has them now, besides the server's own list (a test runner's per-test variable, say)."""
+        has them now, besides the server's own list (a test runner's per-test variable, say).
+        ``ready_after``: it is ready once the first N modules are imported, and imports the rest
+        between requests."""
         if not protocol.supported():
             log.info("warm start: not on this platform (it needs Linux); every stage starts a fresh Python")
             return None
@@ -68,7 +71,8 @@ class WarmServer:
         env = {k: v for k, v in os.environ.items() if k not in _PER_STAGE_ONLY}
         proc = subprocess.Popen(
             [sys.executable, "-m", "maskdm.warm_start.server", "--socket", str(socket_path),
-             "--preload", ",".join(preload), "--call", call, "--per_stage_env", ",".join(per_stage_env)],
+             "--preload", ",".join(preload), "--call", call, "--per_stage_env", ",".join(per_stage_env),
+             *(["--ready_after", str(ready_after)] if ready_after is not None else [])],
             # Started in its own empty folder, so that it imports every module from where the stage
             # commands will (the installed packages, PYTHONPATH), never from a working directory.
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=folder, env=env, text=True,
@@ -102,6 +106,8 @@ class WarmServer:
                 with self._lock:
                     self._cpu[report["run_id"]] = float(report["cpu_s"])
                     self._lock.notify_all()
+            elif "stopped" in report:
+                log.warning("warm start: the server takes no more stages (%s); the rest start a fresh Python", report["stopped"])
             elif "refused" in report:
                 self.refusals.append(report)
                 log.warning("warm start: %s%s starts in a fresh Python: %s", report.get("command") or "a command",

@@ -1,6 +1,7 @@
 """The warm server: imports the given modules once, then forks one stage process per request.
 
-``python -m maskdm.warm_start.server --socket PATH --preload a,b,c`` imports the modules, checks
+``python -m maskdm.warm_start.server --socket PATH --preload a,b,c [--ready_after N]`` imports the modules
+(with ``--ready_after``, the first N; the rest one at a time whenever no request waits), checks
 that a process forked from it can still use torch (its CPU threads, and CUDA where there is a GPU:
 this process itself never starts CUDA, which cannot be forked), listens on ``PATH`` and writes one
 JSON line to its stdout: ``{"ready": ...}`` or ``{"error": ...}``. It serves until its stdin ends
@@ -225,7 +226,11 @@ def _exit(code) -> None:
     os._exit(status & 0xFF)
 
 
-def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[str] = frozenset()) -> int:
+def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[str] = frozenset(),
+          ready_after: int | None = None) -> int:
+    """Serve until stdin ends. ``ready_after``: serve once the first N modules of ``preload`` are
+    imported, and import the rest between requests (a stage forked before one of them imports it
+    itself); None imports them all first."""
     server_pid = os.getpid()
     # Ctrl-C in a terminal reaches the whole process group, the stages included; this server waits
     # for them to end their runs instead of leaving them orphaned.
@@ -239,8 +244,10 @@ def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[
     if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.getcwd()):
         del sys.path[0]
     started = time.perf_counter()
+    now = preload if ready_after is None else preload[:ready_after]
+    later = [] if ready_after is None else list(preload[ready_after:])
     try:
-        for name in preload:
+        for name in now:
             _import(name)
         call_file = code_file(call)
     except BaseException as exc:  # noqa: BLE001
@@ -344,10 +351,31 @@ def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[
                 pass
             stage.conn.close()
 
+    def import_one_later() -> None:
+        """The next module of the rest of the preload; a failing one is left to the stage that needs it.
+        One that started CUDA would make every later fork unusable: the server takes no more stages."""
+        try:
+            _import(later.pop(0))
+        except Exception:  # noqa: BLE001 - the stage importing it reports its own error
+            pass
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+            later.clear()
+            _say({"stopped": "a preloaded module initialised CUDA, which a forked process cannot use"})
+            stop_accepting()
+            raise _StopAccepting
+
     accepting = True
     try:
         while accepting or stages:
-            for key, _ in selector.select():
+            events = selector.select(0 if later and accepting else None)
+            if not events and later:
+                try:
+                    import_one_later()
+                except _StopAccepting:
+                    selector.unregister(sys.stdin.fileno())
+                    accepting = False
+                continue
+            for key, _ in events:
                 what = key.data
                 if what == "accept":
                     try:
@@ -381,6 +409,10 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+class _StopAccepting(Exception):
+    """The server can fork no more stages (see ``import_one_later``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maskdm.warm_start.server", description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="Path of the Unix socket to listen on.")
@@ -388,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--call", required=True, help="module:function each request runs (a click group).")
     parser.add_argument("--per_stage_env", default="",
                         help="Comma-separated variables a command's environment may set otherwise, besides the built-in ones.")
+    parser.add_argument("--ready_after", type=int, default=None,
+                        help="Serve once the first N preload modules are imported; import the rest between requests.")
     args = parser.parse_args(argv)
     preload = [m for m in args.preload.split(",") if m]
-    return serve(args.socket, preload, args.call, frozenset(v for v in args.per_stage_env.split(",") if v))
+    return serve(args.socket, preload, args.call, frozenset(v for v in args.per_stage_env.split(",") if v), args.ready_after)
 
 
 if __name__ == "__main__":
