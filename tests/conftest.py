@@ -136,6 +136,38 @@ def warm_stages(monkeypatch):
     assert not warm.refusals, f"stage commands the warm server refused (they ran cold): {warm.refusals}"
 
 
+#: An empty SQLite store as MLflow makes it (its schema migrated), made once per test process.
+_EMPTY_STORE: list[Path] = []
+
+
+def empty_store_copy(folder: Path) -> str:
+    """``sqlite:///<folder>/mlflow.db``: a copy of an empty store, as MLflow would make it there
+    from ``folder`` (its Default experiment's artifacts under ``folder/mlruns``), unless one is there.
+
+    MLflow makes a new store by running its schema migrations, 1 to 2 s each time on this machine;
+    the tests make many stores, so they copy one made once per process.
+    """
+    import contextlib
+    import shutil
+    import sqlite3
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(folder) / "mlflow.db"
+    if not db.exists():
+        if not _EMPTY_STORE:
+            made = Path(tempfile.mkdtemp(prefix="maskdm-empty-store-")) / "mlflow.db"
+            MlflowClient(f"sqlite:///{made}").search_experiments()
+            _EMPTY_STORE.append(made)
+        shutil.copyfile(_EMPTY_STORE[0], db)
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                               (str(Path(folder).resolve() / "mlruns" / "0"),))
+            connection.commit()
+    return f"sqlite:///{db}"
+
+
 @contextmanager
 def tracking_store(folder):
     """A SQLite tracking store (and artifact root) in ``folder``, for in-process and child runs.
@@ -145,7 +177,7 @@ def tracking_store(folder):
     import mlflow
     from mlflow.tracking import fluent
 
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_store_copy(folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)

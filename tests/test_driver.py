@@ -131,6 +131,27 @@ def test_plan_scores_dense_once_and_every_model_per_ratio(tiny_model_dir, mask_t
     assert all(s.params["model"] == str(tiny_model_dir) for s in plan if s.stage == "prune")
 
 
+def test_the_options_read_from_a_stages_source_are_its_commands_options_and_types():
+    """The driver checks --set keys and number types from each stage's source (without importing
+    torch and diffusers): the same names and types as the imported click commands, every stage."""
+    import importlib
+    import subprocess
+
+    import click
+
+    kinds = {click.types.IntParamType: "int", click.types.FloatParamType: "float", click.types.BoolParamType: "click.BOOL"}
+    for stage in driver.STAGES:
+        command = importlib.import_module(f"entrypoints.{stage}").command
+        imported = {opt.lstrip("-"): kinds.get(type(param.type)) for param in command.params for opt in param.opts if opt.startswith("--")}
+        assert driver.plan.declared_options(stage) == imported, stage
+    # And the check imports no stage module (nor torch): in a fresh process.
+    code = ("import sys; from maskdm.driver.plan import check_sets, parse_sets; "
+            "check_sets(parse_sets(['finetune.num_iters=3,prune.preview_images=4,speed.repeats=2'])); "
+            "print(sorted(m for m in sys.modules if m.startswith('entrypoints.') or m == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:] + done.stdout
+
+
 def test_the_dense_reference_is_the_same_whatever_the_pruning_setup(tiny_model_dir):
     def dense(**options):
         plan = driver.build_plan(driver.resolve_config("demo", model=str(tiny_model_dir), **options))
@@ -835,6 +856,8 @@ def test_e2e_rerun_creates_no_stage_runs(sweep):
     assert second_driver != sweep["first_driver"]
     assert _count_stage_runs() == before
     assert all(s["reused"] for s in _stage_runs(second_driver))
+    # No stage ran, so no warm server was started (the first sweep's stages forked from one).
+    assert "warm start: stages fork" in sweep["output"] and "warm start: stages fork" not in output
     assert _check_lineage(second_driver, plan) == first
     assert _results(second_driver).equals(_results(sweep["first_driver"]))
 

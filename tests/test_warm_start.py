@@ -230,6 +230,21 @@ def test_a_later_import_that_starts_cuda_stops_the_server_and_stages_start_fresh
     assert "takes no more stages" in caplog.text
 
 
+def test_a_server_wanted_when_needed_starts_with_the_first_command_that_needs_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    never = WarmServer.launch(["warm_helper"], "warm_helper:main", when_needed=True)
+    assert never.pid is None and never.cpu_s("any run") == 0.0  # nothing started: nothing to wait for
+    never.close()
+    assert not never.socket_path.parent.exists()
+    warm = WarmServer.launch(["warm_helper"], "warm_helper:main", when_needed=True)
+    try:
+        env = {**os.environ, **warm.environ()}
+        assert warm.pid is not None and psutil.pid_exists(warm.pid)
+        assert echo(env, tmp_path)[0]["ppid"] == warm.pid
+    finally:
+        warm.close()
+
+
 def test_warm_start_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.setenv(protocol.WARM_START_ENV, "0")
     assert WarmServer.launch(["warm_helper"], "warm_helper:main") is None

@@ -202,7 +202,7 @@ def run_stage(
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in passed.items()])
     log.info("%s: running as run %s%s", step, run_id, f" ({describe_env(env)})" if env else "")
-    env = {**(env or {}), **(warm.environ() if warm else {})}
+    env = {**(env or {}), **(warm.environ(f"entrypoints.{stage}") if warm else {})}
     if concurrent:
         wall_s, cpu_s = _submit_and_wait(stage, step, passed, run_id, experiment_id, project_dir, env)
     else:
@@ -246,8 +246,8 @@ WARM_PRELOAD_LATER = (
 
 
 def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR, per_stage_env: Iterable[str] = ()) -> WarmServer | None:
-    """A warm server (:mod:`maskdm.warm_start`) for these stages' commands, importing in the
-    background; None where warm starts are off (``MASKDM_WARM_START=0``) or impossible, and for a
+    """A warm server (:mod:`maskdm.warm_start`) for these stages' commands, started by the first
+    stage that runs and importing in the background; None where warm starts are off (``MASKDM_WARM_START=0``) or impossible, and for a
     project other than this package's own (its commands are not ``maskdm <stage>``)."""
     from maskdm.warm_start.handle import WarmServer
 
@@ -255,9 +255,11 @@ def start_warm_server(stages: Iterable[str], project_dir: Path = REPO_DIR, per_s
         return None
 
     first, *rest = [f"entrypoints.{stage}" for stage in dict.fromkeys(stages)] or ["entrypoints.cli"]
-    # Ready once the first stage can start; the rest is imported while the stages run.
+    # Started by the first stage that runs (a sweep of cached stages starts none), ready once that
+    # stage can start; the rest is imported while the stages run.
     modules = [*WARM_PRELOAD_FIRST, first, *rest, *WARM_PRELOAD_LATER]
-    return WarmServer.launch(modules, "entrypoints.cli:cli", per_stage_env, ready_after=len(WARM_PRELOAD_FIRST) + 1)
+    return WarmServer.launch(modules, "entrypoints.cli:cli", per_stage_env, ready_after=len(WARM_PRELOAD_FIRST) + 1,
+                             when_needed=True)
 
 
 # --- where and how many stages run at once -------------------------------------------------------

@@ -5,8 +5,10 @@ and their cache key, and the checks made before any run starts."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -145,13 +147,38 @@ def parse_sets(values: Iterable[str] | str | None) -> dict[str, dict[str, str]]:
     return found
 
 
+def declared_options(stage: str) -> dict[str, str | None]:
+    """The options the stage's click command declares (``--num_iters`` -> ``num_iters``), each with
+    its ``type=`` as written (``int``, ``float``, ``click.BOOL``; None for text).
+
+    Read from the ``@click.option("--...")`` decorators of its ``command`` in the module's source,
+    not by importing it: a stage module imports torch and diffusers (about 5 s), and the driver
+    checks a plan before anything runs. tests/test_driver.py compares this with the imported
+    commands' options and types.
+    """
+    import ast
+
+    spec = importlib.util.find_spec(f"entrypoints.{stage}")
+    if spec is None or not spec.origin:
+        raise MaskDMError(f"stage '{stage}' has no entry point (entrypoints/{stage}.py) in this checkout")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    options: dict[str, str | None] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.FunctionDef) and node.name == "command"):
+            continue
+        for decorator in node.decorator_list:
+            if not (isinstance(decorator, ast.Call) and ast.unparse(decorator.func).endswith("option")):
+                continue
+            kind = next((ast.unparse(k.value) for k in decorator.keywords if k.arg == "type"), None)
+            for arg in decorator.args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("--"):
+                    options[arg.value.lstrip("-")] = kind
+    return options
+
+
 def stage_options(stage: str) -> set[str]:
-    """The option names the stage's click command accepts (``--num_iters`` -> ``num_iters``)."""
-    try:
-        module = importlib.import_module(f"entrypoints.{stage}")
-    except ModuleNotFoundError:
-        raise MaskDMError(f"stage '{stage}' has no entry point (entrypoints/{stage}.py) in this checkout") from None
-    return {opt.lstrip("-") for param in module.command.params for opt in param.opts if opt.startswith("--")}
+    """The option names the stage's click command accepts (:func:`declared_options`)."""
+    return set(declared_options(stage))
 
 
 def check_sets(sets: Mapping[str, Mapping[str, str]]) -> None:
@@ -364,9 +391,20 @@ def join_listed(params: Mapping[str, str]) -> dict[str, str]:
 # --- parameters and the cache key ------------------------------------------------------------------
 
 
+def _mlproject(project_dir: Path) -> dict:
+    """The project's MLproject, parsed once per content (the driver reads it for every step, and
+    the pure-Python YAML parser takes 60 ms a time)."""
+    return _parse_mlproject((Path(project_dir) / "MLproject").read_text())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_mlproject(text: str) -> dict:
+    return yaml.safe_load(text)
+
+
 def declared_defaults(stage: str, project_dir: Path = REPO_DIR) -> dict[str, str]:
     """The MLproject defaults of ``stage``'s declared parameters (those without one are left out)."""
-    spec = yaml.safe_load((project_dir / "MLproject").read_text())
+    spec = _mlproject(project_dir)
     entry = (spec.get("entry_points") or {}).get(stage)
     if entry is None:
         raise MaskDMError(f"MLproject declares no entry point '{stage}'")
@@ -462,13 +500,12 @@ def check_plan_inputs(config: SweepConfig, plan: list[Step], project_dir: Path =
             continue
         params = full_params(step.stage, step.params, project_dir)
         full[step.stage] = params
-        options = {opt.lstrip("-"): param for param in importlib.import_module(f"entrypoints.{step.stage}").command.params
-                   for opt in param.opts if opt.startswith("--")}
+        types = declared_options(step.stage)
         for key, value in params.items():
-            option = options.get(key)
-            if option is not None and isinstance(option.type, (click.types.IntParamType, click.types.FloatParamType)) and value != "":
+            number_type = {"int": click.INT, "float": click.FLOAT}.get(types.get(key) or "")
+            if number_type is not None and value != "":
                 try:
-                    option.type.convert(value, option, None)
+                    number_type.convert(value, None, None)
                 except click.BadParameter as exc:
                     raise MaskDMError(f"plan: {step.stage}.{key}={value}: {exc.message}") from None
             if (step.stage, key) in PARAM_RANGES and value != "":
@@ -506,11 +543,12 @@ def check_plan_inputs(config: SweepConfig, plan: list[Step], project_dir: Path =
 def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]) -> None:
     """The demo model's arch against its resolution, and sample's ddim_steps against the model's
     training timesteps, where they are known without loading a model (the demo model, a local folder)."""
-    from maskdm.ddpm.models import ARCHS, check_resolution
-
     timesteps = None
     pretrain = full.get("pretrain")
     if pretrain is not None:
+        # Here only: it imports diffusers (seconds), which a sweep of a given model never needs here.
+        from maskdm.ddpm.models import ARCHS, check_resolution
+
         arch = pretrain.get("arch", "")
         if arch not in ARCHS:
             raise MaskDMError(f"plan: pretrain.arch={arch} is not one of {', '.join(ARCHS)}")

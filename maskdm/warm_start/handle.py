@@ -36,12 +36,14 @@ READY_TIMEOUT_S = 300.0
 class WarmServer:
     """A server being started (:meth:`launch`), ready once :meth:`environ` has waited for it."""
 
-    def __init__(self, proc: subprocess.Popen, folder: Path, socket_path: Path):
-        self._proc = proc
-        self._folder = folder
-        self.socket_path = socket_path
-        self.pid = proc.pid
-        self._started = time.perf_counter()
+    def __init__(self, preload: list[str], call: str, per_stage_env: list[str], ready_after: int | None):
+        self._launch_args = (preload, call, per_stage_env, ready_after)
+        self._proc: subprocess.Popen | None = None
+        self._folder = Path(tempfile.mkdtemp(prefix="maskdm-warm-"))
+        self.socket_path = self._folder / "socket"
+        #: The server's process ID, once started.
+        self.pid: int | None = None
+        self._started = 0.0
         #: None until the server answered; then whether it is ready.
         self._ready: bool | None = None
         self._cpu: dict[str, float] = {}
@@ -52,13 +54,14 @@ class WarmServer:
 
     @classmethod
     def launch(cls, preload: Iterable[str], call: str, per_stage_env: Iterable[str] = (),
-               ready_after: int | None = None) -> WarmServer | None:
+               ready_after: int | None = None, when_needed: bool = False) -> WarmServer | None:
         """Start a server that imports ``preload`` and runs ``call`` per request; None where warm
         starts are off or impossible (why is logged). It imports in the background: :meth:`environ`
         waits for it. ``per_stage_env``: variables a command may set otherwise than this process
         has them now, besides the server's own list (a test runner's per-test variable, say).
         ``ready_after``: it is ready once the first N modules are imported, and imports the rest
-        between requests."""
+        between requests. ``when_needed``: started by the first :meth:`environ` instead of now (a
+        sweep whose every stage is cached never starts one)."""
         if not protocol.supported():
             log.info("warm start: not on this platform (it needs Linux); every stage starts a fresh Python")
             return None
@@ -66,23 +69,36 @@ class WarmServer:
             log.info("warm start: off (%s=%s); every stage starts a fresh Python", protocol.WARM_START_ENV,
                      os.environ[protocol.WARM_START_ENV])
             return None
-        folder = Path(tempfile.mkdtemp(prefix="maskdm-warm-"))
-        socket_path = folder / "socket"
+        server = cls(list(preload), call, list(per_stage_env), ready_after)
+        if not when_needed:
+            server._start()
+        return server
+
+    def _start(self, first: str | None = None) -> None:
+        preload, call, per_stage_env, ready_after = self._launch_args
+        if first in preload and ready_after:
+            # The module of the stage that asked first is among those imported before it serves.
+            rest = [m for m in preload if m != first]
+            preload = [*rest[: ready_after - 1], first, *rest[ready_after - 1 :]]
         env = {k: v for k, v in os.environ.items() if k not in _PER_STAGE_ONLY}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "maskdm.warm_start.server", "--socket", str(socket_path),
+        self._started = time.perf_counter()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "maskdm.warm_start.server", "--socket", str(self.socket_path),
              "--preload", ",".join(preload), "--call", call, "--per_stage_env", ",".join(per_stage_env),
              *(["--ready_after", str(ready_after)] if ready_after is not None else [])],
             # Started in its own empty folder, so that it imports every module from where the stage
             # commands will (the installed packages, PYTHONPATH), never from a working directory.
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=folder, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=self._folder, env=env, text=True,
         )
-        return cls(proc, folder, socket_path)
+        self.pid = self._proc.pid
 
-    def environ(self) -> dict[str, str]:
+    def environ(self, first: str | None = None) -> dict[str, str]:
         """What a stage command's environment needs to be handed to this server, once it is ready
-        (waited for here, the first time); ``{}`` if it could not start (logged once)."""
+        (started and waited for here, the first time; ``first``: the module of the stage asking,
+        imported before the server serves); ``{}`` if it could not start (logged once)."""
         with self._lock:
+            if self._proc is None:
+                self._start(first)
             if self._ready is None:
                 first = _read_line(self._proc, READY_TIMEOUT_S)
                 self._ready = bool(first and "ready" in first)
@@ -129,7 +145,8 @@ class WarmServer:
 
     def close(self) -> None:
         """Let the server go (it finishes running stages first) and remove its socket folder."""
-        _stop(self._proc)
+        if self._proc is not None:
+            _stop(self._proc)
         if self._reader is not None:
             self._reader.join(timeout=5)
         _remove(self._folder)
