@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,12 +167,34 @@ def _local_source(path: Path):
         return resolve_dataset_source(str(path))
 
 
+#: Tries of :func:`log_input` when another run logged the same dataset at the same moment.
+LOG_INPUT_TRIES = 3
+
+
 def log_input(name: str, digest: str, source, context: str, tags: Mapping[str, object] | None = None) -> None:
-    """Log one dataset input on the active run."""
+    """Log one dataset input on the active run.
+
+    MLflow's SQL store looks for the dataset's row (experiment, name, digest) and inserts it when
+    it is missing; two runs logging the same dataset at once (two drivers on one store, a
+    ``--parallel`` sweep) can both miss it, and the second insert fails on the table's unique key.
+    The row exists by then, so logging again links the run to it: tried up to
+    :data:`LOG_INPUT_TRIES` times. Seen with four drivers against a tracking server (2026-12-05).
+    """
+    from mlflow.exceptions import MlflowException
+
     if context not in CONTEXTS:
         raise ValueError(f"unknown dataset context {context!r}")
     dataset = MetaDataset(source, name=name, digest=digest)
-    mlflow.log_input(dataset, context=context, tags={k: str(v) for k, v in (tags or {}).items()} or None)
+    for attempt in range(1, LOG_INPUT_TRIES + 1):
+        try:
+            mlflow.log_input(dataset, context=context, tags={k: str(v) for k, v in (tags or {}).items()} or None)
+            return
+        except MlflowException as exc:
+            message = str(exc).lower()
+            if attempt == LOG_INPUT_TRIES or "unique" not in message or "dataset" not in message:
+                raise
+            log.info("dataset %s was being logged by another run at the same moment; logging it again", name)
+            time.sleep(0.2 * attempt)
 
 
 def log_dataset(name: str, split: str, context: str, resolution: int, dataset=None) -> str:

@@ -172,3 +172,38 @@ def test_system_metrics_on_heavy_stages_by_default_and_off_when_asked(store, cha
     off = invoke(*pretrain)
     assert system_metric_keys(off) == set()
     assert inputs_of(off) == inputs_of(on)  # the same data, the same digests, in another run
+
+
+def test_a_dataset_logged_by_another_run_at_the_same_moment_is_linked_not_a_failure(tracking, monkeypatch):
+    """Two runs logging one dataset at once: MLflow's store inserts its row for both, and the
+    second insert fails on the unique key (seen with four drivers on one tracking server). Here the
+    other run's row is written between this run's look and its insert; logging again links it."""
+    from mlflow.exceptions import MlflowException
+
+    real, calls = mlflow.log_input, []
+
+    def racing(dataset, **kwargs):
+        calls.append(dataset.name)
+        if len(calls) == 1:
+            with mlflow.start_run(nested=True):  # the other run, first to insert the row
+                real(dataset, **kwargs)
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real(dataset, **kwargs)
+
+    monkeypatch.setattr(dataset_inputs.mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        digest = dataset_inputs.log_dataset("shapes", "eval", dataset_inputs.EVALUATION, 16)
+    assert len(calls) == 2 and inputs_of(run.info.run_id) == {dataset_inputs.EVALUATION: ("shapes:eval", digest)}
+
+    # Any other failure is not retried.
+    calls.clear()
+
+    def failing(dataset, **kwargs):
+        calls.append(dataset.name)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")
+
+    monkeypatch.setattr(dataset_inputs.mlflow, "log_input", failing)
+    with mlflow.start_run(), pytest.raises(MlflowException, match="run gone"):
+        dataset_inputs.log_dataset("shapes", "eval", dataset_inputs.EVALUATION, 16)
+    assert calls == ["shapes:eval"]
