@@ -287,7 +287,7 @@ def prepare_reference(out: Path, resolution: int) -> tuple[str, str]:
 def resolve_model(ref: str) -> str:
     if ref != "demo":
         return ref
-    from maskdm.ddpm.models import DEMO_MODEL_DIR
+    from maskdm.ddpm.demo_model import DEMO_MODEL_DIR
 
     return str(DEMO_MODEL_DIR)
 

@@ -1,4 +1,8 @@
-"""What every stage command shares: logging setup and the user-error boundary."""
+"""What every stage command shares: logging setup and the user-error boundary.
+
+torch is imported inside the functions that use it: the driver (``maskdm main``) imports this module
+and never needs torch, whose import costs it seconds of CPU per start.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 
 import click
-import torch
 
 from maskdm.errors import MaskDMError
 from maskdm.tracking import StageRun, stage_run
@@ -66,6 +69,7 @@ def distributed_stage(name: str, params: Mapping[str, object]):
     the main process takes it as Ctrl-C, so its run ends KILLED instead of staying RUNNING (or
     FAILED, when its own collective failed first and it is already ending the run).
     """
+    import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -164,6 +168,8 @@ def save_preview(ddpm, path, num_images: int = 64, ddim_steps: int = 25, seed: i
     ``quad`` spacing puts most of the 25 steps at low noise, where the details are drawn: for the
     demo model it looks like 100 uniform steps at the cost of 25 (docs/details/pretrain.md).
     """
+    import torch
+
     from maskdm.ddpm.sampling import sample_images, save_grid
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

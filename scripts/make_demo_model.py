@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maskdm.ddpm.models import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_model_digest  # noqa: E402
+from maskdm.ddpm.demo_model import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_model_digest  # noqa: E402
 from maskdm.tracking import CODE_VERSION_TAG  # noqa: E402
 from maskdm.ddpm.training import DEMO_PRETRAIN  # noqa: E402
 

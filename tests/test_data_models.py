@@ -8,7 +8,8 @@ from PIL import Image
 
 from maskdm.ddpm.data import SHAPE_CLASSES, SHAPES_RADIUS, load_dataset, render_shapes
 from maskdm.errors import MaskDMError
-from maskdm.ddpm.models import ARCHS, build_unet, count_parameters, default_scheduler, load_ddpm, save_ddpm
+from maskdm.ddpm.archs import ARCHS
+from maskdm.ddpm.models import build_unet, count_parameters, default_scheduler, load_ddpm, save_ddpm
 
 
 def test_shapes_are_deterministic_labelled_and_varied():

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
 import yaml
 from click.testing import CliRunner
@@ -16,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import tracking_store
 from entrypoints import pretrain
 from entrypoints.cli import cli
-from maskdm.ddpm.models import DEMO_MODEL_DIR, build_unet, default_scheduler, demo_model_digest, demo_recipe, load_ddpm
+from maskdm.ddpm.demo_model import DEMO_MODEL_DIR, demo_model_digest, demo_recipe
+from maskdm.ddpm.models import build_unet, default_scheduler, load_ddpm
 from maskdm.tracking import DEMO_DIGEST_TAG, STAGE_TAG
 from maskdm.ddpm.training import DEMO_PRETRAIN
 

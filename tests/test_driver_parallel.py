@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -202,6 +203,26 @@ def test_auto_uses_every_visible_gpu_and_shares_the_cores_on_a_cpu():
     assert {e["CUDA_VISIBLE_DEVICES"] for e in hidden.slot_envs()} == {""}
     pinned = driver.resolve_launch(parallel=1, gpus="3", threads=4, detect_gpus=four)
     assert pinned.slot_envs() == [{"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}]
+
+
+def test_without_gpu_device_files_no_gpu_is_found_and_torch_is_not_asked(monkeypatch):
+    """On Linux without NVIDIA's, ROCm's or WSL2's device files the driver finds no GPU without
+    importing torch (blocked here, so asking it would fail); with one of them it asks torch."""
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    present: set[str] = set()
+    monkeypatch.setattr(driver.launch.os.path, "exists", lambda path: path in present)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert driver.visible_gpus() == ()
+    present.add("/dev/nvidiactl")
+    with pytest.raises(ImportError):
+        driver.visible_gpus()
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert driver.visible_gpus() == ("0", "1", "2")
 
 
 def test_visible_gpus_follow_the_drivers_own_mask(monkeypatch):

@@ -23,6 +23,7 @@ from maskdm.masks import (
     masks_from_weights,
     prunable_modules,
 )
+from maskdm.method.patterns import parse_pattern, pattern_ratio
 from maskdm.method.pruning import (
     PruneConfig,
     apply_pruning,
@@ -30,8 +31,6 @@ from maskdm.method.pruning import (
     compute_masks,
     expand_compact_state_dict,
     load_compact_checkpoint,
-    parse_pattern,
-    pattern_ratio,
     prune,
     prune_count,
     pruning_stats,

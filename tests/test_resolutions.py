@@ -9,7 +9,8 @@ from PIL import Image
 
 from maskdm.ddpm.data import load_dataset
 from maskdm.errors import MaskDMError
-from maskdm.ddpm.models import ARCH_RESOLUTIONS, ARCHS, build_unet, count_parameters, downsampling_factor
+from maskdm.ddpm.archs import ARCH_RESOLUTIONS, ARCHS, downsampling_factor
+from maskdm.ddpm.models import build_unet, count_parameters
 from test_foundation_stages import assert_user_error
 
 

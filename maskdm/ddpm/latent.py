@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from maskdm.ddpm.archs import downsampling_factor
 from maskdm.errors import MaskDMError
 
 LATENTS_FILE = "latents.npy"
@@ -34,13 +35,6 @@ LABELS_FILE = "labels.npy"
 #: Latents decoded at a time. The quantizer compares every latent pixel with every codebook entry
 #: (torch.cdist): 256 latents of 64x64 against CelebA-HQ's 8,192 entries would be 34 GB at once.
 DECODE_BATCH = 16
-
-
-def downsampling_factor(block_out_channels) -> int:
-    """How much a UNet (or an autoencoder's encoder) with these levels shrinks its input: 2 per level after the first.
-
-    Here, not in :mod:`maskdm.ddpm.models`, which imports this module: the import runs one way only."""
-    return 2 ** (len(block_out_channels) - 1)
 
 
 class LatentCodec:

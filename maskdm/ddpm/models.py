@@ -1,4 +1,5 @@
-"""DDPM models: architecture presets, loading from a hub id or local folder, saving as a pipeline.
+"""DDPM models: building one of the architecture presets (:mod:`maskdm.ddpm.archs`), loading from a
+hub id or local folder, saving as a pipeline.
 
 Models move between stages only as diffusers pipeline folders (``model_index.json``, ``unet/``,
 ``scheduler/``) that ``DDPMPipeline.from_pretrained`` opens, or for a latent diffusion model
@@ -9,7 +10,6 @@ works on, :mod:`maskdm.ddpm.latent`). Run IDs and ``demo`` are resolved to such 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,82 +22,12 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel, VQModel
 
 from maskdm.errors import MaskDMError
-from maskdm.ddpm.latent import LatentCodec, downsampling_factor  # noqa: F401 (downsampling_factor: re-exported)
+from maskdm.ddpm.archs import ARCHS, check_resolution, downsampling_factor
+from maskdm.ddpm.latent import LatentCodec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_MODEL = "google/ddpm-cifar10-32"
-
-#: What the published 256-pixel DDPMs (and our 64-pixel member of the family) share.
-_DDPM_HIGH_RES = dict(
-    layers_per_block=2,
-    attention_head_dim=None,
-    norm_num_groups=32,
-    norm_eps=1e-6,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-)
-
-#: UNet architectures for ``pretrain``. ``ddpm-cifar10`` is the configuration of
-#: google/ddpm-cifar10-32 (35.7M parameters); ``tiny`` (0.7M) trains on a CPU in minutes.
-ARCHS: dict[str, dict] = {
-    # Attention only at 8x8, where it is cheap: the 32x32 level dominates the cost on a CPU.
-    "tiny": dict(
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=None,
-    ),
-    "ddpm-cifar10": dict(
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        attention_head_dim=None,
-        norm_num_groups=32,
-        dropout=0.1,
-        resnet_time_scale_shift="default",
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    ),
-    # The 256-pixel DDPMs of Ho et al. (2020) as published on the hub (google/ddpm-celebahq-256,
-    # google/ddpm-ema-church-256, ...): channel multipliers (1, 1, 2, 2, 4, 4), attention at 16x16
-    # only, 113.7M parameters. Their pretrained weights load with model=<hub id>; this preset trains
-    # the same shape from scratch.
-    "ddpm-256": dict(
-        block_out_channels=(128, 128, 256, 256, 512, 512),
-        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        **_DDPM_HIGH_RES,
-    ),
-    # 64 pixels: no google DDPM is published at this size, so this is our own member of the same
-    # family: the 256 model's first five levels (multipliers 1, 1, 2, 2, 4), attention at 16x16 as
-    # in both published shapes, bottom at 4x4 as the CIFAR-10 model.
-    "ddpm-64": dict(
-        block_out_channels=(128, 128, 256, 256, 512),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        **_DDPM_HIGH_RES,
-    ),
-}
-
-#: The resolution each architecture was made for (``pretrain``'s default for it); any other
-#: multiple of its downsampling factor works too.
-ARCH_RESOLUTIONS = {"tiny": 16, "ddpm-cifar10": 32, "ddpm-64": 64, "ddpm-256": 256}
-
-
-def check_resolution(resolution: int, block_out_channels, what: str) -> None:
-    """A UNet halves its input once per level after the first: the side must divide evenly."""
-    factor = downsampling_factor(block_out_channels)
-    if resolution < factor or resolution % factor:
-        raise MaskDMError(
-            f"{what} cannot take {resolution}x{resolution} images: its {len(block_out_channels)} levels need a "
-            f"multiple of {factor} (e.g. {max(factor, round(resolution / factor) * factor)})"
-        )
-
 
 def build_unet(arch: str, resolution: int = 32, in_channels: int = 3, seed: int | None = None) -> UNet2DModel:
     """A freshly initialised UNet of preset ``arch``.
@@ -115,31 +45,6 @@ def build_unet(arch: str, resolution: int = 32, in_channels: int = 3, seed: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels, **ARCHS[arch])
-
-
-#: The demo model shipped with the package: the diffusers pipeline folder that ``pretrain`` with its
-#: defaults saved (its ``model/`` artifact), so ``model=demo`` is the same weights in every tracking
-#: store and on every machine. How it was made: docs/details/pretrain.md#the-shipped-demo-model.
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"  # maskdm/assets (this file: maskdm/ddpm/models.py)
-#: What it was made with: the pretrain run's params, thread count, code and library versions.
-DEMO_RECIPE_FILE = DEMO_MODEL_DIR.parent / "demo_model_recipe.json"
-
-
-def demo_model_digest() -> str:
-    """A digest of the shipped demo model's files (paths and bytes): which demo model a run is."""
-    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
-        raise MaskDMError(f"the shipped demo model is missing from {DEMO_MODEL_DIR}; reinstall maskdm")
-    digest = hashlib.sha256()
-    for path in sorted(p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        digest.update(f"{path.relative_to(DEMO_MODEL_DIR).as_posix()}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()[:16]
-
-
-def demo_recipe() -> dict:
-    """The recipe the shipped demo model was made with (:data:`DEMO_RECIPE_FILE`)."""
-    return json.loads(DEMO_RECIPE_FILE.read_text())
 
 
 #: Noise (beta) schedules a model can be trained with: ``linear`` is Ho et al. (2020), which

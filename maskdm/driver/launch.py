@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -324,9 +325,22 @@ def visible_gpus() -> tuple[str, ...]:
                 break  # CUDA ignores the rest of the list from an invalid entry on
             ids.append(item)
         return tuple(ids)
+    if not gpu_devices_present():
+        return ()  # without importing torch (seconds of CPU the driver never otherwise needs)
     import torch
 
     return tuple(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
+
+
+#: Device files of which a Linux machine with a GPU that torch can use has at least one: NVIDIA's
+#: driver, ROCm's (torch.cuda on AMD) and WSL2's GPU bridge.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_devices_present() -> bool:
+    """False only where torch cannot find a GPU: Linux without any of :data:`GPU_DEVICE_FILES`.
+    Elsewhere (a GPU's files present, another OS) torch is asked."""
+    return not sys.platform.startswith("linux") or any(os.path.exists(path) for path in GPU_DEVICE_FILES)
 
 
 def known_backends() -> list[str]:

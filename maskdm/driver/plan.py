@@ -147,6 +147,34 @@ def parse_sets(values: Iterable[str] | str | None) -> dict[str, dict[str, str]]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _module_source(module: str):
+    """The parsed source (``ast.Module``) of ``module``, found as an import would find it but not
+    run; None if there is none."""
+    import ast
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+
+
+def module_constant(module: str, name: str):
+    """The literal a module assigns to ``name`` at its top level (``SIZE = 20000``), read from its
+    source without importing it: the driver's checks need a few constants of modules that import
+    torch (seconds of CPU, which the driver never needs). tests/test_driver.py compares each one
+    the driver reads with the imported module's."""
+    import ast
+
+    tree = _module_source(module)
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return ast.literal_eval(node.value)
+    raise MaskDMError(f"{module} assigns no literal {name} at its top level")
+
+
 def declared_options(stage: str) -> dict[str, str | None]:
     """The options the stage's click command declares (``--num_iters`` -> ``num_iters``), each with
     its ``type=`` as written (``int``, ``float``, ``click.BOOL``; None for text).
@@ -158,10 +186,9 @@ def declared_options(stage: str) -> dict[str, str | None]:
     """
     import ast
 
-    spec = importlib.util.find_spec(f"entrypoints.{stage}")
-    if spec is None or not spec.origin:
+    tree = _module_source(f"entrypoints.{stage}")
+    if tree is None:
         raise MaskDMError(f"stage '{stage}' has no entry point (entrypoints/{stage}.py) in this checkout")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     options: dict[str, str | None] = {}
     for node in tree.body:
         if not (isinstance(node, ast.FunctionDef) and node.name == "command"):
@@ -222,7 +249,7 @@ def resolve_config(
     if not base["dataset"]:
         raise MaskDMError(f"preset '{preset}' has no dataset of its own: pass dataset=imagefolder:<folder of the images>")
 
-    from maskdm.method.pruning import pattern_ratio  # validates the pattern's spelling too
+    from maskdm.method.patterns import pattern_ratio  # validates the pattern's spelling too
 
     implied = pattern_ratio(base["pattern"])
     if implied is not None and not (ratios and str(ratios).strip()):
@@ -461,11 +488,12 @@ KNOWN_DATASET_SIZES = {"cifar10": 50000}
 
 def dataset_images(name: str) -> int | None:
     """How many training images ``name`` holds, without reading any; None where that is not known here."""
-    from maskdm.ddpm import data
-
     if name == "shapes":
-        return data.SHAPES_TRAIN_SIZE
+        return module_constant("maskdm.ddpm.data", "SHAPES_TRAIN_SIZE")
     if name.startswith("imagefolder:"):
+        # The stages' own listing; it comes with torch, which only an image-folder sweep pays for here.
+        from maskdm.ddpm import data
+
         return len(data.image_paths(Path(os.path.expanduser(name.split(":", 1)[1]))))
     return KNOWN_DATASET_SIZES.get(name)
 
@@ -547,7 +575,7 @@ def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]
     pretrain = full.get("pretrain")
     if pretrain is not None:
         # Here only: it imports diffusers (seconds), which a sweep of a given model never needs here.
-        from maskdm.ddpm.models import ARCHS, check_resolution
+        from maskdm.ddpm.archs import ARCHS, check_resolution
 
         arch = pretrain.get("arch", "")
         if arch not in ARCHS:

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from maskdm.errors import MaskDMError
+from maskdm.method.patterns import UNSTRUCTURED, parse_pattern
 from maskdm.masks import DEFAULT_PROTECT, check_masks_fit, maskable_modules, parse_protect, prunable_modules
 
 log = logging.getLogger(__name__)
@@ -62,39 +62,14 @@ SCORED_PRUNERS: tuple[str, ...] = ("taylor", "wanda")
 #: The prune run's record of what each pruner ranked by (train_masks init=pruner starts from it).
 SCORES_FILE = "scores.safetensors"
 SCOPES: tuple[str, ...] = ("layer", "global")
-UNSTRUCTURED = "unstructured"
 
 #: How far ``ratio`` may sit from ``1 - N/M`` and still count as stating it (so 0.667 names 1:3).
 NM_RATIO_TOLERANCE = 1e-3
-
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 # Key suffixes of a compact checkpoint's entries for one masked weight.
 _VALUES = ".values"
 _BITS = ".mask_bits"
 _SHAPE = ".shape"
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None; ``"2:4"`` -> ``(2, 4)``. Needs integers ``1 <= N < M``."""
-    text = str(pattern).strip()
-    if text.lower() == UNSTRUCTURED:
-        return None
-    match = _NM_RE.match(text)
-    if match:
-        n, m = int(match.group(1)), int(match.group(2))
-        if 1 <= n < m:
-            return n, m
-    raise MaskDMError(
-        f"pattern '{pattern}' is not valid: use 'unstructured' or 'N:M' with integers 1 <= N < M "
-        "(N weights kept of every M, e.g. '2:4')"
-    )
-
-
-def pattern_ratio(pattern: str) -> float | None:
-    """The pruning ratio an ``N:M`` pattern implies (``1 - N/M``); None for ``unstructured``."""
-    nm = parse_pattern(pattern)
-    return None if nm is None else 1.0 - nm[0] / nm[1]
 
 
 @dataclass(frozen=True)

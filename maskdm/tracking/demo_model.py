@@ -21,14 +21,14 @@ log = logging.getLogger("maskdm.tracking")
 def demo_model_run_id(experiment_id: str | None = None) -> str:
     """The run of the shipped demo model in this tracking store; registered first if there is none.
 
-    The package ships the demo model (:data:`maskdm.ddpm.models.DEMO_MODEL_DIR`), so every store and
+    The package ships the demo model (:data:`maskdm.ddpm.demo_model.DEMO_MODEL_DIR`), so every store and
     machine prunes the same weights; it is logged once per store as a FINISHED ``pretrain`` run
     tagged ``maskdm.demo=true`` and ``maskdm.demo_digest=<digest of the files>``, with its recipe
     as params and the weights as its ``model/`` artifact, so lineage runs back to it as to a trained
     one. Demo runs trained by earlier versions (another digest, or none) are not used.
     ``experiment_id``: where to register it (default: the active run's experiment, else ``0``).
     """
-    from maskdm.ddpm.models import demo_model_digest
+    from maskdm.ddpm.demo_model import demo_model_digest
 
     digest = demo_model_digest()
     tags = {DEMO_TAG: "true", DEMO_DIGEST_TAG: digest}
@@ -43,7 +43,7 @@ def demo_model_run_id(experiment_id: str | None = None) -> str:
 
 
 def _register_demo_model(digest: str, experiment_id: str) -> str:
-    from maskdm.ddpm.models import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_recipe
+    from maskdm.ddpm.demo_model import DEMO_MODEL_DIR, DEMO_RECIPE_FILE, demo_recipe
 
     recipe = demo_recipe()
     mlflow_client = client()

@@ -27,7 +27,7 @@ CODE_VERSION_TAG = "maskdm.code_version"
 #: Marks a ``pretrain`` run made with the demo configuration; ``model=demo`` resolves to the one
 #: holding the shipped demo model (:func:`demo_model_run_id`).
 DEMO_TAG = "maskdm.demo"
-#: On the run of the shipped demo model: the digest of its files (:func:`maskdm.ddpm.models.demo_model_digest`).
+#: On the run of the shipped demo model: the digest of its files (:func:`maskdm.ddpm.demo_model.demo_model_digest`).
 DEMO_DIGEST_TAG = "maskdm.demo_digest"
 LINEAGE_PARAMS = ("model", "dataset", "pruning_ratio", "pruner", "pattern")
 #: Where the masks of a finetuned model came from, set on the finetune run and on every run

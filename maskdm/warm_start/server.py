@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -146,6 +147,7 @@ def _become_stage(request: dict, fds: list[int], inherited: list[int], server_pi
     :data:`_SETUP_FAILED`.
     """
     try:
+        gc.enable()  # the server runs without it (serve); its objects are frozen, the stage's are collected
         for fd in inherited:
             try:
                 os.close(fd)
@@ -232,6 +234,11 @@ def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[
     imported, and import the rest between requests (a stage forked before one of them imports it
     itself); None imports them all first."""
     server_pid = os.getpid()
+    # Python's advice for a process that forks without exec (the gc module's documentation):
+    # collection off from the start (the imports' millions of objects set off collections that free
+    # nothing: they take about a sixth less CPU without), everything frozen before each fork, and
+    # collection back on in the forked process (_become_stage).
+    gc.disable()
     # Ctrl-C in a terminal reaches the whole process group, the stages included; this server waits
     # for them to end their runs instead of leaving them orphaned.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -305,6 +312,7 @@ def serve(socket_path: str, preload: list[str], call: str, per_stage: frozenset[
             return
         inherited = [selector.fileno(), listener.fileno(), conn.fileno(), sys.stdin.fileno()]
         inherited += [fd for s in stages.values() for fd in (s.pidfd, s.conn.fileno() if s.conn else -1) if fd >= 0]
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             _become_stage({**request, "call": call}, fds, inherited, server_pid)
