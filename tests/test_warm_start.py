@@ -9,6 +9,7 @@ test_driver.py.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ def test_a_command_runs_in_a_forked_process_as_it_would_in_a_fresh_one(server, t
     assert seen["path0"] == str(TESTS)  # the command's own first module path (its script's folder)
     assert seen["comm"] == "echo"  # named after what it runs, for ps and top
     assert err.strip() == "to stderr"  # its streams are the command's
+    assert seen["gc"] is True  # the server runs without the cyclic collector; the stage has it back
     # Threads follow the command's environment, where a fresh process's torch would read them: a
     # count other than the server's own default.
     env["OMP_NUM_THREADS"] = str(seen["threads"] + 1)
@@ -304,3 +306,41 @@ def test_a_real_stage_logs_the_same_run_warm_as_cold(tiny_model_dir, tracking, t
     cold_files, warm_files = files(cold), files(hot)
     assert set(cold_files) == set(warm_files) and any(name.startswith("model") for name in cold_files)
     assert [n for n in cold_files if content(n, cold_files[n]) != content(n, warm_files[n])] == []
+
+
+def test_a_cold_command_imports_its_stage_with_the_collector_paused_then_back_as_it_was(tmp_path, monkeypatch):
+    """``maskdm <stage>`` started cold imports its stage module with the cyclic collector off (a
+    sixth less CPU, docs/design.md), freezes what the import made, then has the collector as it
+    was. The module here makes enough cycles to set off collections, as torch's import does."""
+    import gc
+
+    from entrypoints.cli import import_frozen
+
+    (tmp_path / "cyclic_import.py").write_text("made = []\nfor _ in range(50000):\n    a = []\n    a.append(a)\n    made.append(a)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    phases: list[str] = []
+
+    def seen(phase, info):
+        phases.append(phase)
+
+    gc.callbacks.append(seen)
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            frozen_before = gc.get_freeze_count()
+            phases.clear()
+            module = import_frozen("cyclic_import")
+            assert phases == [] and len(module.made) == 50000  # no collection during the import
+            assert gc.get_freeze_count() >= frozen_before + 50000  # what it made is frozen
+            assert gc.isenabled() is enabled
+            sys.modules.pop("cyclic_import")
+        # The same import with the collector on sets off collections: the check above can fail.
+        gc.enable()
+        phases.clear()
+        importlib.import_module("cyclic_import")
+        assert "start" in phases
+    finally:
+        gc.callbacks.remove(seen)
+        sys.modules.pop("cyclic_import", None)
+        gc.unfreeze()
+        gc.enable()

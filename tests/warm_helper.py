@@ -6,6 +6,7 @@ exactly as ``maskdm <stage>`` does (maskdm.warm_start.client), or runs here when
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ def main() -> None:
 
         print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "pid": os.getpid(),
                           "ppid": os.getppid(), "threads": torch.get_num_threads(), "path0": sys.path[0],
-                          "comm": open("/proc/self/comm").read().strip()}))
+                          "comm": open("/proc/self/comm").read().strip(), "gc": gc.isenabled()}))
         print("to stderr", file=sys.stderr)
     elif what == "modules":  # which of the named modules this process has imported
         print(json.dumps({"ppid": os.getppid(), "imported": {name: name in sys.modules for name in sys.argv[2:]}}))
