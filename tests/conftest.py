@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-
-# Collection imports torch, diffusers and MLflow: with the cyclic collector off (a sixth less CPU),
-# and what they made frozen once every test module is imported (pytest_collection_finish), so that
-# no collection during the tests scans it again. As a stage's own imports (entrypoints/cli.py).
-gc.disable()
 
 # Two cores on CI, two pytest workers: one thread per process, children (`mlflow run`) included.
 # Oversubscribed OpenMP threads on a busy 2-core machine run 10-100x slower, not 2x.
@@ -203,14 +197,3 @@ def tracking(tmp_path):
     """A fresh tracking store in tmp_path."""
     with tracking_store(tmp_path) as uri:
         yield uri
-
-
-def pytest_collection_finish(session):
-    gc.freeze()
-    gc.enable()
-
-
-def pytest_sessionstart(session):
-    # pytest-xdist's controller collects nothing (its workers do): it gets the collector back here.
-    if session.config.pluginmanager.hasplugin("dsession"):
-        gc.enable()
