@@ -574,7 +574,6 @@ def _check_model_fits(config: SweepConfig, full: Mapping[str, Mapping[str, str]]
     timesteps = None
     pretrain = full.get("pretrain")
     if pretrain is not None:
-        # Here only: it imports diffusers (seconds), which a sweep of a given model never needs here.
         from maskdm.ddpm.archs import ARCHS, check_resolution
 
         arch = pretrain.get("arch", "")
