@@ -470,13 +470,14 @@ STAGES = FAKE_STAGES
 @pytest.fixture
 def env_project(tmp_path):
     """An MLproject whose stages write the GPU and thread variables they see, and when they ran,
-    to $ENV_LOG/<run id>; the stage named by FAKE_FAIL exits 3. (The closing ``true`` takes the
+    to $ENV_LOG/<run id> (and its process ID), then sleeps FAKE_SLEEP seconds (0.5); the stage named by FAKE_FAIL exits 3. (The closing ``true`` takes the
     undeclared parameters MLflow appends.)"""
-    record = ('echo $(date +%s.%N) ${{CUDA_VISIBLE_DEVICES-unset}} ${{OMP_NUM_THREADS-unset}} > $ENV_LOG/$MLFLOW_RUN_ID.start; '
+    record = ('echo $$ > $ENV_LOG/$MLFLOW_RUN_ID.pid; '
+              'echo $(date +%s.%N) ${{CUDA_VISIBLE_DEVICES-unset}} ${{OMP_NUM_THREADS-unset}} > $ENV_LOG/$MLFLOW_RUN_ID.start; '
               # Wait (up to 10 s) until two stages have started: a driver running two at once always
               # overlaps them, however slowly the machine starts processes; a sequential one never does.
               'for i in $(seq 50); do [ $(ls $ENV_LOG/*.start | wc -l) -ge 2 ] && break; sleep 0.2; done; '
-              'sleep 0.5; test \\"$FAKE_FAIL\\" != {stage} || exit 3; date +%s.%N > $ENV_LOG/$MLFLOW_RUN_ID.end; true')
+              'sleep ${{FAKE_SLEEP-0.5}}; test \\"$FAKE_FAIL\\" != {stage} || exit 3; date +%s.%N > $ENV_LOG/$MLFLOW_RUN_ID.end; true')
     folder = stand_in_project(tmp_path / "env_project", "envs", lambda stage: record.replace("{stage}", stage))
     (tmp_path / "envlog").mkdir()
     return folder
@@ -484,7 +485,7 @@ def env_project(tmp_path):
 
 def _seen(log_dir: Path) -> dict[str, tuple[float, float | None, str, str]]:
     found = {}
-    for start in log_dir.glob("*.start"):
+    for start in sorted(log_dir.glob("*.start")):
         t0, gpu, threads = start.read_text().split()
         end = start.with_suffix(".end")
         found[start.stem] = (float(t0), float(end.read_text()) if end.exists() else None, gpu, threads)
@@ -555,3 +556,47 @@ def test_a_failing_stage_under_parallel_is_failed_and_the_driver_raises(env_proj
     finished = client.search_runs(["0"], "attributes.status = 'FINISHED' and tags.`maskdm.stage` != ''")
     assert {r.data.tags[driver.STEP_TAG] for r in finished if driver.STEP_TAG in r.data.tags} == set(done)
     assert "prune r=0.4" in done
+
+
+def test_an_interrupted_parallel_driver_stops_its_running_stages_and_fails_their_runs(env_project, parent, tmp_path, monkeypatch,
+                                                                                    tiny_model_dir):
+    """Ctrl-C (or the SIGTERM that `maskdm main` turns into one) while two stages run at once: both
+    stage processes are stopped, both runs end FAILED (none left RUNNING), nothing more starts, and
+    the interrupt reaches the caller."""
+    import signal
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    log_dir = tmp_path / "envlog"
+    monkeypatch.setenv("ENV_LOG", str(log_dir))
+    monkeypatch.setenv("FAKE_SLEEP", "120")  # until stopped
+    full = driver.build_plan(driver.resolve_config("demo", model=str(tiny_model_dir), ratios="0.4", mask_training="false"))
+    plan = [s for s in full if s.name in ("prune dense", "sample dense", "prune r=0.4", "sample r=0.4 (pruned)")]
+
+    def interrupt_once_two_run() -> None:
+        deadline = time.monotonic() + 120
+        while len(list(log_dir.glob("*.start"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    watcher = threading.Thread(target=interrupt_once_two_run, daemon=True)
+    started = time.monotonic()
+    try:
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            driver.run_plan(plan, experiment_id="0", parent_run_id=parent.info.run_id, project_dir=env_project,
+                            launch=driver.resolve_launch(parallel=2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        watcher.join(5)
+    assert time.monotonic() - started < 100  # stopped, not slept out
+
+    runs = MlflowClient().search_runs(["0"], "tags.`maskdm.stage` != ''")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}, [(r.data.tags[driver.STEP_TAG], r.info.status) for r in runs]
+    pids = [int(p.read_text()) for p in log_dir.glob("*.pid")]
+    assert len(pids) == 2
+    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=30)
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), alive
+    assert not list(log_dir.glob("*.end"))

@@ -214,16 +214,16 @@ def test_stage_dataset_encodes_once_per_key_and_reuses_the_cache(tracking, ldm_d
     assert pixels[0][0].shape == (3, 8, 8) and not isinstance(pixels, LatentDataset)
 
 
-# --- end to end, through `mlflow run` ----------------------------------------------------------
+# --- end to end, through MLflow Projects -----------------------------------------------------------
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_every_stage_of_a_latent_pipeline_through_mlflow_run(tmp_path, ldm_dir, shapes_folder, _planted_torch_home, monkeypatch, warm_stages):
+def test_every_stage_of_a_latent_pipeline_through_mlflow_projects(tmp_path, ldm_dir, shapes_folder, _planted_torch_home, monkeypatch, warm_stages):
     monkeypatch.setenv("TORCH_HOME", str(_planted_torch_home))
     with tracking_store(tmp_path) as uri:
         client = MlflowClient(uri)
-        ids = run_whole_chain(ldm_dir, shapes_folder, uri, tmp_path)
+        ids = run_whole_chain(ldm_dir, shapes_folder, uri)
         prune, baseline, trained, finetuned = ids["prune"], ids["baseline_loss"], ids["train_masks"], ids["finetune"]
         sampled, scored = ids["sample"], ids["fid"]
 

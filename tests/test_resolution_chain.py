@@ -2,8 +2,8 @@
 
 The other end-to-end runs are at 16 pixels; nothing else would notice a stage that assumes the
 demo's size (a hard-coded resolution, a grid, the shapes classifier's input, the reference
-statistics' key). The default test runs each stage once through `mlflow run` on a 64-pixel image
-folder; the opt-in one runs a whole `maskdm main` sweep (18 stage runs, fid_shapes).
+statistics' key). The default test runs each stage once through MLflow Projects
+(`mlflow.projects.run`, conftest.projects_run) on a 64-pixel image folder; the opt-in one runs a whole `maskdm main` sweep (18 stage runs, fid_shapes).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from test_driver import (  # noqa: F401 - fixtures and helpers of the driver's t
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_home, monkeypatch, warm_stages):
+def test_every_stage_through_mlflow_projects_at_64_pixels(tmp_path, _planted_torch_home, monkeypatch, warm_stages):
     from mlflow.tracking import MlflowClient
 
     from maskdm.ddpm.models import DDPM, default_scheduler, load_ddpm, save_ddpm
@@ -39,7 +39,7 @@ def test_every_stage_through_mlflow_run_at_64_pixels(tmp_path, _planted_torch_ho
     dataset = shapes_image_folder(tmp_path / "shapes64", 48, 64)
     monkeypatch.setenv("TORCH_HOME", str(_planted_torch_home))
     with tracking_store(tmp_path) as uri:
-        ids = run_whole_chain(model_dir, dataset, uri, tmp_path)
+        ids = run_whole_chain(model_dir, dataset, uri)
         client = MlflowClient(uri)
         for stage in ("prune", "train_masks", "finetune"):
             folder = mlflow.artifacts.download_artifacts(run_id=ids[stage], artifact_path="model", dst_path=str(tmp_path / stage))
