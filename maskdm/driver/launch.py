@@ -550,7 +550,8 @@ def _submit_and_wait(stage, step, passed, run_id, experiment_id, project_dir, en
     # MLflow's local backend (its project backend plugin interface) checks the parameters against
     # the MLproject, builds the entry point's command and starts it with a copy of os.environ, then
     # returns its SubmittedRun. mlflow.projects.run(synchronous=False) would instead start an
-    # `mlflow run --run-id` process per stage to do the same (2.6 s of CPU each, for nothing).
+    # `mlflow run --run-id` process per stage that imports MLflow's CLI to do the same (about 3 s
+    # of CPU each: benchmarks/bench_parallel_launch.py).
     backend_config = {
         MLFLOW_LOCAL_BACKEND_RUN_ID_CONFIG: run_id, PROJECT_ENV_MANAGER: "local", PROJECT_SYNCHRONOUS: True,
         PROJECT_DOCKER_ARGS: None, PROJECT_STORAGE_DIR: None, PROJECT_BUILD_IMAGE: False, PROJECT_DOCKER_AUTH: None,
