@@ -563,6 +563,7 @@ def test_an_interrupted_parallel_driver_stops_its_running_stages_and_fails_their
     """Ctrl-C (or the SIGTERM that `maskdm main` turns into one) while two stages run at once: both
     stage processes are stopped, both runs end FAILED (none left RUNNING), nothing more starts, and
     the interrupt reaches the caller."""
+    import contextlib
     import signal
 
     import psutil
@@ -597,6 +598,10 @@ def test_an_interrupted_parallel_driver_stops_its_running_stages_and_fails_their
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}, [(r.data.tags[driver.STEP_TAG], r.info.status) for r in runs]
     pids = [int(p.read_text()) for p in log_dir.glob("*.pid")]
     assert len(pids) == 2
-    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=30)
+    running = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone already, between the listing and here
+            running.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(running, timeout=30)
     assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), alive
     assert not list(log_dir.glob("*.end"))
